@@ -1,0 +1,337 @@
+//! The ABI shared by the kernel programs (`zt-ebpf`) and the agent (`zt-agent`).
+//!
+//! Everything here is `#[repr(C)]` plain data with its size checked at compile time, so the two
+//! sides can never disagree on a layout. Multi-byte fields that are LPM-trie key material are
+//! byte arrays in network order, because the trie matches prefixes bit by bit from the first byte.
+#![no_std]
+
+use core::mem::{align_of, size_of};
+
+/// Map names, as the kernel sees them (at most 15 bytes).
+pub mod maps {
+    pub const CONFIG: &str = "ZT_CONFIG";
+    pub const IPCACHE: &str = "ZT_IPCACHE";
+    pub const POLICY: &str = "ZT_POLICY";
+    pub const ISOLATION: &str = "ZT_ISOLATION";
+    pub const CONNTRACK: &str = "ZT_CONNTRACK";
+    pub const COUNTERS: &str = "ZT_COUNTERS";
+    pub const EVENTS: &str = "ZT_EVENTS";
+
+    pub const IPCACHE_CAPACITY: u32 = 65_536;
+    pub const POLICY_CAPACITY: u32 = 1 << 20;
+    pub const ISOLATION_CAPACITY: u32 = 65_536;
+    pub const CONNTRACK_CAPACITY: u32 = 262_144;
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+}
+
+/// Program names, as exported by `zt-ebpf`.
+pub mod programs {
+    pub const TC_INGRESS: &str = "zt_tc_ingress";
+    pub const TC_EGRESS: &str = "zt_tc_egress";
+    pub const XDP: &str = "zt_xdp";
+}
+
+/// Numeric identities. Below [`identity::FIRST_USER`] they are reserved.
+pub mod identity {
+    /// Wildcard in policy keys ("any peer"/"any subject"); never assigned to a packet.
+    pub const ANY: u32 = 0;
+    /// An address the ipcache has no entry for (the agent installs world prefixes, so this means
+    /// the ipcache is empty or the packet has no address).
+    pub const UNKNOWN: u32 = 1;
+    /// Everything outside the declared identities.
+    pub const WORLD: u32 = 2;
+    /// The node itself (reserved for host-service identification).
+    pub const HOST: u32 = 3;
+    /// First identity the agent may assign to a declared workload identity.
+    pub const FIRST_USER: u32 = 256;
+}
+
+/// Global mode in [`Config::mode`].
+pub mod mode {
+    /// Pass everything; report would-be denials as `audit`.
+    pub const MONITOR: u32 = 0;
+    /// Drop what policy denies.
+    pub const ENFORCE: u32 = 1;
+}
+
+/// The single entry of the `ZT_CONFIG` array (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub mode: u32,
+    /// Policy generation in force; conntrack entries remember the generation that admitted them.
+    pub generation: u32,
+}
+
+/// Isolation flags in `ZT_ISOLATION` (identity → flags). A direction listed by a policy for a
+/// subject makes that subject default-deny in that direction. Key [`identity::ANY`] applies to
+/// every user identity.
+pub mod isolation {
+    pub const INGRESS: u32 = 1;
+    pub const EGRESS: u32 = 2;
+}
+
+/// Direction of a policy check, from the subject's point of view.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The destination's ingress rules decided.
+    Ingress = 0,
+    /// The source's egress rules decided.
+    Egress = 1,
+    /// No policy was consulted (conntrack, control plane, malformed packet).
+    None = 2,
+}
+
+/// Where a verdict was taken.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress on a workload's host-side veth: traffic leaving the workload.
+    TcIngress = 0,
+    /// TC egress on a workload's host-side veth: traffic entering the workload.
+    TcEgress = 1,
+    /// XDP on an uplink: traffic from another node.
+    Xdp = 2,
+}
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow = 0,
+    Deny = 1,
+    /// Would have been denied, passed because of monitor mode.
+    Audit = 2,
+}
+pub const VERDICT_COUNT: u32 = 3;
+
+/// Why a verdict was taken. Every deny reason is distinct so counters explain drops.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// An allow rule matched.
+    PolicyAllow = 0,
+    /// The packet belongs to a flow conntrack already admitted (either direction).
+    Established = 1,
+    /// Neither end is isolated in the direction concerned, so no policy applies.
+    NotIsolated = 2,
+    /// ARP and IPv6 neighbour discovery always pass.
+    ControlPlane = 3,
+    /// An explicit deny rule matched.
+    PolicyDeny = 4,
+    /// An isolated end has no rule allowing the flow.
+    DefaultDeny = 5,
+    /// Truncated or inconsistent headers.
+    Malformed = 6,
+    /// IPv4 non-first fragment or any IPv6 fragment.
+    Fragment = 7,
+    /// IPv6 extension-header chain longer than the bounded walk.
+    ExtHeaderLimit = 8,
+    /// A frame that is neither IPv4, IPv6, ARP, nor singly VLAN-tagged.
+    UnsupportedProtocol = 9,
+}
+pub const REASON_COUNT: u32 = 10;
+
+impl Verdict {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Allow,
+            1 => Self::Deny,
+            2 => Self::Audit,
+            _ => return None,
+        })
+    }
+}
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Self::PolicyAllow,
+        Self::Established,
+        Self::NotIsolated,
+        Self::ControlPlane,
+        Self::PolicyDeny,
+        Self::DefaultDeny,
+        Self::Malformed,
+        Self::Fragment,
+        Self::ExtHeaderLimit,
+        Self::UnsupportedProtocol,
+    ];
+
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        if (v as u32) < REASON_COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The stable name used in events and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PolicyAllow => "policy-allow",
+            Self::Established => "established",
+            Self::NotIsolated => "not-isolated",
+            Self::ControlPlane => "control-plane",
+            Self::PolicyDeny => "policy-deny",
+            Self::DefaultDeny => "default-deny",
+            Self::Malformed => "malformed",
+            Self::Fragment => "fragment",
+            Self::ExtHeaderLimit => "ext-header-limit",
+            Self::UnsupportedProtocol => "unsupported-protocol",
+        }
+    }
+}
+
+/// Index of a (verdict, reason) counter in the per-CPU `ZT_COUNTERS` array.
+pub const fn counter_index(verdict: Verdict, reason: Reason) -> u32 {
+    verdict as u32 * REASON_COUNT + reason as u32
+}
+pub const COUNTER_COUNT: u32 = VERDICT_COUNT * REASON_COUNT;
+
+/// IP protocol numbers zt parses.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Key material of the `ZT_IPCACHE` LPM trie: an IPv6 address, IPv4 as `::ffff:a.b.c.d`, so an
+/// IPv4 /n prefix is stored with prefix length 96 + n.
+pub type IpKey = [u8; 16];
+
+/// Key material of the `ZT_POLICY` LPM trie. Field order is prefix order: a rule for any protocol
+/// is a prefix of [`PolicyKey::ANY_PROTOCOL_BITS`], for any port of
+/// [`PolicyKey::ANY_PORT_BITS`], and a port range is a set of longer prefixes over `port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// Identity the rule protects (big-endian), or [`identity::ANY`].
+    pub subject: [u8; 4],
+    /// Identity of the other end (big-endian), or [`identity::ANY`].
+    pub peer: [u8; 4],
+    /// [`Direction::Ingress`] or [`Direction::Egress`].
+    pub direction: u8,
+    pub protocol: u8,
+    /// Destination port (big-endian); for ICMP and ICMPv6 the message type in the low byte.
+    pub port: [u8; 2],
+}
+
+impl PolicyKey {
+    pub const ANY_PROTOCOL_BITS: u32 = 72;
+    pub const ANY_PORT_BITS: u32 = 80;
+    pub const FULL_BITS: u32 = 96;
+
+    pub const fn new(subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Self {
+        Self {
+            subject: subject.to_be_bytes(),
+            peer: peer.to_be_bytes(),
+            direction: direction as u8,
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+}
+
+/// What a policy rule does.
+pub mod action {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+}
+
+/// Value of the `ZT_POLICY` trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// The deciding rule (index into the agent's rule table, starting at 1).
+    pub rule_id: u32,
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `rule_id` meaning "no rule": default deny, or no policy consulted.
+pub const NO_RULE: u32 = 0;
+
+/// Conntrack key: one entry per direction of a flow. Addresses as in [`IpKey`]. For ICMP echo,
+/// `src_port` is the echo identifier and `dst_port` the message type, so the reply entry admits
+/// only the matching echo reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src: IpKey,
+    pub dst: IpKey,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Conntrack entry flags.
+pub mod ct {
+    /// Admitted only because the node was in monitor mode: ignored once the node enforces.
+    pub const AUDIT: u32 = 1;
+    /// Idle timeouts: a stale entry is treated as absent.
+    pub const TCP_TIMEOUT_NS: u64 = 3_600_000_000_000;
+    pub const OTHER_TIMEOUT_NS: u64 = 60_000_000_000;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub last_seen_ns: u64,
+    pub rule_id: u32,
+    pub generation: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// One verdict, sent from the kernel on the `ZT_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    pub src_addr: IpKey,
+    pub dst_addr: IpKey,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Deciding rule, or [`NO_RULE`].
+    pub rule_id: u32,
+    pub ifindex: u32,
+    pub generation: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    /// 4, 6, or 0 when the frame is not IP.
+    pub family: u8,
+    pub hook: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub mode: u8,
+    pub _pad: u8,
+}
+
+macro_rules! assert_layout {
+    ($t:ty, $size:expr, $align:expr) => {
+        const _: () = assert!(size_of::<$t>() == $size && align_of::<$t>() == $align);
+    };
+}
+assert_layout!(Config, 8, 4);
+assert_layout!(PolicyKey, 12, 1);
+assert_layout!(PolicyValue, 8, 4);
+assert_layout!(CtKey, 40, 2);
+assert_layout!(CtValue, 24, 8);
+assert_layout!(FlowEvent, 72, 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C) with explicit padding fields, so every byte is initialised.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+}
