@@ -1,6 +1,10 @@
 //! Builds the eBPF programs from source (nightly + bpf-linker, see `cargo xtask setup`) and puts
 //! the object in OUT_DIR, where `datapath` embeds it.
-use std::{env, fs, path::PathBuf};
+use std::{env, fs, path::PathBuf, process::Command};
+
+/// The nightly whose LLVM matches bpf-linker 0.10.0; `cargo xtask setup` installs it when the
+/// machine's `nightly` is another channel.
+const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
@@ -15,6 +19,14 @@ fn main() -> anyhow::Result<()> {
     let root = root.to_str().expect("utf-8 path");
     aya_build::build_ebpf(
         [aya_build::Package { name: "zt-ebpf", root_dir: root, ..Default::default() }],
-        aya_build::Toolchain::default(),
+        ebpf_toolchain(),
     )
+}
+
+fn ebpf_toolchain() -> aya_build::Toolchain<'static> {
+    let pinned_installed = Command::new("rustup")
+        .args(["run", PINNED_NIGHTLY, "rustc", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    aya_build::Toolchain::Custom(if pinned_installed { PINNED_NIGHTLY } else { "nightly" })
 }

@@ -1,1 +1,31 @@
+//! Testbed for zt's privileged tests and demo: network namespaces wired as nodes and workloads,
+//! real traffic between them, and the agent running inside a node.
+//!
+//! Everything created here lives in namespaces this process created (named
+//! `zt-<pid>-<counter>-<role>`) and is removed on drop; [`cleanup_all`] removes what is still
+//! alive (for interrupt handlers), and leftovers of crashed runs are swept on first use.
 
+pub mod agent;
+pub mod netns;
+pub mod topology;
+pub mod traffic;
+
+pub use agent::{agent_bin, run_agent_command, Agent, AgentOptions};
+pub use netns::Netns;
+pub use topology::{Node, Topology, TopologySpec, Workload};
+pub use traffic::{ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
+
+/// Stops the agents and deletes the namespaces this process still holds.
+pub fn cleanup_all() {
+    agent::stop_all();
+    netns::delete_all();
+}
+
+/// Fails unless running as root, which creating namespaces and loading eBPF programs need.
+pub fn ensure_root() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "must run as root (network namespaces, eBPF programs, packages): run it as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask test`"
+    );
+    Ok(())
+}

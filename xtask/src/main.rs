@@ -1,1 +1,95 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | build | test | demo`.
+
+mod demo;
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "zt developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (eBPF toolchain, bpf-linker, Debian tools, bpffs).
+    Setup,
+    /// Setup, then build the agent (debug) with its eBPF programs.
+    Build,
+    /// Setup, build the agent, then run every test with ZT_AGENT_BIN pointing at it (as root).
+    Test {
+        /// Passed on to `cargo test`, e.g. `-- -p zt-tests --test testbed -- --nocapture`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// A guided run: workloads in namespaces, the agent in monitor mode, then in enforce mode.
+    Demo,
+}
+
+fn main() {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => setup::run().and_then(|()| build_agent()),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo => demo::run(),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Exits with cargo's status once the tests ran.
+fn test(cargo_test_args: &[String]) -> Result<()> {
+    zt_tests::ensure_root()?;
+    setup::run()?;
+    build_agent()?;
+    // No `--workspace`: the default members are every crate that builds for the host (zt-ebpf
+    // only builds for BPF), and `-p <crate>` in the extra arguments still narrows the run.
+    let status = cargo()
+        .arg("test")
+        .args(cargo_test_args)
+        .env(zt_tests::agent::AGENT_BIN_ENV, agent_bin())
+        .status()
+        .context("spawn cargo test")?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn build_agent() -> Result<()> {
+    run_checked(cargo().args(["build", "--package", "zt-agent", "--bins"]), "see the compiler errors above")
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+/// The debug agent binary, under `$CARGO_TARGET_DIR` when set (relative to the workspace root).
+fn agent_bin() -> PathBuf {
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
+    workspace_root().join(target_dir).join("debug/zt-agent")
+}
+
+/// The cargo that runs this xtask, in the workspace root.
+fn cargo() -> Command {
+    let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+/// Runs `command`, streaming its output; on failure says what failed and `fix`.
+fn run_checked(command: &mut Command, fix: &str) -> Result<()> {
+    let status = command.status().with_context(|| format!("could not start {command:?}: {fix}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status}): {fix}");
+    }
+    Ok(())
+}

@@ -1,1 +1,8 @@
-pub mod placeholder {}
+//! zt-agent: turns workload identities and YAML policy into BPF maps, runs the datapath, and
+//! streams its verdicts.
+pub mod agent;
+pub mod control;
+pub mod datapath;
+pub mod events;
+pub mod identity;
+pub mod policy;

@@ -1,1 +1,139 @@
-fn main() {}
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use zt_agent::{
+    agent::{self, RunOptions},
+    control::{self, Request, Status, DEFAULT_SOCKET},
+    datapath::Mode,
+    policy,
+};
+
+/// zt: kernel-level microsegmentation. Every flow between workloads is checked against the
+/// identity of both ends; what policy does not allow is denied.
+#[derive(Parser)]
+#[command(name = "zt-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load policy, attach the datapath and stream flow events as JSON lines on stdout.
+    Run {
+        /// Policy file or directory (its *.yaml/*.yml files); repeatable.
+        #[arg(long, required = true)]
+        policy: Vec<PathBuf>,
+        /// monitor reports would-be denials as audit events; enforce drops them.
+        #[arg(long, value_enum, default_value = "monitor")]
+        mode: Mode,
+        /// Host-side interface of a workload (TC ingress + egress); repeatable.
+        #[arg(long)]
+        attach: Vec<String>,
+        /// Uplink to other nodes (native XDP); repeatable.
+        #[arg(long)]
+        uplink: Vec<String>,
+        /// Admin socket for `mode` and `status`.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Node name in events (default: the host name).
+        #[arg(long)]
+        node_name: Option<String>,
+    },
+    /// Switch the running agent between monitor and enforce, without reloading anything.
+    Mode {
+        #[arg(value_enum)]
+        mode: Mode,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show the running agent's mode, attachments and counters.
+    Status {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Policy as code.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files offline (no root needed); errors read file:line:col.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn print_status(status: &Status) {
+    println!("mode:        {}", status.mode.name());
+    println!("generation:  {}", status.generation);
+    println!("identities:  {}", status.identities);
+    println!("rules:       {}", status.rules);
+    println!("attached:");
+    for a in &status.attachments {
+        println!("  {:<16} {}", a.interface, a.hook);
+    }
+    println!("packets:");
+    for (key, n) in &status.packets {
+        println!("  {key:<36} {n}");
+    }
+    println!("events lost: {}", status.events_lost);
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZT_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let result = match Cli::parse().command {
+        Command::Run { policy, mode, attach, uplink, socket, node_name } => {
+            let node_name = node_name.unwrap_or_else(|| {
+                nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
+            });
+            let options = RunOptions { policy, mode, attach, uplink, socket, node_name };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(options)))
+        }
+        Command::Mode { mode, socket } => control::request(&socket, &Request::Mode { mode }).map(|status| {
+            println!("mode: {}", status.mode.name());
+        }),
+        Command::Status { socket, json } => control::request(&socket, &Request::Status).map(|status| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
+            } else {
+                print_status(&status);
+            }
+        }),
+        Command::Policy { command: PolicyCommand::Check { paths } } => policy::load_paths(&paths)
+            .map_err(anyhow::Error::from)
+            .and_then(|set| Ok(policy::compile::compile(&set)?))
+            .map(|compiled| {
+                println!(
+                    "ok: {} identities, {} rules, {} policy map entries",
+                    compiled.identities.len(),
+                    compiled.rules.len(),
+                    compiled.policy.len()
+                );
+            }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("zt-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

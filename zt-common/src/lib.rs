@@ -186,7 +186,10 @@ impl Reason {
 pub const fn counter_index(verdict: Verdict, reason: Reason) -> u32 {
     verdict as u32 * REASON_COUNT + reason as u32
 }
-pub const COUNTER_COUNT: u32 = VERDICT_COUNT * REASON_COUNT;
+/// Slot after the (verdict, reason) counters: flow events the ring buffer had no room for.
+pub const EVENTS_LOST_INDEX: u32 = VERDICT_COUNT * REASON_COUNT;
+/// Entries in `ZT_COUNTERS`.
+pub const COUNTER_COUNT: u32 = EVENTS_LOST_INDEX + 1;
 
 /// IP protocol numbers zt parses.
 pub mod proto {

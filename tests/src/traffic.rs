@@ -1,0 +1,168 @@
+//! Real traffic between namespaces. Every client call has a deadline and returns an error (or
+//! `false`) instead of hanging; servers stop when dropped.
+
+use std::{
+    io::{self, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::netns::Netns;
+
+/// How often server threads look at their stop flag.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+const PROBE: &[u8] = b"zt-testbed-probe";
+
+/// An echo server running on a background thread; dropping it stops the thread.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// The bound address (with the real port when port 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A TCP server in `ns` that echoes what each connection sends.
+pub fn tcp_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
+    let listener = ns
+        .run(|| TcpListener::bind(addr))
+        .with_context(|| format!("bind tcp {addr} in {ns}"))?;
+    // Non-blocking accept so the thread notices the stop flag.
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut connections = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let stop = stop.clone();
+                        connections.push(thread::spawn(move || echo_tcp(stream, &stop)));
+                    }
+                    Err(_) => thread::sleep(POLL_INTERVAL),
+                }
+            }
+            for connection in connections {
+                let _ = connection.join();
+            }
+        }
+    });
+    Ok(Server { addr, stop, thread: Some(thread) })
+}
+
+fn echo_tcp(mut stream: TcpStream, stop: &AtomicBool) {
+    if stream.set_nonblocking(false).and_then(|()| stream.set_read_timeout(Some(POLL_INTERVAL))).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Connects from `ns` to `addr`, sends a probe and reads the echo back, all within `timeout`:
+/// success proves both directions of the flow, not just the handshake.
+pub fn tcp_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<()> {
+    ns.run(|| -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut stream = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
+        stream.set_write_timeout(Some(remaining(deadline)?))?;
+        stream.write_all(PROBE).context("send the probe")?;
+        stream.set_read_timeout(Some(remaining(deadline)?))?;
+        let mut echo = [0u8; PROBE.len()];
+        stream.read_exact(&mut echo).context("wait for the echo")?;
+        ensure!(echo == PROBE, "echo differs from what was sent");
+        Ok(())
+    })
+    .with_context(|| format!("tcp {addr} from {ns} (timeout {timeout:?})"))
+}
+
+/// A UDP server in `ns` that sends every datagram back to its sender.
+pub fn udp_echo_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
+    let socket = ns
+        .run(|| UdpSocket::bind(addr))
+        .with_context(|| format!("bind udp {addr} in {ns}"))?;
+    socket.set_read_timeout(Some(POLL_INTERVAL))?;
+    let addr = socket.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut buf = [0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], peer);
+                }
+            }
+        }
+    });
+    Ok(Server { addr, stop, thread: Some(thread) })
+}
+
+/// Sends one datagram from `ns` to `dst` and waits up to `timeout` for its echo.
+pub fn udp_roundtrip(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<()> {
+    ns.run(|| -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let any: IpAddr = if dst.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+        let socket = UdpSocket::bind((any, 0))?;
+        socket.connect(dst)?;
+        socket.send(PROBE).context("send the probe")?;
+        let mut buf = [0u8; 1024];
+        loop {
+            socket.set_read_timeout(Some(remaining(deadline)?))?;
+            let n = socket.recv(&mut buf).context("wait for the echo")?;
+            if &buf[..n] == PROBE {
+                return Ok(());
+            }
+        }
+    })
+    .with_context(|| format!("udp {dst} from {ns} (timeout {timeout:?})"))
+}
+
+/// One ICMP/ICMPv6 echo from `ns` to `addr`; true when the reply came within `timeout`
+/// (rounded up to whole seconds, at least one).
+pub fn ping(ns: &Netns, addr: IpAddr, timeout: Duration) -> bool {
+    let seconds = timeout.as_secs_f64().ceil().max(1.0).to_string();
+    ns.exec("ping", ["-c", "1", "-W", &seconds, &addr.to_string()]).status.success()
+}
+
+fn remaining(deadline: Instant) -> Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        bail!("timed out");
+    }
+    Ok(left)
+}

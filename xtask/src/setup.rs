@@ -1,0 +1,112 @@
+//! `cargo xtask setup`: checks each prerequisite and installs only what is missing, saying so.
+
+use std::{fs, process::Command};
+
+use anyhow::{Context, Result};
+
+use crate::{cargo, run_checked};
+
+/// The nightly whose LLVM (22) matches bpf-linker 0.10.0. A newer nightly may bring an LLVM that
+/// no installable bpf-linker matches, so the latest is never taken. zt-agent/build.rs makes the
+/// same choice.
+const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
+/// `rustc -vV` commit date of [`PINNED_NIGHTLY`], for a `nightly` that is that channel.
+const PINNED_COMMIT_DATE: &str = "commit-date: 2026-05-19";
+const BPF_LINKER_VERSION: &str = "0.10.0";
+/// iproute2 builds the topologies, iputils-ping probes ICMP, ethtool shows veth offloads when
+/// debugging XDP on veths.
+const DEBIAN_PACKAGES: [&str; 3] = ["iproute2", "iputils-ping", "ethtool"];
+const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn run() -> Result<()> {
+    let toolchain = ebpf_toolchain()?;
+    ensure_rust_src(toolchain)?;
+    ensure_bpf_linker()?;
+    ensure_debian_packages()?;
+    ensure_bpffs()
+}
+
+fn ebpf_toolchain() -> Result<&'static str> {
+    if succeeds("rustup", &["run", PINNED_NIGHTLY, "rustc", "--version"]) {
+        return Ok(PINNED_NIGHTLY);
+    }
+    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]).output();
+    if nightly.is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains(PINNED_COMMIT_DATE)) {
+        return Ok("nightly");
+    }
+    println!("setup: installing Rust {PINNED_NIGHTLY} for the eBPF build (its LLVM matches bpf-linker {BPF_LINKER_VERSION})");
+    run_checked(
+        Command::new("rustup").args(["toolchain", "install", PINNED_NIGHTLY, "--profile", "minimal"]),
+        "check network access and that rustup is installed (https://rustup.rs)",
+    )?;
+    Ok(PINNED_NIGHTLY)
+}
+
+fn ensure_rust_src(toolchain: &str) -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .context("could not start `rustup`: install it from https://rustup.rs")?;
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|line| line.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("setup: adding rust-src to {toolchain} (the eBPF build compiles core from source)");
+    run_checked(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]),
+        "check network access, then rerun `cargo xtask setup`",
+    )
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    let reported = version.map(|out| String::from_utf8_lossy(&out.stdout).into_owned()).unwrap_or_default();
+    if reported.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    println!("setup: installing bpf-linker {BPF_LINKER_VERSION} with cargo install (takes about 90 s)");
+    run_checked(
+        cargo().args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"]),
+        "see cargo's errors above; a network problem or a full disk are the usual causes",
+    )
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .into_iter()
+        .filter(|package| {
+            let status = Command::new("dpkg-query").args(["-W", "-f=${Status}", package]).output();
+            !status.is_ok_and(|out| out.stdout == b"install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root(&format!("install the Debian packages {}", missing.join(" ")))?;
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    let fix = format!("check network access and apt sources, or run `apt-get install {}` by hand", missing.join(" "));
+    let apt_get = || {
+        let mut command = Command::new("apt-get");
+        command.env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    run_checked(apt_get().args(["update", "-qq"]), &fix)?;
+    run_checked(apt_get().args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing), &fix)
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
+    if mounts.lines().any(|line| line.split_whitespace().nth(1) == Some(BPFFS)) {
+        return Ok(());
+    }
+    require_root(&format!("mount bpffs at {BPFFS}"))?;
+    println!("setup: mounting bpffs at {BPFFS} (the agent pins its maps there)");
+    run_checked(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]), "see the error above")
+}
+
+fn require_root(action: &str) -> Result<()> {
+    zt_tests::ensure_root().with_context(|| format!("setup cannot {action}"))
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program).args(args).output().is_ok_and(|out| out.status.success())
+}

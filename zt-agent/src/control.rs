@@ -1,0 +1,161 @@
+//! The local admin socket: `zt-agent mode` and `zt-agent status` talk to the running agent over
+//! a Unix socket only root can open. One JSON request line, one JSON response line.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+    net::UnixListener,
+};
+use zt_common::{counter_index, Reason, Verdict, EVENTS_LOST_INDEX};
+
+use crate::datapath::{Attachment, Datapath, Mode};
+
+pub const DEFAULT_SOCKET: &str = "/run/zt/agent.sock";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Request {
+    Mode { mode: Mode },
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub mode: Mode,
+    pub generation: u32,
+    pub identities: usize,
+    pub rules: usize,
+    pub attachments: Vec<AttachmentStatus>,
+    /// Packets by "verdict/reason", summed over CPUs; zero counters are left out.
+    pub packets: BTreeMap<String, u64>,
+    /// Flow events the kernel could not queue because the ring buffer was full.
+    pub events_lost: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttachmentStatus {
+    pub interface: String,
+    pub hook: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Response {
+    Ok { status: Status },
+    Error { message: String },
+}
+
+/// What the server needs besides the datapath.
+pub struct Shared {
+    pub datapath: Mutex<Datapath>,
+    pub identities: usize,
+    pub rules: usize,
+}
+
+fn status(shared: &Shared) -> Result<Status> {
+    let datapath = shared.datapath.lock().expect("datapath lock poisoned");
+    let config = datapath.config()?;
+    let counters = datapath.counters()?;
+    let mut packets = BTreeMap::new();
+    for verdict in [Verdict::Allow, Verdict::Deny, Verdict::Audit] {
+        for reason in Reason::ALL {
+            let n = counters[counter_index(verdict, reason) as usize];
+            if n > 0 {
+                packets.insert(format!("{}/{}", crate::events::verdict_name(verdict as u8), reason.name()), n);
+            }
+        }
+    }
+    Ok(Status {
+        mode: Mode::from_raw(config.mode),
+        generation: config.generation,
+        identities: shared.identities,
+        rules: shared.rules,
+        attachments: datapath
+            .attachments()
+            .iter()
+            .map(|Attachment { interface, hook }| AttachmentStatus { interface: interface.clone(), hook: hook.to_string() })
+            .collect(),
+        packets,
+        events_lost: counters[EVENTS_LOST_INDEX as usize],
+    })
+}
+
+fn handle(shared: &Shared, request: Request) -> Result<Status> {
+    if let Request::Mode { mode } = request {
+        shared.datapath.lock().expect("datapath lock poisoned").set_mode(mode)?;
+        tracing::info!(mode = mode.name(), "mode switched");
+    }
+    status(shared)
+}
+
+/// Binds the socket (parent directory 0700, socket 0600). Refuses to steal the socket of a
+/// live agent; removes one left behind by a dead agent.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("another zt-agent is serving {}; stop it or pass a different --socket", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(%err, "admin socket accept failed");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if tokio::io::BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let response = match serde_json::from_str::<Request>(&line)
+                .context("malformed request")
+                .and_then(|request| handle(&shared, request))
+            {
+                Ok(status) => Response::Ok { status },
+                Err(err) => Response::Error { message: format!("{err:#}") },
+            };
+            let mut out = serde_json::to_vec(&response).expect("response serializes");
+            out.push(b'\n');
+            let _ = write.write_all(&out).await;
+        });
+    }
+}
+
+/// Client side: sends one request to the agent at `socket`.
+pub fn request(socket: &PathBuf, request: &Request) -> Result<Status> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!("cannot reach zt-agent at {} (is it running? is --socket right? are you root?)", socket.display())
+    })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut response = String::new();
+    BufReader::new(stream).read_line(&mut response)?;
+    match serde_json::from_str::<Response>(&response).context("malformed response from zt-agent")? {
+        Response::Ok { status } => Ok(status),
+        Response::Error { message } => bail!("zt-agent refused: {message}"),
+    }
+}

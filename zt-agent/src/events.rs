@@ -1,0 +1,170 @@
+//! Flow events: read from the kernel's ring buffer, decoded, enriched with names, and written as
+//! one JSON object per line — the contract every sink derives from.
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use nix::time::{clock_gettime, ClockId};
+use serde_json::{json, Value};
+use tokio::io::{unix::AsyncFd, Interest};
+use zt_common::{proto, Direction, FlowEvent, Reason, Verdict, NO_RULE};
+
+use crate::{datapath::Mode, policy::compile::Compiled};
+
+/// Reads a `FlowEvent` out of a ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+    (bytes.len() >= size_of::<FlowEvent>())
+        // SAFETY: FlowEvent is plain data and the length was checked.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
+}
+
+/// Turns kernel events into JSON with identity, policy, interface and node names.
+pub struct Enricher {
+    node: String,
+    compiled: Arc<Compiled>,
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC, to date kernel timestamps.
+    realtime_offset_ns: i128,
+    interfaces: HashMap<u32, String>,
+}
+
+fn clock_ns(clock: ClockId) -> i128 {
+    let t = clock_gettime(clock).expect("clock_gettime cannot fail for standard clocks");
+    t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
+}
+
+impl Enricher {
+    pub fn new(node: String, compiled: Arc<Compiled>) -> Self {
+        let realtime_offset_ns = clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_MONOTONIC);
+        Self { node, compiled, realtime_offset_ns, interfaces: HashMap::new() }
+    }
+
+    fn interface(&mut self, ifindex: u32) -> String {
+        self.interfaces
+            .entry(ifindex)
+            .or_insert_with(|| {
+                nix::net::if_::if_indextoname(ifindex)
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| format!("if{ifindex}"))
+            })
+            .clone()
+    }
+
+    fn time(&self, monotonic_ns: u64) -> String {
+        let ns = (monotonic_ns as i128 + self.realtime_offset_ns).max(0) as u128;
+        let at = UNIX_EPOCH + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
+        humantime::format_rfc3339_nanos(at).to_string()
+    }
+
+    fn endpoint(&self, family: u8, addr: &[u8; 16], port: Option<u16>, identity: u32) -> Value {
+        let ip = match family {
+            4 => Some(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]).to_string()),
+            6 => Some(Ipv6Addr::from(*addr).to_string()),
+            _ => None,
+        };
+        json!({
+            "ip": ip,
+            "port": port,
+            "identity": self.compiled.identities.name(identity),
+            "identity_id": identity,
+        })
+    }
+
+    pub fn enrich(&mut self, ev: &FlowEvent) -> Value {
+        let reason = Reason::from_u8(ev.reason);
+        let is_icmp = matches!(ev.protocol, proto::ICMP | proto::ICMPV6);
+        let (src_port, dst_port) =
+            if ev.family == 0 || is_icmp { (None, None) } else { (Some(ev.src_port), Some(ev.dst_port)) };
+        let compiled = self.compiled.clone();
+        let rule = (ev.rule_id != NO_RULE).then(|| compiled.rule(ev.rule_id)).flatten();
+        let policy = match (rule, reason) {
+            (Some(rule), _) => Some(rule.policy.clone()),
+            (None, Some(Reason::DefaultDeny)) => Some("default-deny".to_owned()),
+            _ => None,
+        };
+        let mut line = json!({
+            "time": self.time(ev.timestamp_ns),
+            "node": self.node,
+            "verdict": verdict_name(ev.verdict),
+            "mode": Mode::from_raw(ev.mode as u32).name(),
+            "reason": reason.map_or("unknown", Reason::name),
+            "direction": direction_name(ev.direction),
+            "hook": hook_name(ev.hook),
+            "interface": self.interface(ev.ifindex),
+            "protocol": protocol_name(ev.protocol, ev.family),
+            "src": self.endpoint(ev.family, &ev.src_addr, src_port, ev.src_identity),
+            "dst": self.endpoint(ev.family, &ev.dst_addr, dst_port, ev.dst_identity),
+            "policy": policy,
+            "rule": rule.map(|r| format!("{}/{}/{}", r.policy, direction_name(r.direction as u8), r.index)),
+            "generation": ev.generation,
+        });
+        if is_icmp {
+            line["icmp"] = json!({ "type": ev.dst_port, "id": ev.src_port });
+        }
+        line
+    }
+}
+
+pub fn verdict_name(v: u8) -> &'static str {
+    match Verdict::from_u8(v) {
+        Some(Verdict::Allow) => "allow",
+        Some(Verdict::Deny) => "deny",
+        Some(Verdict::Audit) => "audit",
+        None => "unknown",
+    }
+}
+
+pub fn direction_name(d: u8) -> &'static str {
+    match d {
+        x if x == Direction::Ingress as u8 => "ingress",
+        x if x == Direction::Egress as u8 => "egress",
+        _ => "none",
+    }
+}
+
+fn hook_name(h: u8) -> &'static str {
+    match h {
+        x if x == zt_common::Hook::TcIngress as u8 => "tc-ingress",
+        x if x == zt_common::Hook::TcEgress as u8 => "tc-egress",
+        x if x == zt_common::Hook::Xdp as u8 => "xdp",
+        _ => "unknown",
+    }
+}
+
+fn protocol_name(p: u8, family: u8) -> Value {
+    match (family, p) {
+        (0, _) => Value::Null,
+        (_, proto::TCP) => "tcp".into(),
+        (_, proto::UDP) => "udp".into(),
+        (_, proto::SCTP) => "sctp".into(),
+        (_, proto::ICMP) => "icmp".into(),
+        (_, proto::ICMPV6) => "icmpv6".into(),
+        (_, other) => other.to_string().into(),
+    }
+}
+
+/// Streams events to stdout, one JSON line each, until the task is dropped.
+pub async fn stream_to_stdout(ring: RingBuf<MapData>, mut enricher: Enricher) -> Result<()> {
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut out = std::io::stdout().lock();
+        while let Some(record) = ring.next() {
+            match decode(&record) {
+                Some(ev) => writeln!(out, "{}", enricher.enrich(&ev))?,
+                None => tracing::warn!(len = record.len(), "short flow event record ignored"),
+            }
+        }
+        out.flush()?;
+        guard.clear_ready();
+    }
+}

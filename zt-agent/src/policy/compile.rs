@@ -1,0 +1,459 @@
+//! Compiles a validated policy set into the entries of the kernel's maps.
+//!
+//! The kernel checks a flow against one (subject, peer, direction) *group* at a time with a
+//! single longest-prefix-match lookup, so within a group the entries must already encode rule
+//! precedence: the longest match has to be the winning rule. Precedence within a group is
+//! "deny beats allow, then the lowest rule id", for every (protocol, port) point. Across the four
+//! groups a check consults, the kernel itself applies the order
+//! (subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY) — see `eval`.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use thiserror::Error;
+use zt_common::{
+    identity::{ANY, WORLD},
+    isolation, maps, Direction, IpKey, PolicyKey, PolicyValue,
+};
+
+use super::{Action, Peer, PolicySet, PortRange, Protocol, Subject};
+use crate::identity::{IdentityError, IdentityTable};
+
+/// Everything the agent writes into the kernel's maps for one policy set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    pub identities: IdentityTable,
+    /// Every declared selector, plus `0.0.0.0/0` and `::/0` as world.
+    pub ipcache: Vec<(IpNet, u32)>,
+    /// (identity or ANY, `isolation::*` flags), one entry per identity.
+    pub isolation: Vec<(u32, u32)>,
+    /// (prefix length, key, value) for the policy LPM trie; every (length, key) once.
+    pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
+    /// Rule `id` is `rules[id - 1]`.
+    pub rules: Vec<RuleInfo>,
+}
+
+impl Compiled {
+    pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
+        let index = rule_id.checked_sub(1)?;
+        self.rules.get(usize::try_from(index).ok()?)
+    }
+}
+
+/// Where a rule id comes from, to explain verdicts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub policy: String,
+    pub direction: Direction,
+    /// Position in the policy's ingress or egress list.
+    pub index: usize,
+    pub action: Action,
+}
+
+#[derive(Debug, Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("the policy set needs {count} entries in {map}, which holds at most {capacity}; use fewer prefixes, identities or port ranges")]
+    MapFull { map: &'static str, count: usize, capacity: u32 },
+}
+
+/// The ipcache key of an address: IPv6 as is, IPv4 as `::ffff:a.b.c.d`.
+pub fn ip_key(addr: IpAddr) -> IpKey {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The ipcache (prefix length, key) of a prefix: an IPv4 /n is a /(96 + n) of its mapped form.
+pub fn ipcache_prefix(net: &IpNet) -> (u32, IpKey) {
+    let mapped_bits = match net {
+        IpNet::V4(_) => 96,
+        IpNet::V6(_) => 0,
+    };
+    (mapped_bits + u32::from(net.prefix_len()), ip_key(net.network()))
+}
+
+pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
+    let identities = IdentityTable::allocate(set.identities().iter().map(|identity| identity.name.as_str()))?;
+    let id_of = |name: &str| identities.id(name).expect("a validated policy set names only declared identities");
+
+    let mut ipcache = Vec::new();
+    for identity in set.identities() {
+        let id = id_of(&identity.name);
+        ipcache.extend(identity.selectors.iter().map(|net| (*net, id)));
+    }
+    for everything in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+        ipcache.push((IpNet::new(everything, 0).expect("/0 is valid"), WORLD));
+    }
+
+    let mut rules = Vec::new();
+    let mut isolation_flags: BTreeMap<u32, u32> = BTreeMap::new();
+    // Keyed by the group's key with protocol and port zero.
+    let mut groups: BTreeMap<PolicyKey, Group> = BTreeMap::new();
+    for policy in set.policies() {
+        let subjects: Vec<u32> = policy
+            .subjects
+            .iter()
+            .map(|subject| match subject {
+                Subject::Any => ANY,
+                Subject::Identity(name) => id_of(name),
+            })
+            .collect();
+        for (direction, flag) in [(Direction::Ingress, isolation::INGRESS), (Direction::Egress, isolation::EGRESS)] {
+            let Some(policy_rules) = policy.rules(direction) else { continue };
+            for &subject in &subjects {
+                *isolation_flags.entry(subject).or_default() |= flag;
+            }
+            for (index, rule) in policy_rules.iter().enumerate() {
+                rules.push(RuleInfo { policy: policy.name.clone(), direction, index, action: rule.action });
+                let outcome = Outcome { action: rule.action, rule_id: rules.len() as u32 };
+                for &subject in &subjects {
+                    for peer in &rule.peers {
+                        let peer = match peer {
+                            Peer::Any => ANY,
+                            Peer::World => WORLD,
+                            Peer::Identity(name) => id_of(name),
+                        };
+                        let group = groups.entry(PolicyKey::new(subject, peer, direction, 0, 0)).or_default();
+                        match &rule.ports {
+                            None => group.any_protocol.push(outcome),
+                            Some(ports) => {
+                                for port in ports {
+                                    group.by_protocol.entry(port.protocol).or_default().push((port.range, outcome));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let policy: Vec<_> = groups.iter().flat_map(|(base, group)| group.entries(*base)).collect();
+    let isolation: Vec<_> = isolation_flags.into_iter().collect();
+    check_capacity(maps::IPCACHE, ipcache.len(), maps::IPCACHE_CAPACITY)?;
+    check_capacity(maps::ISOLATION, isolation.len(), maps::ISOLATION_CAPACITY)?;
+    check_capacity(maps::POLICY, policy.len(), maps::POLICY_CAPACITY)?;
+    Ok(Compiled { identities, ipcache, isolation, policy, rules })
+}
+
+fn check_capacity(map: &'static str, count: usize, capacity: u32) -> Result<(), CompileError> {
+    if count > capacity as usize {
+        return Err(CompileError::MapFull { map, count, capacity });
+    }
+    Ok(())
+}
+
+/// What one rule says about the points it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Outcome {
+    action: Action,
+    rule_id: u32,
+}
+
+impl Outcome {
+    fn value(self) -> PolicyValue {
+        PolicyValue { rule_id: self.rule_id, action: self.action.code(), _pad: [0; 3] }
+    }
+}
+
+/// The winner among the outcomes of the rules matching one point: deny beats allow, then the
+/// lowest rule id.
+fn decide(outcomes: impl IntoIterator<Item = Outcome>) -> Option<Outcome> {
+    outcomes.into_iter().min_by_key(|outcome| (outcome.action != Action::Deny, outcome.rule_id))
+}
+
+/// The rules of one (subject, peer, direction).
+#[derive(Default)]
+struct Group {
+    /// Rules without `ports`.
+    any_protocol: Vec<Outcome>,
+    by_protocol: BTreeMap<Protocol, Vec<(PortRange, Outcome)>>,
+}
+
+impl Group {
+    /// The 72-bit entry carries the any-protocol decision; longer entries are emitted only where
+    /// the decision over *all* matching rules differs from it, so the longest match always
+    /// yields the decision. When the any-protocol decision is a deny, that leaves only denies of
+    /// a lower rule id: allows could never win there.
+    fn entries(&self, base: PolicyKey) -> Vec<(u32, PolicyKey, PolicyValue)> {
+        let fallback = decide(self.any_protocol.iter().copied());
+        let mut entries = Vec::new();
+        if let Some(outcome) = fallback {
+            entries.push((PolicyKey::ANY_PROTOCOL_BITS, base, outcome.value()));
+        }
+        for (protocol, items) in &self.by_protocol {
+            let key = PolicyKey { protocol: protocol.number(), ..base };
+            let full = protocol.full_range();
+            for (first, last, outcome) in runs(items, fallback) {
+                if (first, last) == (full.first, full.last) {
+                    entries.push((PolicyKey::ANY_PORT_BITS, key, outcome.value()));
+                    continue;
+                }
+                for (port, bits) in port_prefixes(first, last) {
+                    let key = PolicyKey { port: port.to_be_bytes(), ..key };
+                    entries.push((PolicyKey::ANY_PORT_BITS + bits, key, outcome.value()));
+                }
+            }
+        }
+        entries
+    }
+}
+
+/// Maximal runs of ports (inclusive) with the same decision that differs from `fallback`,
+/// over the ports some item covers. The decision at a port includes the `fallback` rules,
+/// which match every port.
+fn runs(items: &[(PortRange, Outcome)], fallback: Option<Outcome>) -> Vec<(u16, u16, Outcome)> {
+    // Elementary intervals start at each item's first port and just past each item's last.
+    let mut cuts: Vec<u32> =
+        items.iter().flat_map(|(range, _)| [u32::from(range.first), u32::from(range.last) + 1]).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut runs: Vec<(u16, u16, Outcome)> = Vec::new();
+    for window in cuts.windows(2) {
+        // Both fit: a cut is at most 65536 and an interval ends one below the next cut.
+        let (first, last) = (window[0] as u16, (window[1] - 1) as u16);
+        let mut covering = items.iter().filter(|(range, _)| range.first <= first && last <= range.last).peekable();
+        if covering.peek().is_none() {
+            continue;
+        }
+        let outcome = decide(covering.map(|(_, outcome)| *outcome).chain(fallback)).expect("at least one item covers");
+        if Some(outcome) == fallback {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(run) if u32::from(run.1) + 1 == u32::from(first) && run.2 == outcome => run.1 = last,
+            _ => runs.push((first, last, outcome)),
+        }
+    }
+    runs
+}
+
+/// The fewest aligned prefixes (value, prefix bits) of the 16-bit port space that exactly
+/// cover `first..=last`.
+fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u32)> {
+    let (mut start, last) = (u32::from(first), u32::from(last));
+    let mut prefixes = Vec::new();
+    while start <= last {
+        // The largest block aligned at `start` that stays within the range.
+        let mut size_bits = start.trailing_zeros().min(16);
+        while start + (1 << size_bits) - 1 > last {
+            size_bits -= 1;
+        }
+        prefixes.push((start as u16, 16 - size_bits));
+        start += 1 << size_bits;
+    }
+    prefixes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_str;
+    use zt_common::{action, proto};
+
+    const IDENTITIES: &str = "\
+apiVersion: zt/v1
+kind: Identity
+metadata: {name: web}
+spec: {selectors: [{cidr: 10.20.1.0/24}, {cidr: 'fd00:20:1::/64'}]}
+---
+apiVersion: zt/v1
+kind: Identity
+metadata: {name: api}
+spec: {selectors: [{cidr: 10.20.2.0/24}]}
+";
+
+    /// Compiles `IDENTITIES` plus one policy with subject web and these egress rules to api.
+    fn compile_egress(rules: &[&str]) -> Compiled {
+        let rules: String = rules.iter().map(|rule| format!("    - {{to: [api], {rule}}}\n")).collect();
+        let text = format!(
+            "{IDENTITIES}---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: p}}\nspec:\n  subject: [web]\n  egress:\n{rules}"
+        );
+        compile(&parse_str(&text, "test.yaml").unwrap()).unwrap()
+    }
+
+    /// The entries as (prefix length, protocol, port, action, rule id).
+    fn entries(compiled: &Compiled) -> Vec<(u32, u8, u16, u8, u32)> {
+        let entries = compiled.policy.iter();
+        entries
+            .map(|(bits, key, value)| (*bits, key.protocol, u16::from_be_bytes(key.port), value.action, value.rule_id))
+            .collect()
+    }
+
+    const ALLOW: u8 = action::ALLOW;
+    const DENY: u8 = action::DENY;
+    const TCP: u8 = proto::TCP;
+
+    #[test]
+    fn port_range_becomes_aligned_prefixes() {
+        assert_eq!(port_prefixes(8000, 8080), vec![(8000, 10), (8064, 12), (8080, 16)]);
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(1, 65535).len(), 16);
+        assert_eq!(port_prefixes(443, 443), vec![(443, 16)]);
+        let compiled = compile_egress(&["ports: [{protocol: tcp, port: '8000-8080'}]"]);
+        assert_eq!(
+            entries(&compiled),
+            vec![(90, TCP, 8000, ALLOW, 1), (92, TCP, 8064, ALLOW, 1), (96, TCP, 8080, ALLOW, 1)]
+        );
+    }
+
+    #[test]
+    fn keys_name_subject_peer_and_direction() {
+        let compiled = compile_egress(&["ports: [{protocol: tcp, port: 443}]"]);
+        let (web, api) = (compiled.identities.id("web").unwrap(), compiled.identities.id("api").unwrap());
+        assert_eq!(
+            compiled.policy,
+            vec![(
+                96,
+                PolicyKey::new(web, api, Direction::Egress, TCP, 443),
+                PolicyValue { rule_id: 1, action: ALLOW, _pad: [0; 3] }
+            )]
+        );
+    }
+
+    #[test]
+    fn deny_inside_allow_splits_the_allow() {
+        let compiled = compile_egress(&[
+            "ports: [{protocol: tcp, port: '8000-8099'}]",
+            "ports: [{protocol: tcp, port: 8080}], action: deny",
+        ]);
+        assert_eq!(
+            entries(&compiled),
+            vec![
+                (90, TCP, 8000, ALLOW, 1),
+                (92, TCP, 8064, ALLOW, 1),
+                (96, TCP, 8080, DENY, 2),
+                (96, TCP, 8081, ALLOW, 1),
+                (95, TCP, 8082, ALLOW, 1),
+                (94, TCP, 8084, ALLOW, 1),
+                (93, TCP, 8088, ALLOW, 1),
+                (94, TCP, 8096, ALLOW, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn allow_inside_deny_is_swallowed() {
+        let compiled = compile_egress(&[
+            "ports: [{protocol: tcp, port: '8000-8099'}], action: deny",
+            "ports: [{protocol: tcp, port: 8080}]",
+        ]);
+        // One deny run over the whole range: no allow entry can be longer than a deny.
+        assert_eq!(
+            entries(&compiled),
+            vec![(90, TCP, 8000, DENY, 1), (91, TCP, 8064, DENY, 1), (94, TCP, 8096, DENY, 1)]
+        );
+    }
+
+    #[test]
+    fn overlapping_allows_report_the_lowest_rule() {
+        let compiled =
+            compile_egress(&["ports: [{protocol: udp, port: '10-11'}]", "ports: [{protocol: udp, port: '8-15'}]"]);
+        assert_eq!(
+            entries(&compiled),
+            vec![(95, proto::UDP, 8, ALLOW, 2), (95, proto::UDP, 10, ALLOW, 1), (94, proto::UDP, 12, ALLOW, 2),]
+        );
+    }
+
+    #[test]
+    fn any_protocol_deny_suppresses_protocol_entries() {
+        let compiled = compile_egress(&["ports: [{protocol: tcp, port: 80}]", "action: deny"]);
+        assert_eq!(entries(&compiled), vec![(72, 0, 0, DENY, 2)]);
+        // ... except denies by a lower rule id, which still decide their ports.
+        let compiled = compile_egress(&["ports: [{protocol: tcp, port: 80}], action: deny", "action: deny"]);
+        assert_eq!(entries(&compiled), vec![(72, 0, 0, DENY, 2), (96, TCP, 80, DENY, 1)]);
+    }
+
+    #[test]
+    fn any_protocol_allow_keeps_only_protocol_entries_that_change_the_decision() {
+        let compiled = compile_egress(&["action: allow", "ports: [{protocol: tcp, port: 80}]"]);
+        assert_eq!(entries(&compiled), vec![(72, 0, 0, ALLOW, 1)]);
+        let compiled = compile_egress(&["ports: [{protocol: tcp, port: 80}]", "action: allow"]);
+        assert_eq!(entries(&compiled), vec![(72, 0, 0, ALLOW, 2), (96, TCP, 80, ALLOW, 1)]);
+        let compiled = compile_egress(&["action: allow", "ports: [{protocol: tcp, port: 80}], action: deny"]);
+        assert_eq!(entries(&compiled), vec![(72, 0, 0, ALLOW, 1), (96, TCP, 80, DENY, 2)]);
+    }
+
+    #[test]
+    fn whole_protocols_and_icmp_types() {
+        let compiled = compile_egress(&[
+            "ports: [{protocol: sctp}, {protocol: icmp}]",
+            "ports: [{protocol: icmpv6, type: 128}]",
+            "ports: [{protocol: tcp, port: '1-65535'}]",
+        ]);
+        let entries = entries(&compiled);
+        assert!(entries.contains(&(80, proto::SCTP, 0, ALLOW, 1)), "{entries:?}");
+        assert!(entries.contains(&(80, proto::ICMP, 0, ALLOW, 1)), "{entries:?}");
+        assert!(entries.contains(&(96, proto::ICMPV6, 128, ALLOW, 2)), "{entries:?}");
+        assert!(entries.contains(&(81, TCP, 32768, ALLOW, 3)), "{entries:?}");
+    }
+
+    #[test]
+    fn rules_from_several_policies_merge_into_one_entry_per_key() {
+        let text = format!(
+            "{IDENTITIES}---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: first}}
+spec: {{subject: [web], egress: [{{to: [api], ports: [{{protocol: tcp, port: 80}}]}}]}}
+---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: second}}
+spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp, port: 80}}], action: deny}}]}}
+"
+        );
+        let compiled = compile(&parse_str(&text, "test.yaml").unwrap()).unwrap();
+        assert_eq!(entries(&compiled), vec![(96, TCP, 80, DENY, 2)]);
+        assert_eq!(
+            compiled.rule(2),
+            Some(&RuleInfo { policy: "second".into(), direction: Direction::Egress, index: 0, action: Action::Deny })
+        );
+        assert_eq!(compiled.rule(0), None);
+        assert_eq!(compiled.rule(3), None);
+    }
+
+    #[test]
+    fn demo_policy_compiles_to_expected_maps() {
+        let set = parse_str(include_str!("../../../policies/demo.yaml"), "policies/demo.yaml").unwrap();
+        let compiled = compile(&set).unwrap();
+        let id = |name| compiled.identities.id(name).unwrap();
+        let both = isolation::INGRESS | isolation::EGRESS;
+        let mut expected = vec![
+            (ANY, both),
+            (id("web"), isolation::EGRESS),
+            (id("api"), both),
+            (id("db"), isolation::INGRESS),
+            (id("reports"), isolation::EGRESS),
+        ];
+        expected.sort();
+        assert_eq!(compiled.isolation, expected);
+        assert_eq!(compiled.ipcache.len(), 5 * 2 + 2);
+        let db_v6: IpNet = "fd00:20:3::/64".parse().unwrap();
+        assert!(compiled.ipcache.contains(&(db_v6, id("db"))));
+        assert!(compiled.ipcache.contains(&("0.0.0.0/0".parse().unwrap(), WORLD)));
+        assert!(compiled.ipcache.contains(&("::/0".parse().unwrap(), WORLD)));
+        // web→api, api←web, api←reports, api→db, db←api, reports→api: one TCP port each.
+        assert_eq!(compiled.policy.len(), 6);
+        assert!(compiled.policy.iter().all(|(bits, _, value)| *bits == 96 && value.action == ALLOW));
+        assert_eq!(compiled.rules.len(), 5);
+    }
+
+    #[test]
+    fn ipcache_keys_map_ipv4_into_ipv6() {
+        let v4: IpNet = "10.20.3.0/24".parse().unwrap();
+        let mut expected = [0u8; 16];
+        expected[10..].copy_from_slice(&[0xff, 0xff, 10, 20, 3, 0]);
+        assert_eq!(ipcache_prefix(&v4), (120, expected));
+        let v6: IpNet = "fd00:20:3::/64".parse().unwrap();
+        assert_eq!(ipcache_prefix(&v6), (64, "fd00:20:3::".parse::<Ipv6Addr>().unwrap().octets()));
+        assert_eq!(ip_key("10.20.3.7".parse().unwrap())[12..], [10, 20, 3, 7]);
+        assert_eq!(ipcache_prefix(&"0.0.0.0/0".parse().unwrap()).0, 96);
+    }
+}

@@ -1,0 +1,527 @@
+//! The kernel's policy decision, computed in userspace over the compiled map entries: the same
+//! lookups in the same order, so it predicts what the datapath does with a flow.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use zt_common::{
+    action,
+    identity::{ANY, FIRST_USER, UNKNOWN},
+    isolation, Direction, PolicyKey, PolicyValue, Reason, Verdict,
+};
+
+use super::compile::{ip_key, ipcache_prefix, Compiled};
+
+/// What the kernel knows of a packet when it consults policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    /// Destination port; for ICMP and ICMPv6 the message type.
+    pub dst_port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// `Allow` or `Deny`.
+    pub verdict: Verdict,
+    pub reason: Reason,
+    /// Whose rules decided; `None` when neither end is isolated.
+    pub direction: Direction,
+    /// The deciding rule, or `zt_common::NO_RULE`.
+    pub rule_id: u32,
+}
+
+/// One-off evaluation; build an [`Evaluator`] to evaluate many flows.
+pub fn evaluate(compiled: &Compiled, flow: &Flow) -> Decision {
+    Evaluator::new(compiled).evaluate(flow)
+}
+
+/// The compiled maps, indexed for lookups.
+pub struct Evaluator {
+    ipcache: Lpm<u32>,
+    isolation: HashMap<u32, u32>,
+    policy: Lpm<PolicyValue>,
+}
+
+/// The outcome of one end's rules.
+#[derive(Clone, Copy)]
+enum Check {
+    Allow(u32),
+    Deny(u32),
+    DefaultDeny,
+}
+
+impl Evaluator {
+    pub fn new(compiled: &Compiled) -> Self {
+        let ipcache = compiled.ipcache.iter().map(|(net, id)| {
+            let (bits, key) = ipcache_prefix(net);
+            (bits, u128::from_be_bytes(key), *id)
+        });
+        let policy = compiled.policy.iter().map(|(bits, key, value)| (*bits, policy_key_bits(key), *value));
+        Self {
+            ipcache: Lpm::new(ipcache),
+            isolation: compiled.isolation.iter().copied().collect(),
+            policy: Lpm::new(policy),
+        }
+    }
+
+    /// The identity the ipcache gives an address.
+    pub fn identity(&self, addr: IpAddr) -> u32 {
+        self.ipcache.lookup(u128::from_be_bytes(ip_key(addr))).copied().unwrap_or(UNKNOWN)
+    }
+
+    pub fn evaluate(&self, flow: &Flow) -> Decision {
+        let (src, dst) = (self.identity(flow.src), self.identity(flow.dst));
+        let egress =
+            (self.isolation(src) & isolation::EGRESS != 0).then(|| self.check(src, dst, Direction::Egress, flow));
+        let ingress =
+            (self.isolation(dst) & isolation::INGRESS != 0).then(|| self.check(dst, src, Direction::Ingress, flow));
+        let (verdict, reason, direction, rule_id) = match (egress, ingress) {
+            (Some(Check::Deny(rule)), _) => (Verdict::Deny, Reason::PolicyDeny, Direction::Egress, rule),
+            (_, Some(Check::Deny(rule))) => (Verdict::Deny, Reason::PolicyDeny, Direction::Ingress, rule),
+            (Some(Check::DefaultDeny), _) => {
+                (Verdict::Deny, Reason::DefaultDeny, Direction::Egress, zt_common::NO_RULE)
+            }
+            (_, Some(Check::DefaultDeny)) => {
+                (Verdict::Deny, Reason::DefaultDeny, Direction::Ingress, zt_common::NO_RULE)
+            }
+            (_, Some(Check::Allow(rule))) => (Verdict::Allow, Reason::PolicyAllow, Direction::Ingress, rule),
+            (Some(Check::Allow(rule)), _) => (Verdict::Allow, Reason::PolicyAllow, Direction::Egress, rule),
+            (None, None) => (Verdict::Allow, Reason::NotIsolated, Direction::None, zt_common::NO_RULE),
+        };
+        Decision { verdict, reason, direction, rule_id }
+    }
+
+    /// An identity's own flags, plus the ANY flags, which apply to user identities only.
+    fn isolation(&self, id: u32) -> u32 {
+        let flags = |id| self.isolation.get(&id).copied().unwrap_or(0);
+        flags(id) | if id >= FIRST_USER { flags(ANY) } else { 0 }
+    }
+
+    /// The first deny, else the first allow, of the four groups in order of specificity.
+    fn check(&self, subject: u32, peer: u32, direction: Direction, flow: &Flow) -> Check {
+        let groups = [(subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY)];
+        let found = groups.map(|(subject, peer)| {
+            let key = PolicyKey::new(subject, peer, direction, flow.protocol, flow.dst_port);
+            self.policy.lookup(policy_key_bits(&key))
+        });
+        let first = |wanted| found.iter().flatten().find(|value| value.action == wanted).map(|value| value.rule_id);
+        match (first(action::DENY), first(action::ALLOW)) {
+            (Some(rule), _) => Check::Deny(rule),
+            (None, Some(rule)) => Check::Allow(rule),
+            (None, None) => Check::DefaultDeny,
+        }
+    }
+}
+
+/// The key's 96 bits, in trie order, left-aligned in a u128.
+fn policy_key_bits(key: &PolicyKey) -> u128 {
+    let mut bytes = [0u8; 16];
+    bytes[0..4].copy_from_slice(&key.subject);
+    bytes[4..8].copy_from_slice(&key.peer);
+    bytes[8] = key.direction;
+    bytes[9] = key.protocol;
+    bytes[10..12].copy_from_slice(&key.port);
+    u128::from_be_bytes(bytes)
+}
+
+/// Longest-prefix match over left-aligned keys of up to 128 bits, as a BPF LPM trie does it.
+struct Lpm<V> {
+    /// The prefix lengths present, longest first.
+    lengths: Vec<u32>,
+    entries: HashMap<(u32, u128), V>,
+}
+
+impl<V> Lpm<V> {
+    /// A later entry with the same prefix replaces an earlier one, like a map update.
+    fn new(entries: impl IntoIterator<Item = (u32, u128, V)>) -> Self {
+        let entries: HashMap<_, _> =
+            entries.into_iter().map(|(bits, key, value)| ((bits, mask(key, bits)), value)).collect();
+        let mut lengths: Vec<u32> = entries.keys().map(|(bits, _)| *bits).collect();
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
+        lengths.dedup();
+        Self { lengths, entries }
+    }
+
+    fn lookup(&self, key: u128) -> Option<&V> {
+        self.lengths.iter().find_map(|&bits| self.entries.get(&(bits, mask(key, bits))))
+    }
+}
+
+fn mask(key: u128, bits: u32) -> u128 {
+    match bits {
+        0 => 0,
+        _ => key & (u128::MAX << (128 - bits)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fmt::Write, net::IpAddr};
+
+    use zt_common::{identity::WORLD, proto};
+
+    use super::*;
+    use crate::policy::{compile::compile, parse_str, Action, Peer, PolicySet, Subject};
+
+    fn flow(src: &str, dst: &str, protocol: u8, dst_port: u16) -> Flow {
+        Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, dst_port }
+    }
+
+    fn decision(verdict: Verdict, reason: Reason, direction: Direction, rule_id: u32) -> Decision {
+        Decision { verdict, reason, direction, rule_id }
+    }
+
+    #[test]
+    fn demo_policy_admits_only_consented_flows() {
+        let set = parse_str(include_str!("../../../policies/demo.yaml"), "policies/demo.yaml").unwrap();
+        let compiled = compile(&set).unwrap();
+        let evaluator = Evaluator::new(&compiled);
+        let rule = |policy: &str, direction| {
+            let found = compiled.rules.iter().position(|rule| rule.policy == policy && rule.direction == direction);
+            found.unwrap() as u32 + 1
+        };
+        let allowed_by = |policy| {
+            decision(Verdict::Allow, Reason::PolicyAllow, Direction::Ingress, rule(policy, Direction::Ingress))
+        };
+        let default_deny = |direction| decision(Verdict::Deny, Reason::DefaultDeny, direction, 0);
+        let cases = [
+            (flow("10.20.1.5", "10.20.2.5", proto::TCP, 8080), allowed_by("api")),
+            (flow("fd00:20:1::5", "fd00:20:2::5", proto::TCP, 8080), allowed_by("api")),
+            (flow("10.30.1.5", "10.20.2.5", proto::TCP, 8080), allowed_by("api")),
+            (flow("fd00:30:1::5", "fd00:20:2::5", proto::TCP, 8080), allowed_by("api")),
+            (flow("10.20.2.5", "10.20.3.5", proto::TCP, 5432), allowed_by("db")),
+            (flow("10.20.1.5", "10.20.2.5", proto::TCP, 8081), default_deny(Direction::Egress)),
+            (flow("10.20.1.5", "10.20.2.5", proto::UDP, 8080), default_deny(Direction::Egress)),
+            (flow("10.20.1.5", "10.20.2.5", proto::ICMP, 8), default_deny(Direction::Egress)),
+            (flow("10.20.1.5", "10.20.3.5", proto::TCP, 5432), default_deny(Direction::Egress)),
+            (flow("10.20.9.5", "10.20.2.5", proto::TCP, 8080), default_deny(Direction::Egress)),
+            (flow("10.20.3.5", "10.20.2.5", proto::TCP, 8080), default_deny(Direction::Egress)),
+            (flow("10.20.1.5", "1.1.1.1", proto::TCP, 443), default_deny(Direction::Egress)),
+            (flow("8.8.8.8", "10.20.1.5", proto::TCP, 80), default_deny(Direction::Ingress)),
+            (flow("2001:db8::1", "fd00:20:3::5", proto::TCP, 5432), default_deny(Direction::Ingress)),
+        ];
+        for (flow, expected) in cases {
+            assert_eq!(evaluator.evaluate(&flow), expected, "{flow:?}");
+        }
+        // Addresses outside every identity are world, and world is never isolated.
+        assert_eq!(evaluator.identity("8.8.8.8".parse().unwrap()), WORLD);
+        let outside = flow("8.8.8.8", "9.9.9.9", proto::TCP, 80);
+        assert_eq!(evaluate(&compiled, &outside), decision(Verdict::Allow, Reason::NotIsolated, Direction::None, 0));
+    }
+
+    #[test]
+    fn an_empty_ipcache_classifies_as_unknown() {
+        let compiled = compile(&parse_str("", "empty.yaml").unwrap()).unwrap();
+        let compiled = Compiled { ipcache: Vec::new(), ..compiled };
+        let evaluator = Evaluator::new(&compiled);
+        assert_eq!(evaluator.identity("10.0.0.1".parse().unwrap()), UNKNOWN);
+        let flow = flow("10.0.0.1", "10.0.0.2", proto::TCP, 80);
+        assert_eq!(evaluator.evaluate(&flow), decision(Verdict::Allow, Reason::NotIsolated, Direction::None, 0));
+    }
+
+    /// The meaning of a policy set, straight from its rules: no identity numbers, no prefixes,
+    /// no precedence folded into entries.
+    ///
+    /// An address belongs to the identity with its longest containing selector, else to world.
+    /// An identity is isolated in a direction if a policy whose subjects include it (or `any`)
+    /// lists that direction. The rules that match a flow for an isolated end are those of such
+    /// policies, in that direction, whose peers include the other end (by name, `world` for
+    /// world, or `any`) and whose ports include the flow's protocol and port. Among them a deny
+    /// beats an allow; among rules of one action the most specific wins — subject named before
+    /// `any`, then peer named before `any` — then the lowest rule id.
+    struct Naive<'a> {
+        set: &'a PolicySet,
+    }
+
+    enum NaiveCheck {
+        Allow(u32),
+        Deny(u32),
+        DefaultDeny,
+    }
+
+    impl<'a> Naive<'a> {
+        fn identity(&self, addr: IpAddr) -> Option<&'a str> {
+            let selectors = self
+                .set
+                .identities()
+                .iter()
+                .flat_map(|identity| identity.selectors.iter().map(move |net| (net, &identity.name)));
+            let containing = selectors.filter(|(net, _)| net.contains(&addr));
+            containing.max_by_key(|(net, _)| net.prefix_len()).map(|(_, name)| name.as_str())
+        }
+
+        fn subject_is_any(subject: &Subject, name: &str) -> Option<bool> {
+            match subject {
+                Subject::Any => Some(true),
+                Subject::Identity(subject) if subject == name => Some(false),
+                Subject::Identity(_) => None,
+            }
+        }
+
+        fn isolated(&self, name: Option<&str>, direction: Direction) -> bool {
+            let Some(name) = name else { return false };
+            self.set.policies().iter().any(|policy| {
+                policy.rules(direction).is_some()
+                    && policy.subjects.iter().any(|s| Self::subject_is_any(s, name).is_some())
+            })
+        }
+
+        fn check(&self, subject: &str, peer: Option<&str>, direction: Direction, flow: &Flow) -> NaiveCheck {
+            let mut rule_id = 0;
+            // (subject is `any`, peer is `any`, rule id): smallest is best.
+            type Candidate = (bool, bool, u32);
+            let (mut deny, mut allow): (Option<Candidate>, Option<Candidate>) = (None, None);
+            for policy in self.set.policies() {
+                for rules_direction in [Direction::Ingress, Direction::Egress] {
+                    for rule in policy.rules(rules_direction).unwrap_or_default() {
+                        rule_id += 1;
+                        let ports_match = rule.ports.as_ref().is_none_or(|ports| {
+                            ports.iter().any(|port| {
+                                port.protocol.number() == flow.protocol
+                                    && (port.range.first..=port.range.last).contains(&flow.dst_port)
+                            })
+                        });
+                        if rules_direction != direction || !ports_match {
+                            continue;
+                        }
+                        for subject_ref in &policy.subjects {
+                            let Some(subject_any) = Self::subject_is_any(subject_ref, subject) else { continue };
+                            for peer_ref in &rule.peers {
+                                let peer_any = match (peer_ref, peer) {
+                                    (Peer::Any, _) => true,
+                                    (Peer::World, None) => false,
+                                    (Peer::Identity(name), Some(peer)) if name == peer => false,
+                                    _ => continue,
+                                };
+                                let candidate = Some((subject_any, peer_any, rule_id));
+                                let best = if rule.action == Action::Deny { &mut deny } else { &mut allow };
+                                if best.is_none() || candidate < *best {
+                                    *best = candidate;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            match (deny, allow) {
+                (Some((_, _, rule)), _) => NaiveCheck::Deny(rule),
+                (None, Some((_, _, rule))) => NaiveCheck::Allow(rule),
+                (None, None) => NaiveCheck::DefaultDeny,
+            }
+        }
+
+        /// Both ends must consent: any explicit deny first (the sender's before the
+        /// receiver's), then a missing allow on an isolated end (sender first), and an allow is
+        /// credited to the receiver when both allow.
+        fn evaluate(&self, flow: &Flow) -> Decision {
+            let (src, dst) = (self.identity(flow.src), self.identity(flow.dst));
+            let mut sides = Vec::new();
+            if self.isolated(src, Direction::Egress) {
+                sides.push((Direction::Egress, self.check(src.unwrap(), dst, Direction::Egress, flow)));
+            }
+            if self.isolated(dst, Direction::Ingress) {
+                sides.push((Direction::Ingress, self.check(dst.unwrap(), src, Direction::Ingress, flow)));
+            }
+            for (direction, check) in &sides {
+                if let NaiveCheck::Deny(rule) = check {
+                    return decision(Verdict::Deny, Reason::PolicyDeny, *direction, *rule);
+                }
+            }
+            for (direction, check) in &sides {
+                if let NaiveCheck::DefaultDeny = check {
+                    return decision(Verdict::Deny, Reason::DefaultDeny, *direction, 0);
+                }
+            }
+            match sides.iter().rev().find_map(|(direction, check)| match check {
+                NaiveCheck::Allow(rule) => Some((*direction, *rule)),
+                _ => None,
+            }) {
+                Some((direction, rule)) => decision(Verdict::Allow, Reason::PolicyAllow, direction, rule),
+                None => decision(Verdict::Allow, Reason::NotIsolated, Direction::None, 0),
+            }
+        }
+    }
+
+    /// SplitMix64: a seeded, dependency-free generator, so a failure replays exactly.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn percent(&mut self, chance: usize) -> bool {
+            self.below(100) < chance
+        }
+
+        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+            items[self.below(items.len())]
+        }
+
+        fn shuffle<T>(&mut self, items: &mut [T]) {
+            for i in (1..items.len()).rev() {
+                items.swap(i, self.below(i + 1));
+            }
+        }
+    }
+
+    // Nested prefixes so longest-prefix match matters; a few ports and types around the edges
+    // of the generated ranges so rules overlap often.
+    const PREFIXES: [&str; 11] = [
+        "10.0.0.0/8",
+        "10.1.0.0/16",
+        "10.1.2.0/24",
+        "10.1.2.128/25",
+        "10.1.2.200/32",
+        "10.2.0.0/16",
+        "192.168.0.0/24",
+        "fd00::/16",
+        "fd00:1::/32",
+        "fd00:1:2::/48",
+        "fd00:2::/32",
+    ];
+    const V4_ADDRESSES: [&str; 9] = [
+        "10.1.2.3",
+        "10.1.2.130",
+        "10.1.2.200",
+        "10.1.9.9",
+        "10.2.3.4",
+        "10.9.9.9",
+        "192.168.0.7",
+        "8.8.8.8",
+        "172.16.0.1",
+    ];
+    const V6_ADDRESSES: [&str; 5] = ["fd00:1:2::5", "fd00:1:9::5", "fd00:2::1", "fd00:9::1", "2001:db8::1"];
+    const PORTS: [u16; 8] = [1, 79, 80, 81, 443, 8080, 8081, 65535];
+    const ICMP_TYPES: [u16; 4] = [0, 3, 8, 11];
+    const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+    fn random_policy_yaml(rng: &mut Rng) -> String {
+        let mut yaml = String::new();
+        let names = &NAMES[..1 + rng.below(NAMES.len())];
+        let mut prefixes = PREFIXES;
+        rng.shuffle(&mut prefixes);
+        let mut prefixes = prefixes.into_iter();
+        for name in names {
+            let selectors: Vec<String> =
+                prefixes.by_ref().take(1 + rng.below(2)).map(|cidr| format!("{{cidr: '{cidr}'}}")).collect();
+            let selectors = selectors.join(", ");
+            writeln!(yaml, "---\napiVersion: zt/v1\nkind: Identity\nmetadata: {{name: {name}}}\nspec: {{selectors: [{selectors}]}}").unwrap();
+        }
+        let subjects: Vec<&str> = names.iter().copied().chain(["any"]).collect();
+        let peers: Vec<&str> = names.iter().copied().chain(["any", "world"]).collect();
+        for policy in 0..1 + rng.below(4) {
+            let subject: Vec<&str> = (0..1 + rng.below(2)).map(|_| rng.pick(&subjects)).collect();
+            writeln!(
+                yaml,
+                "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: p{policy}}}\nspec:\n  subject: [{}]",
+                subject.join(", ")
+            )
+            .unwrap();
+            let with_ingress = rng.percent(60);
+            let with_egress = !with_ingress || rng.percent(50);
+            for (present, list, peer_key) in [(with_ingress, "ingress", "from"), (with_egress, "egress", "to")] {
+                if present {
+                    let rules: Vec<String> = (0..rng.below(4)).map(|_| random_rule(rng, peer_key, &peers)).collect();
+                    writeln!(yaml, "  {list}: [{}]", rules.join(", ")).unwrap();
+                }
+            }
+        }
+        yaml
+    }
+
+    fn random_rule(rng: &mut Rng, peer_key: &str, peers: &[&str]) -> String {
+        let peer_list: Vec<&str> = (0..1 + rng.below(2)).map(|_| rng.pick(peers)).collect();
+        let mut rule = format!("{{{peer_key}: [{}]", peer_list.join(", "));
+        if rng.percent(70) {
+            let items: Vec<String> = (0..1 + rng.below(2)).map(|_| random_port_item(rng)).collect();
+            write!(rule, ", ports: [{}]", items.join(", ")).unwrap();
+        }
+        if rng.percent(35) {
+            rule.push_str(", action: deny");
+        }
+        rule.push('}');
+        rule
+    }
+
+    fn random_port_item(rng: &mut Rng) -> String {
+        let protocol = rng.pick(&["tcp", "tcp", "tcp", "udp", "sctp", "icmp", "icmpv6"]);
+        if protocol.starts_with("icmp") {
+            return match rng.percent(40) {
+                true => format!("{{protocol: {protocol}}}"),
+                false => format!("{{protocol: {protocol}, type: {}}}", rng.pick(&ICMP_TYPES)),
+            };
+        }
+        match rng.below(3) {
+            0 => format!("{{protocol: {protocol}}}"),
+            1 => format!("{{protocol: {protocol}, port: {}}}", rng.pick(&PORTS)),
+            _ => {
+                let (a, b) = (rng.pick(&PORTS), rng.pick(&PORTS));
+                format!("{{protocol: {protocol}, port: '{}-{}'}}", a.min(b), a.max(b))
+            }
+        }
+    }
+
+    fn random_flow(rng: &mut Rng) -> Flow {
+        let addresses: &[&str] = if rng.percent(70) { &V4_ADDRESSES } else { &V6_ADDRESSES };
+        let protocol = rng.pick(&[proto::TCP, proto::TCP, proto::UDP, proto::SCTP, proto::ICMP, proto::ICMPV6, 47]);
+        let dst_port = match protocol {
+            proto::ICMP | proto::ICMPV6 => rng.pick(&ICMP_TYPES),
+            47 => 0,
+            _ if rng.percent(15) => rng.next() as u16,
+            _ => rng.pick(&PORTS),
+        };
+        flow(rng.pick(addresses), rng.pick(addresses), protocol, dst_port)
+    }
+
+    #[test]
+    fn compiled_entries_agree_with_the_naive_semantics() {
+        const POLICY_SETS: usize = 600;
+        const FLOWS_PER_SET: usize = 40;
+        let mut rng = Rng(0x5eed_2024);
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for case in 0..POLICY_SETS {
+            let yaml = random_policy_yaml(&mut rng);
+            let set = parse_str(&yaml, "random.yaml").unwrap_or_else(|errors| panic!("case {case}:\n{yaml}\n{errors}"));
+            let compiled = compile(&set).unwrap();
+            let mut prefixes: Vec<_> = compiled.policy.iter().map(|(bits, key, _)| (*bits, *key)).collect();
+            prefixes.sort();
+            prefixes.dedup();
+            assert_eq!(prefixes.len(), compiled.policy.len(), "case {case}: duplicate entries\n{yaml}");
+            let (evaluator, naive) = (Evaluator::new(&compiled), Naive { set: &set });
+            for _ in 0..FLOWS_PER_SET {
+                let flow = random_flow(&mut rng);
+                let expected = naive.evaluate(&flow);
+                assert_eq!(
+                    evaluator.evaluate(&flow),
+                    expected,
+                    "case {case}: {flow:?}\n{yaml}\nentries: {:#?}",
+                    compiled.policy
+                );
+                *seen.entry(outcome_name(expected.reason, expected.direction)).or_default() += 1;
+            }
+        }
+        // The generator must reach every outcome, or agreement would prove little.
+        for reason in [Reason::PolicyAllow, Reason::PolicyDeny, Reason::DefaultDeny] {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let count = seen.get(&outcome_name(reason, direction)).copied().unwrap_or(0);
+                assert!(count >= 100, "only {count} cases of {reason:?} on {direction:?}: {seen:?}");
+            }
+        }
+        assert!(seen.get(&outcome_name(Reason::NotIsolated, Direction::None)).copied().unwrap_or(0) >= 100, "{seen:?}");
+    }
+
+    fn outcome_name(reason: Reason, direction: Direction) -> String {
+        format!("{}/{direction:?}", reason.name())
+    }
+}

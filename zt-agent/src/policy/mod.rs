@@ -1,0 +1,795 @@
+//! Policy files: the model, loading, and validation whose errors point at `file:line:col`.
+//!
+//! A file holds YAML documents separated by `---` lines, each `apiVersion: zt/v1` and either
+//! `kind: Identity` (a name for a set of address prefixes) or `kind: Policy` (what a set of
+//! identities may send and receive). Names are shared across all files of a load. Loading
+//! reports every problem it finds, not just the first, sorted by file and position.
+
+pub mod compile;
+pub mod eval;
+mod locate;
+mod schema;
+
+use std::{
+    cell::OnceCell,
+    collections::{BTreeSet, HashMap},
+    fmt, fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    rc::Rc,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use zt_common::Direction;
+
+use crate::identity;
+use locate::{Position, Positions, YamlPath};
+use schema::{Document, Header, IdentitySpec, PolicySpec, PortItem, PortSpec};
+
+pub const API_VERSION: &str = "zt/v1";
+const MAX_NAME_LEN: usize = 253;
+
+/// A validated set of identities and policies: every name it mentions is declared, every
+/// prefix is canonical and owned by one identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySet {
+    identities: Vec<Identity>,
+    policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    /// In load order.
+    pub fn identities(&self) -> &[Identity] {
+        &self.identities
+    }
+
+    /// In load order, which is also rule-id order.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    /// Canonical (no host bits), never IPv4-mapped IPv6, never a whole address family.
+    pub selectors: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub subjects: Vec<Subject>,
+    /// `Some` (even empty) makes the subjects default-deny for ingress.
+    pub ingress: Option<Vec<Rule>>,
+    /// `Some` (even empty) makes the subjects default-deny for egress.
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl Policy {
+    pub fn rules(&self, direction: Direction) -> Option<&[Rule]> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+            Direction::None => None,
+        }
+    }
+}
+
+/// Whom a policy protects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// Every declared identity.
+    Any,
+    Identity(String),
+}
+
+/// The other end of a rule: `from` for ingress, `to` for egress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// Every address, declared or not.
+    Any,
+    /// Every address no declared identity owns.
+    World,
+    Identity(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    /// `None`: any protocol, any port.
+    pub ports: Option<Vec<PortMatch>>,
+    pub action: Action,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl Action {
+    /// The value's `action` byte in the kernel's policy map.
+    pub fn code(self) -> u8 {
+        match self {
+            Action::Allow => zt_common::action::ALLOW,
+            Action::Deny => zt_common::action::DENY,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+    Icmp,
+    Icmpv6,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        use zt_common::proto;
+        match self {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+            Protocol::Sctp => proto::SCTP,
+            Protocol::Icmp => proto::ICMP,
+            Protocol::Icmpv6 => proto::ICMPV6,
+        }
+    }
+
+    /// Whether rules match ports (else ICMP message types).
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
+    }
+
+    /// Every port, or every ICMP message type.
+    pub fn full_range(self) -> PortRange {
+        let last = if self.has_ports() { u16::MAX } else { u8::MAX.into() };
+        PortRange { first: 0, last }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+            Protocol::Icmp => "icmp",
+            Protocol::Icmpv6 => "icmpv6",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMatch {
+    pub protocol: Protocol,
+    /// Destination ports, or ICMP message types.
+    pub range: PortRange,
+}
+
+/// An inclusive range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// One problem, at the position of the offending text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    /// What is wrong; how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+    }
+}
+
+/// Every problem of a load, sorted by file and position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+/// Loads files and directories (a directory's `*.yaml` and `*.yml` files, sorted by name, not
+/// recursively) as one policy set.
+pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    let mut loader = Loader::default();
+    for path in paths {
+        let files = match policy_files(path) {
+            Ok(files) => files,
+            Err(error) => {
+                loader.errors.push(error);
+                continue;
+            }
+        };
+        for file in files {
+            match fs::read_to_string(&file) {
+                Ok(text) => loader.add_file(&file.display().to_string(), &text),
+                Err(err) => loader.errors.push(file_error(
+                    &file,
+                    format!("cannot read the file: {err}; check the path and its permissions"),
+                )),
+            }
+        }
+    }
+    loader.finish()
+}
+
+/// Parses one file's text; `file` labels the errors.
+pub fn parse_str(text: &str, file: &str) -> Result<PolicySet, PolicyErrors> {
+    let mut loader = Loader::default();
+    loader.add_file(file, text);
+    loader.finish()
+}
+
+fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let entries = fs::read_dir(path).map_err(|err| {
+        file_error(path, format!("cannot list the directory: {err}; check the path and its permissions"))
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let file = entry.map_err(|err| file_error(path, format!("cannot list the directory: {err}")))?.path();
+        let is_yaml = matches!(file.extension().and_then(|ext| ext.to_str()), Some("yaml" | "yml"));
+        if is_yaml && file.is_file() {
+            files.push(file);
+        }
+    }
+    if files.is_empty() {
+        return Err(file_error(
+            path,
+            "no *.yaml or *.yml files in this directory; add policy files or pass their paths".into(),
+        ));
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn file_error(path: &Path, message: String) -> PolicyError {
+    PolicyError { file: path.display().to_string(), line: 1, col: 1, message }
+}
+
+/// One YAML document of a file, with what is needed to point into it.
+struct Doc {
+    file: Rc<str>,
+    /// File line of the document's first line.
+    first_line: usize,
+    text: String,
+    positions: OnceCell<Positions>,
+}
+
+impl Doc {
+    fn positions(&self) -> &Positions {
+        self.positions.get_or_init(|| Positions::parse(&self.text))
+    }
+
+    fn file_line(&self, at: Position) -> usize {
+        self.first_line + at.line - 1
+    }
+
+    fn error(&self, at: Position, message: String) -> PolicyError {
+        PolicyError { file: self.file.to_string(), line: self.file_line(at), col: at.col, message }
+    }
+
+    fn error_at_value(&self, path: &YamlPath, message: String) -> PolicyError {
+        self.error(self.positions().value(path), message)
+    }
+
+    fn error_at_key(&self, path: &YamlPath, message: String) -> PolicyError {
+        self.error(self.positions().key(path), message)
+    }
+
+    /// `file:line:col` of a value, to point from one error at another declaration.
+    fn location(&self, path: &YamlPath) -> String {
+        let at = self.positions().value(path);
+        format!("{}:{}:{}", self.file, self.file_line(at), at.col)
+    }
+
+    fn serde_error(&self, err: &serde_yaml::Error) -> PolicyError {
+        let at = err.location().map_or(Position::START, |at| Position { line: at.line(), col: at.column() });
+        self.error(at, describe_serde_error(&err.to_string()))
+    }
+}
+
+/// Splits a file at lines that are exactly `---` (optionally followed by a comment), keeping
+/// each document's first line number. Documents of only blank lines and comments are dropped.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    fn has_content(doc: &str) -> bool {
+        doc.lines().map(str::trim).any(|line| !line.is_empty() && !line.starts_with('#'))
+    }
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut documents = Vec::new();
+    let mut first_line = 1;
+    let mut current = String::new();
+    for (index, line) in text.lines().enumerate() {
+        if is_document_separator(line) {
+            if has_content(&current) {
+                documents.push((first_line, std::mem::take(&mut current)));
+            }
+            current.clear();
+            first_line = index + 2;
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    if has_content(&current) {
+        documents.push((first_line, current));
+    }
+    documents
+}
+
+fn is_document_separator(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix("---") else {
+        return false;
+    };
+    let comment = rest.trim_start();
+    rest.is_empty() || (rest.starts_with([' ', '\t']) && (comment.is_empty() || comment.starts_with('#')))
+}
+
+/// serde_yaml's message without its positions (relative to the document, so wrong in the
+/// file) and with a hint.
+fn describe_serde_error(raw: &str) -> String {
+    let message = strip_positions(raw);
+    if let Some((what, expected)) = message.split_once(", expected ") {
+        format!("{what}; expected {expected}")
+    } else if message.contains("missing field") {
+        format!("{message}; add it")
+    } else {
+        format!("{message}; fix the YAML syntax")
+    }
+}
+
+fn strip_positions(message: &str) -> String {
+    const MARKER: &str = " at line ";
+    let digits = |c: char| c.is_ascii_digit();
+    let mut stripped = String::new();
+    let mut rest = message;
+    while let Some(start) = rest.find(MARKER) {
+        stripped.push_str(&rest[..start]);
+        let after_line = rest[start + MARKER.len()..].trim_start_matches(digits);
+        rest = after_line.strip_prefix(" column ").map_or(after_line, |col| col.trim_start_matches(digits));
+    }
+    stripped.push_str(rest);
+    stripped
+}
+
+struct DeclaredIdentity {
+    name: String,
+    /// Each valid prefix with its index in `spec.selectors`.
+    selectors: Vec<(IpNet, usize)>,
+    doc: Rc<Doc>,
+}
+
+struct DeclaredPolicy {
+    policy: Policy,
+    doc: Rc<Doc>,
+}
+
+fn name_path() -> YamlPath {
+    YamlPath::default().key("metadata").key("name")
+}
+
+fn spec_path() -> YamlPath {
+    YamlPath::default().key("spec")
+}
+
+/// Collects documents, then checks what spans documents and files (duplicates, references).
+#[derive(Default)]
+struct Loader {
+    errors: Vec<PolicyError>,
+    identities: Vec<DeclaredIdentity>,
+    policies: Vec<DeclaredPolicy>,
+}
+
+impl Loader {
+    fn add_file(&mut self, file: &str, text: &str) {
+        let file: Rc<str> = file.into();
+        for (first_line, text) in split_documents(text) {
+            let doc = Doc { file: file.clone(), first_line, text, positions: OnceCell::new() };
+            self.add_document(Rc::new(doc));
+        }
+    }
+
+    fn add_document(&mut self, doc: Rc<Doc>) {
+        let header: Header = match serde_yaml::from_str(&doc.text) {
+            Ok(header) => header,
+            Err(err) => return self.errors.push(doc.serde_error(&err)),
+        };
+        let version_ok = match header.api_version.as_deref() {
+            Some(API_VERSION) => true,
+            Some(other) => {
+                let path = YamlPath::default().key("apiVersion");
+                let message = format!("unsupported apiVersion \"{other}\"; use \"apiVersion: {API_VERSION}\"");
+                self.errors.push(doc.error_at_value(&path, message));
+                false
+            }
+            None => {
+                let message = format!("missing apiVersion; add \"apiVersion: {API_VERSION}\"");
+                self.errors.push(doc.error(Position::START, message));
+                false
+            }
+        };
+        match header.kind.as_deref() {
+            Some("Identity") if version_ok => self.add_identity(doc),
+            Some("Policy") if version_ok => self.add_policy(doc),
+            Some("Identity" | "Policy") => {}
+            Some(other) => {
+                let path = YamlPath::default().key("kind");
+                let message = format!("unknown kind \"{other}\"; use \"kind: Identity\" or \"kind: Policy\"");
+                self.errors.push(doc.error_at_value(&path, message));
+            }
+            None => {
+                let message = "missing kind; add \"kind: Identity\" or \"kind: Policy\"".to_owned();
+                self.errors.push(doc.error(Position::START, message));
+            }
+        }
+    }
+
+    fn add_identity(&mut self, doc: Rc<Doc>) {
+        let parsed: Document<IdentitySpec> = match serde_yaml::from_str(&doc.text) {
+            Ok(parsed) => parsed,
+            Err(err) => return self.errors.push(doc.serde_error(&err)),
+        };
+        let name = self.check_name(&doc, parsed.metadata.name, "identity");
+        let selectors_path = spec_path().key("selectors");
+        if parsed.spec.selectors.is_empty() {
+            let message = format!(
+                "identity {} has no selectors; add at least one \"- cidr: PREFIX\" under spec.selectors",
+                quoted_or_unnamed(&name)
+            );
+            self.errors.push(doc.error_at_key(&selectors_path, message));
+        }
+        let mut selectors = Vec::new();
+        for (index, selector) in parsed.spec.selectors.iter().enumerate() {
+            match parse_selector(&selector.cidr) {
+                Ok(net) => selectors.push((net, index)),
+                Err(message) => {
+                    let path = selectors_path.index(index).key("cidr");
+                    self.errors.push(doc.error_at_value(&path, message));
+                }
+            }
+        }
+        if let Some(name) = name {
+            self.identities.push(DeclaredIdentity { name, selectors, doc });
+        }
+    }
+
+    fn add_policy(&mut self, doc: Rc<Doc>) {
+        let parsed: Document<PolicySpec> = match serde_yaml::from_str(&doc.text) {
+            Ok(parsed) => parsed,
+            Err(err) => return self.errors.push(doc.serde_error(&err)),
+        };
+        let name = self.check_name(&doc, parsed.metadata.name, "policy");
+        let spec = parsed.spec;
+        if spec.subject.is_empty() {
+            let message = "spec.subject is empty; list the identities this policy protects, or [any]".to_owned();
+            self.errors.push(doc.error_at_value(&spec_path().key("subject"), message));
+        }
+        if spec.ingress.is_none() && spec.egress.is_none() {
+            let message = format!(
+                "policy {} has neither ingress nor egress; add \"ingress:\" and/or \"egress:\" rules \
+                 (an empty list denies everything in that direction)",
+                quoted_or_unnamed(&name)
+            );
+            self.errors.push(doc.error_at_key(&spec_path(), message));
+        }
+        let subjects = spec
+            .subject
+            .into_iter()
+            .map(|name| match name.as_str() {
+                "any" => Subject::Any,
+                _ => Subject::Identity(name),
+            })
+            .collect();
+        let ingress = spec.ingress.map(|rules| {
+            let path = spec_path().key("ingress");
+            let rules = rules.into_iter().enumerate();
+            rules.map(|(i, rule)| self.rule(&doc, &path.index(i), "from", rule.from, rule.ports, rule.action)).collect()
+        });
+        let egress = spec.egress.map(|rules| {
+            let path = spec_path().key("egress");
+            let rules = rules.into_iter().enumerate();
+            rules.map(|(i, rule)| self.rule(&doc, &path.index(i), "to", rule.to, rule.ports, rule.action)).collect()
+        });
+        if let Some(name) = name {
+            let policy = Policy { name, subjects, ingress, egress };
+            self.policies.push(DeclaredPolicy { policy, doc });
+        }
+    }
+
+    /// Converts a rule, reporting its local problems; peer names are checked in `finish`.
+    fn rule(
+        &mut self,
+        doc: &Doc,
+        path: &YamlPath,
+        peer_key: &'static str,
+        peers: Vec<String>,
+        ports: Option<Vec<PortItem>>,
+        action: Action,
+    ) -> Rule {
+        let peers_path = path.key(peer_key);
+        if peers.is_empty() {
+            let message = format!("{peers_path} is empty, so the rule matches nothing; list peers, or [any]");
+            self.errors.push(doc.error_at_value(&peers_path, message));
+        }
+        let peers = peers
+            .into_iter()
+            .map(|name| match name.as_str() {
+                "any" => Peer::Any,
+                "world" => Peer::World,
+                _ => Peer::Identity(name),
+            })
+            .collect();
+        let ports_path = path.key("ports");
+        if ports.as_ref().is_some_and(Vec::is_empty) {
+            let message = format!("{ports_path} is empty; omit \"ports\" to match any protocol and port");
+            self.errors.push(doc.error_at_value(&ports_path, message));
+        }
+        let ports = ports.map(|items| {
+            let items = items.into_iter().enumerate();
+            items.filter_map(|(i, item)| self.port_match(doc, &ports_path.index(i), item)).collect()
+        });
+        Rule { peers, ports, action }
+    }
+
+    fn port_match(&mut self, doc: &Doc, path: &YamlPath, item: PortItem) -> Option<PortMatch> {
+        let protocol = item.protocol;
+        let checked = match (protocol.has_ports(), item.port, item.icmp_type) {
+            (false, Some(_), _) => Err((
+                "port",
+                format!("port is not valid for {}; use \"type:\" to match an ICMP message type", protocol.name()),
+            )),
+            (true, _, Some(_)) => Err((
+                "type",
+                format!("type is only valid for icmp and icmpv6; use \"port:\" to match {} ports", protocol.name()),
+            )),
+            (_, Some(port), _) => parse_port(&port).map_err(|message| ("port", message)),
+            (_, None, Some(icmp_type)) => match u8::try_from(icmp_type) {
+                Ok(icmp_type) => Ok(PortRange { first: icmp_type.into(), last: icmp_type.into() }),
+                Err(_) => Err(("type", format!("ICMP type {icmp_type} is out of range; use 0-255"))),
+            },
+            (_, None, None) => Ok(protocol.full_range()),
+        };
+        match checked {
+            Ok(range) => Some(PortMatch { protocol, range }),
+            Err((key, message)) => {
+                self.errors.push(doc.error_at_value(&path.key(key), message));
+                None
+            }
+        }
+    }
+
+    /// The name, if present and well-formed (and, for identities, not reserved).
+    fn check_name(&mut self, doc: &Doc, name: Option<String>, kind: &str) -> Option<String> {
+        let Some(name) = name else {
+            let message = format!("missing metadata.name; give the {kind} a name under \"metadata:\"");
+            self.errors.push(doc.error_at_key(&YamlPath::default().key("metadata"), message));
+            return None;
+        };
+        let problem = if let Some(problem) = name_problem(&name) {
+            format!("invalid {kind} name \"{name}\": {problem}")
+        } else if kind == "identity" && identity::is_reserved(&name) {
+            format!("identity name \"{name}\" is reserved; choose another name (any, unknown, world and host have fixed meanings)")
+        } else {
+            return Some(name);
+        };
+        self.errors.push(doc.error_at_value(&name_path(), problem));
+        None
+    }
+
+    fn finish(mut self) -> Result<PolicySet, PolicyErrors> {
+        self.check_duplicate_names();
+        self.check_prefix_owners();
+        self.check_references();
+        if !self.errors.is_empty() {
+            let mut errors = self.errors;
+            errors.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+            return Err(PolicyErrors(errors));
+        }
+        let identities = self.identities.into_iter().map(|declared| Identity {
+            name: declared.name,
+            selectors: declared.selectors.into_iter().map(|(net, _)| net).collect(),
+        });
+        let policies = self.policies.into_iter().map(|declared| declared.policy);
+        Ok(PolicySet { identities: identities.collect(), policies: policies.collect() })
+    }
+
+    fn check_duplicate_names(&mut self) {
+        let identities = self.identities.iter().map(|declared| (declared.name.as_str(), &declared.doc));
+        let policies = self.policies.iter().map(|declared| (declared.policy.name.as_str(), &declared.doc));
+        for (kind, declarations) in [("identity", identities.collect::<Vec<_>>()), ("policy", policies.collect())] {
+            let mut first_seen: HashMap<&str, &Doc> = HashMap::new();
+            for (name, doc) in declarations {
+                if let Some(first) = first_seen.get(name) {
+                    let message = format!(
+                        "duplicate {kind} \"{name}\" (first declared at {}); rename or remove one of them",
+                        first.location(&name_path())
+                    );
+                    self.errors.push(doc.error_at_value(&name_path(), message));
+                } else {
+                    first_seen.insert(name, doc);
+                }
+            }
+        }
+    }
+
+    /// Longest-prefix match makes overlapping prefixes meaningful, but an identical prefix in
+    /// two places has no single owner.
+    fn check_prefix_owners(&mut self) {
+        let mut owners: HashMap<IpNet, (&str, String)> = HashMap::new();
+        for declared in &self.identities {
+            for &(net, index) in &declared.selectors {
+                let path = spec_path().key("selectors").index(index).key("cidr");
+                if let Some((owner, location)) = owners.get(&net) {
+                    let message = format!(
+                        "prefix {net} is already declared by identity \"{owner}\" (at {location}); \
+                         an address prefix belongs to one identity, remove one of them"
+                    );
+                    self.errors.push(declared.doc.error_at_value(&path, message));
+                } else {
+                    owners.insert(net, (&declared.name, declared.doc.location(&path)));
+                }
+            }
+        }
+    }
+
+    fn check_references(&mut self) {
+        let known: BTreeSet<&str> = self.identities.iter().map(|declared| declared.name.as_str()).collect();
+        for DeclaredPolicy { policy, doc } in &self.policies {
+            let subject_path = spec_path().key("subject");
+            for (index, subject) in policy.subjects.iter().enumerate() {
+                if let Subject::Identity(name) = subject {
+                    let problem = match name.as_str() {
+                        "world" => Some(
+                            "world cannot be a subject: a policy protects declared identities; \
+                             list them, or use [any]"
+                                .to_owned(),
+                        ),
+                        _ => reference_problem(name, &subject_path, &known, "a declared identity or any"),
+                    };
+                    if let Some(message) = problem {
+                        self.errors.push(doc.error_at_value(&subject_path.index(index), message));
+                    }
+                }
+            }
+            for (direction, list_key, peer_key) in
+                [(Direction::Ingress, "ingress", "from"), (Direction::Egress, "egress", "to")]
+            {
+                let rules_path = spec_path().key(list_key);
+                for (rule_index, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
+                    let peers_path = rules_path.index(rule_index).key(peer_key);
+                    for (index, peer) in rule.peers.iter().enumerate() {
+                        let Peer::Identity(name) = peer else { continue };
+                        let usable = "a declared identity, world, or any";
+                        if let Some(message) = reference_problem(name, &peers_path, &known, usable) {
+                            self.errors.push(doc.error_at_value(&peers_path.index(index), message));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn reference_problem(name: &str, list: &YamlPath, known: &BTreeSet<&str>, usable: &str) -> Option<String> {
+    if identity::is_reserved(name) {
+        return Some(format!("reserved identity \"{name}\" cannot be used in {list}; use {usable}"));
+    }
+    if known.contains(name) {
+        return None;
+    }
+    const SHOWN: usize = 10;
+    let mut listed = known.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+    if known.is_empty() {
+        listed = "none declared yet".to_owned();
+    } else if known.len() > SHOWN {
+        listed.push_str(&format!(", and {} more", known.len() - SHOWN));
+    }
+    Some(format!("unknown identity \"{name}\" in {list}; declare it with kind: Identity (known: {listed})"))
+}
+
+fn quoted_or_unnamed(name: &Option<String>) -> String {
+    name.as_ref().map_or_else(|| "(unnamed)".to_owned(), |name| format!("\"{name}\""))
+}
+
+/// Why `name` is not a valid identity or policy name, if it is not.
+fn name_problem(name: &str) -> Option<String> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._/:-".contains(c);
+    let Some(first) = name.chars().next() else {
+        return Some("it is empty".to_owned());
+    };
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        Some("start it with a lowercase letter or a digit".to_owned())
+    } else if let Some(bad) = name.chars().find(|&c| !allowed(c)) {
+        Some(format!("'{bad}' is not allowed; use lowercase letters, digits and . _ / : -"))
+    } else if name.len() > MAX_NAME_LEN {
+        // Only ASCII is left, so bytes are characters.
+        Some(format!("it is {} characters long; use at most {MAX_NAME_LEN}", name.len()))
+    } else {
+        None
+    }
+}
+
+fn parse_selector(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = match text.trim().parse() {
+        Ok(net) => net,
+        Err(_) => {
+            let hint = match text.trim().parse::<IpAddr>() {
+                Ok(addr) => format!("for a single address write {}", IpNet::from(addr)),
+                Err(_) => "write ADDRESS/PREFIX-LENGTH, e.g. 10.20.3.0/24 or fd00:20:3::/64".to_owned(),
+            };
+            return Err(format!("invalid CIDR \"{text}\"; {hint}"));
+        }
+    };
+    if net != net.trunc() {
+        return Err(format!("CIDR {net} has host bits set; did you mean {}?", net.trunc()));
+    }
+    if net.prefix_len() == 0 {
+        return Err(format!("{net} is every address, which zt calls world; use world in from/to instead"));
+    }
+    // The kernel keys IPv4 as IPv4-mapped IPv6, so such a prefix would alias an IPv4 one.
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            let as_v4 = IpNet::new(v4.into(), v6.prefix_len() - 96).expect("96..=128 minus 96 is a valid IPv4 length");
+            return Err(format!("IPv4-mapped prefix {net}; write it as the IPv4 prefix {as_v4}"));
+        }
+    }
+    Ok(net)
+}
+
+/// `5432`, `"5432"` or `"6000-6010"`.
+fn parse_port(spec: &PortSpec) -> Result<PortRange, String> {
+    let port = |value: i64| u16::try_from(value).ok().filter(|&port| port != 0);
+    match spec {
+        PortSpec::Number(number) => match port(*number) {
+            Some(port) => Ok(PortRange { first: port, last: port }),
+            None => Err(format!("port {number} is out of range; use 1-65535")),
+        },
+        PortSpec::Text(text) => {
+            let bounds = match text.split_once('-') {
+                Some((first, last)) => {
+                    (first.trim().parse().ok().and_then(port), last.trim().parse().ok().and_then(port))
+                }
+                None => {
+                    let single = text.trim().parse().ok().and_then(port);
+                    (single, single)
+                }
+            };
+            match bounds {
+                (Some(first), Some(last)) if first <= last => Ok(PortRange { first, last }),
+                _ => Err(format!(
+                    "invalid port range \"{text}\"; write \"LO-HI\" with 1 <= LO <= HI <= 65535, e.g. \"6000-6010\""
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+//! The YAML file format, as serde reads it. Values stay loosely typed (names and CIDRs as
+//! strings, ports as signed numbers) so that validation, not serde, explains what is wrong.
+
+use std::fmt;
+
+use serde::{
+    de::{self, IgnoredAny},
+    Deserialize, Deserializer,
+};
+
+use super::{Action, Protocol};
+
+/// What every document must say first; read leniently to pick the schema of the rest.
+#[derive(Deserialize)]
+#[serde(expecting = "a mapping with apiVersion, kind, metadata and spec")]
+pub(super) struct Header {
+    #[serde(rename = "apiVersion")]
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Document<Spec> {
+    // Checked from the header; declared so that `deny_unknown_fields` accepts them.
+    #[serde(rename = "apiVersion")]
+    _api_version: IgnoredAny,
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Metadata {
+    pub name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IdentitySpec {
+    #[serde(default)]
+    pub selectors: Vec<Selector>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Selector {
+    pub cidr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PolicySpec {
+    pub subject: Vec<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub ingress: Option<Vec<IngressRule>>,
+    #[serde(default, deserialize_with = "present")]
+    pub egress: Option<Vec<EgressRule>>,
+}
+
+/// A key that is present is `Some`, even when its value is empty (`ingress:`): a listed
+/// direction makes the subject default-deny, whether or not it has rules.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Some(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IngressRule {
+    pub from: Vec<String>,
+    pub ports: Option<Vec<PortItem>>,
+    #[serde(default)]
+    pub action: Action,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EgressRule {
+    pub to: Vec<String>,
+    pub ports: Option<Vec<PortItem>>,
+    #[serde(default)]
+    pub action: Action,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PortItem {
+    pub protocol: Protocol,
+    pub port: Option<PortSpec>,
+    #[serde(rename = "type")]
+    pub icmp_type: Option<i64>,
+}
+
+/// `port: 5432` or `port: "6000-6010"`.
+pub(super) enum PortSpec {
+    Number(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PortVisitor;
+
+        impl de::Visitor<'_> for PortVisitor {
+            type Value = PortSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port number or a \"LO-HI\" range")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortSpec, E> {
+                Ok(PortSpec::Number(v))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortSpec, E> {
+                // Anything past i64 is out of range anyway; validation says so.
+                Ok(PortSpec::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortSpec, E> {
+                Ok(PortSpec::Text(v.to_owned()))
+            }
+        }
+
+        deserializer.deserialize_any(PortVisitor)
+    }
+}

@@ -1,0 +1,431 @@
+use std::{fs, path::PathBuf};
+
+use super::*;
+
+/// Three identities; a policy appended to this starts on line 25.
+const IDENTITIES: &str = "\
+apiVersion: zt/v1
+kind: Identity
+metadata:
+  name: web
+spec:
+  selectors:
+    - cidr: 10.20.1.0/24
+---
+apiVersion: zt/v1
+kind: Identity
+metadata:
+  name: api
+spec:
+  selectors:
+    - cidr: 10.20.2.0/24
+---
+apiVersion: zt/v1
+kind: Identity
+metadata:
+  name: db
+spec:
+  selectors:
+    - cidr: 10.20.3.0/24
+---
+";
+
+fn errors(text: &str) -> Vec<String> {
+    let errors = parse_str(text, "t.yaml").expect_err("the text is invalid");
+    errors.0.iter().map(ToString::to_string).collect()
+}
+
+fn single_error(text: &str) -> String {
+    let mut errors = errors(text);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    errors.remove(0)
+}
+
+/// `IDENTITIES` plus a policy whose spec (indented by two) follows `spec:` on line 29.
+fn with_policy_spec(spec: &str) -> String {
+    format!("{IDENTITIES}apiVersion: zt/v1\nkind: Policy\nmetadata:\n  name: p\nspec:\n{spec}")
+}
+
+#[test]
+fn demo_policy_parses() {
+    let set = parse_str(include_str!("../../../policies/demo.yaml"), "policies/demo.yaml").unwrap();
+    let names: Vec<&str> = set.identities().iter().map(|identity| identity.name.as_str()).collect();
+    assert_eq!(names, ["web", "api", "db", "intruder", "reports"]);
+    let db = &set.identities()[2];
+    assert_eq!(db.selectors, ["10.20.3.0/24".parse::<IpNet>().unwrap(), "fd00:20:3::/64".parse().unwrap()]);
+    let policies: Vec<&str> = set.policies().iter().map(|policy| policy.name.as_str()).collect();
+    assert_eq!(policies, ["default-deny", "web", "api", "db", "reports"]);
+    let default_deny = &set.policies()[0];
+    assert_eq!(default_deny.subjects, [Subject::Any]);
+    assert_eq!((default_deny.ingress.as_deref(), default_deny.egress.as_deref()), (Some(&[][..]), Some(&[][..])));
+    let api = &set.policies()[2];
+    assert_eq!(
+        api.ingress.as_deref(),
+        Some(
+            &[Rule {
+                peers: vec![Peer::Identity("web".into()), Peer::Identity("reports".into())],
+                ports: Some(vec![PortMatch { protocol: Protocol::Tcp, range: PortRange { first: 8080, last: 8080 } }]),
+                action: Action::Allow,
+            }][..]
+        )
+    );
+}
+
+#[test]
+fn rules_parse_ports_types_ranges_and_actions() {
+    let set = parse_str(
+        &with_policy_spec(
+            "  subject: [any]
+  ingress:
+  egress:
+    - to: [world, any, db]
+      action: deny
+    - to: [api]
+      ports:
+        - {protocol: udp, port: \"6000-6010\"}
+        - {protocol: sctp}
+        - {protocol: icmp, type: 8}
+        - {protocol: icmpv6}
+        - {protocol: tcp, port: '443'}
+",
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let policy = &set.policies()[0];
+    // A present but empty `ingress:` still isolates.
+    assert_eq!(policy.ingress, Some(vec![]));
+    let egress = policy.egress.as_ref().unwrap();
+    assert_eq!(egress[0].peers, [Peer::World, Peer::Any, Peer::Identity("db".into())]);
+    assert_eq!((egress[0].ports.as_ref(), egress[0].action), (None, Action::Deny));
+    let range = |first, last| PortRange { first, last };
+    let ports: Vec<(Protocol, PortRange)> =
+        egress[1].ports.as_ref().unwrap().iter().map(|port| (port.protocol, port.range)).collect();
+    assert_eq!(
+        ports,
+        [
+            (Protocol::Udp, range(6000, 6010)),
+            (Protocol::Sctp, range(0, 65535)),
+            (Protocol::Icmp, range(8, 8)),
+            (Protocol::Icmpv6, range(0, 255)),
+            (Protocol::Tcp, range(443, 443)),
+        ]
+    );
+    assert_eq!(egress[1].action, Action::Allow);
+}
+
+#[test]
+fn unknown_identity_points_at_the_name() {
+    let text = with_policy_spec(
+        "  subject: [db]
+  ingress:
+    - from: [api, dbb]
+      ports:
+        - {protocol: tcp, port: 5432}
+",
+    );
+    assert_eq!(
+        single_error(&text),
+        "t.yaml:32:19: unknown identity \"dbb\" in spec.ingress[0].from; declare it with kind: Identity (known: api, db, web)"
+    );
+}
+
+#[test]
+fn the_same_unknown_name_is_reported_where_each_use_is() {
+    let text = with_policy_spec(
+        "  subject: [nope]
+  egress:
+    - to: [db]
+    - to: [nope]
+",
+    );
+    let errors = errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors[0].starts_with("t.yaml:30:13: unknown identity \"nope\" in spec.subject;"), "{errors:#?}");
+    assert!(errors[1].starts_with("t.yaml:33:12: unknown identity \"nope\" in spec.egress[1].to;"), "{errors:#?}");
+}
+
+#[test]
+fn yaml_syntax_errors_are_offset_to_the_document() {
+    let text = with_policy_spec("  subject: [db\n  egress: []\n");
+    let error = single_error(&text);
+    assert!(error.starts_with("t.yaml:31:9: did not find expected ',' or ']'"), "{error}");
+    assert!(error.ends_with("; fix the YAML syntax"), "{error}");
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_the_expected_ones() {
+    let text = with_policy_spec("  subject: [db]\n  egres: []\n");
+    assert_eq!(
+        single_error(&text),
+        "t.yaml:31:3: spec: unknown field `egres`; expected one of `subject`, `ingress`, `egress`"
+    );
+    let text = with_policy_spec("  subject: [db]\n  egress:\n    - to: [db]\n      port: 80\n");
+    let error = single_error(&text);
+    assert!(
+        error.starts_with("t.yaml:33:7: spec.egress[0]: unknown field `port`; expected one of `to`, `ports`, `action`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn type_errors_from_serde_keep_their_position() {
+    let text = with_policy_spec("  subject: [db]\n  egress:\n    - to: [db]\n      ports: [{protocol: tpc}]\n");
+    let error = single_error(&text);
+    assert!(
+        error.starts_with("t.yaml:33:26: spec.egress[0].ports[0].protocol: unknown variant `tpc`; expected one of"),
+        "{error}"
+    );
+    let text = with_policy_spec("  egress: []\n");
+    assert_eq!(single_error(&text), "t.yaml:30:3: spec: missing field `subject`; add it");
+}
+
+#[test]
+fn api_version_and_kind_are_checked() {
+    let text = "apiVersion: zt/v2\nkind: Identity\nmetadata: {name: a}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    assert_eq!(single_error(text), "t.yaml:1:13: unsupported apiVersion \"zt/v2\"; use \"apiVersion: zt/v1\"");
+    let text = "kind: Identity\nmetadata: {name: a}\n";
+    assert_eq!(single_error(text), "t.yaml:1:1: missing apiVersion; add \"apiVersion: zt/v1\"");
+    let text = "apiVersion: zt/v1\nkind: NetworkPolicy\n";
+    assert_eq!(
+        single_error(text),
+        "t.yaml:2:7: unknown kind \"NetworkPolicy\"; use \"kind: Identity\" or \"kind: Policy\""
+    );
+    let text = "apiVersion: zt/v1\n";
+    assert_eq!(single_error(text), "t.yaml:1:1: missing kind; add \"kind: Identity\" or \"kind: Policy\"");
+    let text = "- just a list\n";
+    let error = single_error(text);
+    assert!(error.starts_with("t.yaml:1:1: invalid type: sequence; expected a mapping with apiVersion"), "{error}");
+}
+
+#[test]
+fn names_are_required_and_well_formed() {
+    let text = "apiVersion: zt/v1\nkind: Identity\nmetadata: {}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    assert_eq!(single_error(text), "t.yaml:3:1: missing metadata.name; give the identity a name under \"metadata:\"");
+    let text = "apiVersion: zt/v1\nkind: Identity\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    assert!(single_error(text).starts_with("t.yaml:1:1: missing metadata.name"));
+    let text = "apiVersion: zt/v1\nkind: Identity\nmetadata: {name: Web}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    assert_eq!(
+        single_error(text),
+        "t.yaml:3:18: invalid identity name \"Web\": start it with a lowercase letter or a digit"
+    );
+    let text =
+        "apiVersion: zt/v1\nkind: Identity\nmetadata: {name: \"a b\"}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    assert_eq!(
+        single_error(text),
+        "t.yaml:3:18: invalid identity name \"a b\": ' ' is not allowed; use lowercase letters, digits and . _ / : -"
+    );
+    assert_eq!(name_problem("ns/app:v1.2_x-y"), None);
+    assert_eq!(name_problem(&"a".repeat(253)), None);
+    assert!(name_problem(&"a".repeat(254)).unwrap().contains("at most 253"));
+    assert!(name_problem("").is_some());
+}
+
+#[test]
+fn reserved_names_cannot_be_declared_or_misused() {
+    let text = "apiVersion: zt/v1\nkind: Identity\nmetadata:\n  name: world\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    assert_eq!(
+        single_error(text),
+        "t.yaml:4:9: identity name \"world\" is reserved; choose another name (any, unknown, world and host have fixed meanings)"
+    );
+    let text = with_policy_spec("  subject: [world]\n  ingress:\n    - from: [host]\n");
+    let errors = errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors[0].starts_with("t.yaml:30:13: world cannot be a subject"), "{errors:#?}");
+    assert_eq!(
+        errors[1],
+        "t.yaml:32:14: reserved identity \"host\" cannot be used in spec.ingress[0].from; use a declared identity, world, or any"
+    );
+}
+
+#[test]
+fn cidrs_must_be_valid_canonical_and_owned_once() {
+    let identity = |name: &str, cidr: &str| {
+        format!("---\napiVersion: zt/v1\nkind: Identity\nmetadata:\n  name: {name}\nspec:\n  selectors:\n    - cidr: {cidr}\n")
+    };
+    // Each document is 8 lines, its cidr on its last line.
+    let text = [
+        identity("a", "10.20.3.0/33"),
+        identity("b", "10.20.3.5/24"),
+        identity("c", "10.20.3.7"),
+        identity("d", "10.20.3.0/24"),
+        identity("e", "'fd00:20:3::/64'"),
+        identity("f", "'fd00:20:3:0::/64'"),
+        identity("g", "0.0.0.0/0"),
+        identity("h", "'::ffff:10.0.0.0/104'"),
+    ]
+    .concat();
+    assert_eq!(errors(&text), [
+        "t.yaml:8:13: invalid CIDR \"10.20.3.0/33\"; write ADDRESS/PREFIX-LENGTH, e.g. 10.20.3.0/24 or fd00:20:3::/64",
+        "t.yaml:16:13: CIDR 10.20.3.5/24 has host bits set; did you mean 10.20.3.0/24?",
+        "t.yaml:24:13: invalid CIDR \"10.20.3.7\"; for a single address write 10.20.3.7/32",
+        "t.yaml:48:13: prefix fd00:20:3::/64 is already declared by identity \"e\" (at t.yaml:40:13); \
+         an address prefix belongs to one identity, remove one of them",
+        "t.yaml:56:13: 0.0.0.0/0 is every address, which zt calls world; use world in from/to instead",
+        "t.yaml:64:13: IPv4-mapped prefix ::ffff:10.0.0.0/104; write it as the IPv4 prefix 10.0.0.0/8",
+    ]);
+}
+
+#[test]
+fn identities_need_selectors() {
+    let text = "apiVersion: zt/v1\nkind: Identity\nmetadata: {name: a}\nspec:\n  selectors: []\n";
+    assert_eq!(
+        single_error(text),
+        "t.yaml:5:3: identity \"a\" has no selectors; add at least one \"- cidr: PREFIX\" under spec.selectors"
+    );
+}
+
+#[test]
+fn port_and_type_are_checked_per_protocol() {
+    let text = with_policy_spec(
+        "  subject: [db]
+  ingress:
+    - from: [api]
+      ports:
+        - {protocol: tcp, port: 70000}
+        - {protocol: udp, port: 0}
+        - {protocol: tcp, port: \"90-80\"}
+        - {protocol: sctp, port: \"http\"}
+        - {protocol: icmp, port: 8}
+        - {protocol: tcp, type: 8}
+        - {protocol: icmpv6, type: 256}
+",
+    );
+    assert_eq!(errors(&text), [
+        "t.yaml:34:33: port 70000 is out of range; use 1-65535",
+        "t.yaml:35:33: port 0 is out of range; use 1-65535",
+        "t.yaml:36:33: invalid port range \"90-80\"; write \"LO-HI\" with 1 <= LO <= HI <= 65535, e.g. \"6000-6010\"",
+        "t.yaml:37:34: invalid port range \"http\"; write \"LO-HI\" with 1 <= LO <= HI <= 65535, e.g. \"6000-6010\"",
+        "t.yaml:38:34: port is not valid for icmp; use \"type:\" to match an ICMP message type",
+        "t.yaml:39:33: type is only valid for icmp and icmpv6; use \"port:\" to match tcp ports",
+        "t.yaml:40:36: ICMP type 256 is out of range; use 0-255",
+    ]);
+}
+
+#[test]
+fn policies_need_a_direction_and_non_empty_lists() {
+    let text = with_policy_spec("  subject: [db]\n");
+    assert_eq!(
+        single_error(&text),
+        "t.yaml:29:1: policy \"p\" has neither ingress nor egress; add \"ingress:\" and/or \"egress:\" rules \
+         (an empty list denies everything in that direction)"
+    );
+    let text = with_policy_spec("  subject: []\n  egress:\n    - to: []\n    - to: [db]\n      ports: []\n");
+    assert_eq!(
+        errors(&text),
+        [
+            "t.yaml:30:12: spec.subject is empty; list the identities this policy protects, or [any]",
+            "t.yaml:32:11: spec.egress[0].to is empty, so the rule matches nothing; list peers, or [any]",
+            "t.yaml:34:14: spec.egress[1].ports is empty; omit \"ports\" to match any protocol and port",
+        ]
+    );
+}
+
+#[test]
+fn duplicate_names_point_at_the_first_declaration() {
+    let policy = "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {name: p}\nspec: {subject: [db], egress: []}\n";
+    let text = format!("{IDENTITIES}{policy}{policy}---\napiVersion: zt/v1\nkind: Identity\nmetadata: {{name: web}}\nspec: {{selectors: [{{cidr: 10.9.0.0/16}}]}}\n");
+    assert_eq!(
+        errors(&text),
+        [
+            "t.yaml:33:18: duplicate policy \"p\" (first declared at t.yaml:28:18); rename or remove one of them",
+            "t.yaml:38:18: duplicate identity \"web\" (first declared at t.yaml:4:9); rename or remove one of them",
+        ]
+    );
+}
+
+#[test]
+fn all_errors_are_reported_sorted_by_position() {
+    let text =
+        with_policy_spec("  subject: [dbb]\n  ingress:\n    - from: [web]\n      ports: [{protocol: tcp, port: 0}]\n")
+            .replace("10.20.2.0/24", "10.20.2.1/24")
+            .replace("name: web", "name: Web");
+    let lines: Vec<(usize, usize)> =
+        parse_str(&text, "t.yaml").unwrap_err().0.iter().map(|error| (error.line, error.col)).collect();
+    // Bad name, host bits, unknown subject, unknown peer (web was not declared), bad port.
+    assert_eq!(lines, [(4, 9), (15, 13), (30, 13), (32, 14), (33, 37)]);
+    let display = parse_str(&text, "t.yaml").unwrap_err().to_string();
+    assert_eq!(display.lines().count(), 5);
+    assert!(display.lines().all(|line| line.starts_with("t.yaml:")), "{display}");
+}
+
+#[test]
+fn document_separators_and_empty_documents() {
+    let text = "# leading comment\n--- # identities\n\n# only a comment\n---\napiVersion: zt/v1\nkind: Identity\nmetadata: {name: a}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n---\n---\napiVersion: zt/v1\nkind: Policy\nmetadata: {name: p}\nspec: {subject: [b], egress: []}\n";
+    assert_eq!(split_documents(text).iter().map(|(line, _)| *line).collect::<Vec<_>>(), [6, 12]);
+    assert!(single_error(text).starts_with("t.yaml:15:18: unknown identity \"b\""));
+    assert!(is_document_separator("---"));
+    assert!(is_document_separator("---   # x"));
+    assert!(!is_document_separator("----"));
+    assert!(!is_document_separator("---#x"));
+    assert!(!is_document_separator(" ---"));
+    assert_eq!(parse_str("", "t.yaml").unwrap().identities().len(), 0);
+}
+
+#[test]
+fn crlf_line_endings_and_utf8_keep_columns() {
+    let text =
+        "apiVersion: zt/v1\r\nkind: Identity\r\nmetadata: {name: \"é\"}\r\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\r\n";
+    assert_eq!(
+        single_error(text),
+        "t.yaml:3:18: invalid identity name \"é\": start it with a lowercase letter or a digit"
+    );
+}
+
+/// A scratch directory removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("zt-policy-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn directories_load_their_yaml_files_in_order() {
+    let scratch = ScratchDir::new("dir");
+    let identity = |name: &str, cidr: &str| {
+        format!(
+            "apiVersion: zt/v1\nkind: Identity\nmetadata: {{name: {name}}}\nspec: {{selectors: [{{cidr: {cidr}}}]}}\n"
+        )
+    };
+    fs::write(scratch.0.join("b.yml"), identity("b", "10.2.0.0/16")).unwrap();
+    fs::write(scratch.0.join("a.yaml"), identity("a", "10.1.0.0/16")).unwrap();
+    fs::write(scratch.0.join("notes.txt"), "not: [yaml").unwrap();
+    let set = load_paths(std::slice::from_ref(&scratch.0)).unwrap();
+    let names: Vec<&str> = set.identities().iter().map(|identity| identity.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+
+    // Names are global across files.
+    let extra = scratch.0.join("extra.yaml");
+    fs::write(&extra, format!("# the same name again\n{}", identity("a", "10.3.0.0/16"))).unwrap();
+    let errors = load_paths(std::slice::from_ref(&scratch.0)).unwrap_err();
+    let first = scratch.0.join("a.yaml");
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert_eq!(errors.0[0].file, extra.display().to_string());
+    assert_eq!((errors.0[0].line, errors.0[0].col), (4, 18));
+    assert!(errors.0[0].message.contains(&format!("first declared at {}:3:18", first.display())), "{errors}");
+}
+
+#[test]
+fn unreadable_paths_and_empty_directories_are_errors() {
+    let scratch = ScratchDir::new("empty");
+    let missing = scratch.0.join("missing.yaml");
+    let errors = load_paths(&[scratch.0.clone(), missing.clone()]).unwrap_err();
+    assert_eq!(errors.0.len(), 2, "{errors}");
+    let messages: Vec<String> = errors.0.iter().map(|error| format!("{}:{}", error.file, error.message)).collect();
+    assert!(messages.iter().any(|m| m.starts_with(&format!("{}:no *.yaml", scratch.0.display()))), "{messages:?}");
+    assert!(
+        messages.iter().any(|m| m.starts_with(&format!("{}:cannot read the file", missing.display()))),
+        "{messages:?}"
+    );
+}

@@ -1,0 +1,65 @@
+//! Counting and reporting a verdict: exact per-CPU counters always, a flow event on the ring
+//! buffer when the verdict matters (a rule allowed a new flow, or something was denied/audited).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use zt_common::{counter_index, Direction, FlowEvent, Hook, Reason, Verdict, EVENTS_LOST_INDEX};
+
+use crate::{
+    maps::{ZT_COUNTERS, ZT_EVENTS},
+    parse::Packet,
+};
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = ZT_COUNTERS.get_ptr_mut(index) {
+        unsafe { *counter += 1 };
+    }
+}
+
+pub struct Report<'a> {
+    pub pkt: &'a Packet,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub hook: Hook,
+    pub ifindex: u32,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub direction: Direction,
+    pub rule_id: u32,
+    pub mode: u32,
+    pub generation: u32,
+}
+
+#[inline(always)]
+pub fn record(r: &Report) {
+    count(counter_index(r.verdict, r.reason));
+    let matters = r.verdict != Verdict::Allow || r.reason == Reason::PolicyAllow;
+    if !matters {
+        return;
+    }
+    let Some(mut entry) = ZT_EVENTS.reserve::<FlowEvent>(0) else {
+        count(EVENTS_LOST_INDEX);
+        return;
+    };
+    entry.write(FlowEvent {
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        src_addr: r.pkt.src,
+        dst_addr: r.pkt.dst,
+        src_identity: r.src_identity,
+        dst_identity: r.dst_identity,
+        rule_id: r.rule_id,
+        ifindex: r.ifindex,
+        generation: r.generation,
+        src_port: r.pkt.src_port,
+        dst_port: r.pkt.dst_port,
+        protocol: r.pkt.protocol,
+        family: r.pkt.family,
+        hook: r.hook as u8,
+        direction: r.direction as u8,
+        verdict: r.verdict as u8,
+        reason: r.reason as u8,
+        mode: r.mode as u8,
+        _pad: 0,
+    });
+    entry.submit(0);
+}
