@@ -35,6 +35,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Agents this process started and has not stopped yet.
 static RUNNING: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+/// Their socket directories, which an interrupted process (no destructors) removes itself.
+static SOCKET_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
 /// The agent binary, from `$ZT_AGENT_BIN` (set by `cargo xtask test`).
 pub fn agent_bin() -> Result<PathBuf> {
@@ -108,8 +110,8 @@ pub struct Agent {
     socket: PathBuf,
     collected: Arc<Collected>,
     readers: Vec<JoinHandle<()>>,
-    // Holds the admin socket; removed on drop.
-    _socket_dir: TempDir,
+    /// Holds the admin socket; removed on drop.
+    socket_dir: TempDir,
 }
 
 impl Agent {
@@ -125,6 +127,7 @@ impl Agent {
 
     fn spawn(bin: &Path, ns: &Netns, options: &AgentOptions) -> Result<Agent> {
         let socket_dir = tempfile::Builder::new().prefix("zt-agent-").tempdir()?;
+        SOCKET_DIRS.lock().unwrap_or_else(|e| e.into_inner()).insert(socket_dir.path().to_owned());
         let socket = socket_dir.path().join("agent.sock");
         let mut args: Vec<OsString> = vec!["run".into()];
         let mut flag = |name: &str, value: &OsStr| args.extend([name.into(), value.to_owned()]);
@@ -141,11 +144,8 @@ impl Agent {
         flag("--socket", socket.as_os_str());
         flag("--node-name", options.node_name.as_ref());
         args.extend(options.extra_args.iter().map(OsString::from));
-        let command_line = format!(
-            "{} {}",
-            bin.display(),
-            args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
-        );
+        let command_line =
+            format!("{} {}", bin.display(), args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
 
         // Entered with setns rather than `ip netns exec`, which remounts /sys and would hide
         // bpffs (/sys/fs/bpf) and the cgroup hierarchy from the agent.
@@ -175,7 +175,7 @@ impl Agent {
             socket,
             collected,
             readers,
-            _socket_dir: socket_dir,
+            socket_dir,
         };
         agent.wait_ready().with_context(|| format!("start `{command_line}` in {ns}"))?;
         Ok(agent)
@@ -279,17 +279,22 @@ impl Drop for Agent {
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
+        SOCKET_DIRS.lock().unwrap_or_else(|e| e.into_inner()).remove(self.socket_dir.path());
         if thread::panicking() {
             eprintln!("--- zt-agent ({}) stderr ---\n{}--- end of zt-agent stderr ---", self.node_name, self.stderr());
         }
     }
 }
 
-/// Stops every agent this process still runs (for interrupt handlers).
+/// Stops every agent this process still runs and removes their sockets (for interrupt
+/// handlers, after which no destructor runs).
 pub(crate) fn stop_all() {
     let pids = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
     for pid in pids {
         stop_process(Pid::from_raw(pid));
+    }
+    for dir in std::mem::take(&mut *SOCKET_DIRS.lock().unwrap_or_else(|e| e.into_inner())) {
+        let _ = fs::remove_dir_all(dir);
     }
 }
 

@@ -15,8 +15,11 @@ pub use netns::Netns;
 pub use topology::{Node, Topology, TopologySpec, Workload};
 pub use traffic::{ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
 
-/// Stops the agents and deletes the namespaces this process still holds.
+/// Stops the agents and deletes the namespaces this process still holds. Concurrent calls
+/// return once the first has finished, so any caller may exit right after.
 pub fn cleanup_all() {
+    static CLEANING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serialised = CLEANING.lock().unwrap_or_else(|e| e.into_inner());
     agent::stop_all();
     netns::delete_all();
 }
@@ -25,7 +28,7 @@ pub fn cleanup_all() {
 pub fn ensure_root() -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
-        "must run as root (network namespaces, eBPF programs, packages): run it as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask test`"
+        "must run as root (network namespaces, eBPF programs, packages): run it as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask test` (or `demo`)"
     );
     Ok(())
 }

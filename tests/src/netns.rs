@@ -76,12 +76,10 @@ impl Netns {
     /// Runs `f` on a new thread that has entered this namespace. Sockets created by `f` stay in
     /// the namespace and can be used from any thread afterwards. A panic in `f` propagates.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let ns_file = fs::File::open(self.path())
-            .unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
+        let ns_file = fs::File::open(self.path()).unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
         thread::scope(|scope| {
             let worker = scope.spawn(move || {
-                setns(&ns_file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns into {}: {e}", self.name));
+                setns(&ns_file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns into {}: {e}", self.name));
                 f()
             });
             worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -206,12 +204,7 @@ where
     let args: Vec<String> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
     let output = Command::new("ip").args(&args).output().context("spawn `ip` (install iproute2)")?;
     if !output.status.success() {
-        bail!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("`ip {}` failed ({}): {}", args.join(" "), output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(())
 }

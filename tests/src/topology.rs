@@ -231,8 +231,8 @@ impl Topology {
 }
 
 /// Interfaces created later skip duplicate address detection: until a node-side link-local
-/// address has passed DAD (about 2 s), the node cannot resolve the workload's IPv6 address for
-/// traffic it forwards, since neighbour solicitations need a valid link-local source.
+/// address has passed DAD (a second or more), the node cannot resolve a workload's IPv6 address
+/// for traffic it forwards, since its neighbour solicitations need a valid link-local source.
 const NO_DAD: &str = "net.ipv6.conf.default.accept_dad=0";
 
 fn new_node(plan: &NodePlan) -> Result<Netns> {
@@ -249,7 +249,8 @@ fn add_workload(node: &Node, plan: &NodePlan, name: &str, index: u8) -> Result<W
     let ipv6_host = |host| Ipv6Addr::new(0xfd00, plan.ipv6_group, index.into(), 0, 0, 0, 0, host);
     let (node_ns, workload_ns) = (node.ns.name(), ns.name());
 
-    run_ip(["-n", node_ns, "link", "add", &node_interface, "type", "veth", "peer", "name", "eth0", "netns", workload_ns])?;
+    let veth = format!("-n {node_ns} link add {node_interface} type veth peer name eth0 netns {workload_ns}");
+    run_ip(veth.split(' '))?;
     configure_interface(node_ns, &node_interface, ipv4_host(1), ipv6_host(1))?;
     configure_interface(workload_ns, "eth0", ipv4_host(2), ipv6_host(2))?;
     run_ip(["-n", workload_ns, "route", "add", "default", "via", &ipv4_host(1).to_string()])?;
@@ -266,7 +267,8 @@ fn add_workload(node: &Node, plan: &NodePlan, name: &str, index: u8) -> Result<W
 
 fn connect_uplink(node_a: &mut Node, node_b: &mut Node) -> Result<()> {
     let [plan_a, plan_b] = &NODE_PLANS;
-    run_ip(["-n", node_a.ns.name(), "link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns", node_b.ns.name()])?;
+    let (ns_a, ns_b) = (node_a.ns.name(), node_b.ns.name());
+    run_ip(format!("-n {ns_a} link add {UPLINK} type veth peer name {UPLINK} netns {ns_b}").split(' '))?;
     for (node, plan, peer) in [(&mut *node_a, plan_a, plan_b), (&mut *node_b, plan_b, plan_a)] {
         configure_interface(node.ns.name(), UPLINK, plan.uplink_ipv4, plan.uplink_ipv6)?;
         let peer_ipv4_subnet = format!("10.{}.0.0/16", peer.ipv4_octet);

@@ -46,9 +46,7 @@ impl Drop for Server {
 
 /// A TCP server in `ns` that echoes what each connection sends.
 pub fn tcp_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
-    let listener = ns
-        .run(|| TcpListener::bind(addr))
-        .with_context(|| format!("bind tcp {addr} in {ns}"))?;
+    let listener = ns.run(|| TcpListener::bind(addr)).with_context(|| format!("bind tcp {addr} in {ns}"))?;
     // Non-blocking accept so the thread notices the stop flag.
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -61,6 +59,7 @@ pub fn tcp_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let stop = stop.clone();
+                        connections.retain(|connection: &JoinHandle<()>| !connection.is_finished());
                         connections.push(thread::spawn(move || echo_tcp(stream, &stop)));
                     }
                     Err(_) => thread::sleep(POLL_INTERVAL),
@@ -112,9 +111,7 @@ pub fn tcp_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<()
 
 /// A UDP server in `ns` that sends every datagram back to its sender.
 pub fn udp_echo_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
-    let socket = ns
-        .run(|| UdpSocket::bind(addr))
-        .with_context(|| format!("bind udp {addr} in {ns}"))?;
+    let socket = ns.run(|| UdpSocket::bind(addr)).with_context(|| format!("bind udp {addr} in {ns}"))?;
     socket.set_read_timeout(Some(POLL_INTERVAL))?;
     let addr = socket.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -51,16 +52,31 @@ struct Flow {
     port: u16,
 }
 
+/// Set by the Ctrl-C handler, which tears everything down and exits with 130.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 pub fn run() -> Result<()> {
     zt_tests::ensure_root()?;
     // The testbed finds the agent the way the tests do. Set before any other thread exists.
     std::env::set_var(zt_tests::agent::AGENT_BIN_ENV, agent_bin());
     ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
         eprintln!("\ninterrupted: stopping the agent and deleting the demo namespaces");
         zt_tests::cleanup_all();
         std::process::exit(130);
     })
     .context("install the Ctrl-C handler")?;
+    let result = guided_run();
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // The interrupt probably made this run fail (e.g. the agent got SIGINT too): let the
+        // handler's teardown finish instead of exiting under it.
+        zt_tests::cleanup_all();
+        std::process::exit(130);
+    }
+    result
+}
+
+fn guided_run() -> Result<()> {
     let policy = workspace_root().join("policies/demo.yaml");
     ensure!(policy.is_file(), "{} is missing", policy.display());
 
@@ -106,12 +122,18 @@ pub fn run() -> Result<()> {
     let agent = Agent::start_on(topo.node(), &policy, "monitor")?;
 
     heading("3. Phase 1: monitor");
+    println!("Each client connects over IPv4 and IPv6, sends a few bytes and waits for the echo, so a");
+    println!("success proves both directions.");
     let mut surprises = attempt_all(&topo, &agent, "monitor");
+    println!("Everything connected. The intruder's flow is `audit`: no policy allows it, so enforce");
+    println!("mode would drop it.");
 
     heading("4. Phase 2: enforce");
     println!("Switching the running agent with `zt-agent mode enforce`: one map write, no restart.");
     agent.set_mode("enforce")?;
     surprises += attempt_all(&topo, &agent, "enforce");
+    println!("Allowed flows still connect. The intruder's SYNs are dropped where the table says;");
+    println!("TCP retries, and each retry is judged (and reported) again.");
 
     heading("5. Teardown");
     drop(agent);
@@ -143,7 +165,12 @@ fn attempt_all(topo: &Topology, agent: &Agent, mode: &str) -> usize {
                 surprises += 1;
                 outcomes += " (unexpected!)";
             }
-            flows.push(Flow { label: format!("{label} {family}"), client: client_ip, server: server_ip, port: attempt.port });
+            flows.push(Flow {
+                label: format!("{label} {family}"),
+                client: client_ip,
+                server: server_ip,
+                port: attempt.port,
+            });
         }
         println!("  {label:<21}{outcomes}   ({})", attempt.story);
     }
@@ -157,7 +184,7 @@ fn attempt_all(topo: &Topology, agent: &Agent, mode: &str) -> usize {
             unreported.push(flow.label.as_str());
         }
     }
-    println!("\n  What the agent reported (a retransmitted SYN is judged, and reported, again):");
+    println!("\n  What the agent reported:");
     println!("  {:<7} {:<13} {:<29} {:<13} where", "verdict", "reason", "flow (identities)", "policy");
     let events = agent.events();
     for event in events[first_event..].iter().filter(|event| flows.iter().any(|flow| is_event_of(event, flow))) {
@@ -180,12 +207,15 @@ fn attempt_all(topo: &Topology, agent: &Agent, mode: &str) -> usize {
     if !unreported.is_empty() {
         println!("  (no {mode} event within {EVENT_TIMEOUT:?} for: {})", unreported.join(", "));
     }
+    println!();
     surprises
 }
 
 fn is_event_of(event: &Value, flow: &Flow) -> bool {
     let ip = |endpoint: &Value| endpoint["ip"].as_str().and_then(|ip| ip.parse::<IpAddr>().ok());
-    ip(&event["src"]) == Some(flow.client) && ip(&event["dst"]) == Some(flow.server) && event["dst"]["port"] == flow.port
+    ip(&event["src"]) == Some(flow.client)
+        && ip(&event["dst"]) == Some(flow.server)
+        && event["dst"]["port"] == flow.port
 }
 
 fn text(value: &Value) -> &str {

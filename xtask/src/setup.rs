@@ -31,10 +31,14 @@ fn ebpf_toolchain() -> Result<&'static str> {
         return Ok(PINNED_NIGHTLY);
     }
     let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]).output();
-    if nightly.is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains(PINNED_COMMIT_DATE)) {
+    if nightly
+        .is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains(PINNED_COMMIT_DATE))
+    {
         return Ok("nightly");
     }
-    println!("setup: installing Rust {PINNED_NIGHTLY} for the eBPF build (its LLVM matches bpf-linker {BPF_LINKER_VERSION})");
+    println!(
+        "setup: installing Rust {PINNED_NIGHTLY} for the eBPF build (its LLVM matches bpf-linker {BPF_LINKER_VERSION})"
+    );
     run_checked(
         Command::new("rustup").args(["toolchain", "install", PINNED_NIGHTLY, "--profile", "minimal"]),
         "check network access and that rustup is installed (https://rustup.rs)",
