@@ -134,6 +134,10 @@ fn guided_run() -> Result<()> {
     surprises += attempt_all(&topo, &agent, "enforce");
     println!("Allowed flows still connect. The intruder's SYNs are dropped where the table says;");
     println!("TCP retries, and each retry is judged (and reported) again.");
+    if let Some(deny) = agent.events().iter().find(|event| event["verdict"] == "deny") {
+        println!("\nThe first deny, as the agent printed it on stdout (one JSON object per line):");
+        println!("{deny}");
+    }
 
     heading("5. Teardown");
     drop(agent);
