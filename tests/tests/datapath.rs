@@ -151,6 +151,15 @@ fn with_vlan_tags(frame: &[u8], tags: usize) -> Vec<u8> {
 }
 
 #[test]
+fn a_datapath_whose_mode_was_never_written_enforces() {
+    let mut dp = Datapath::load().expect("loading the datapath needs root and a BPF-capable kernel");
+    let mut fragment = tcp4(WEB, API, 40000, 8080);
+    fragment[14 + 6..14 + 8].copy_from_slice(&185u16.to_be_bytes());
+    let (outcome, n) = judge_counted(&mut dp, &fragment, Verdict::Deny, Reason::Fragment);
+    assert_eq!((outcome, n), (Outcome::Drop, 3));
+}
+
+#[test]
 fn allowed_flow_passes_and_its_reply_is_established() {
     let mut dp = datapath(Mode::Enforce);
     let (outcome, n) = judge_counted(&mut dp, &tcp4(WEB, API, 40000, 8080), Verdict::Allow, Reason::PolicyAllow);

@@ -782,20 +782,18 @@ impl Conntrack {
 
     fn admit(&mut self, case: &Case) {
         let (src_port, dst_port) = case.kernel_ports();
-        let reverse_ports = if case.is_icmp() {
-            // The reply keeps the identifier and carries the reply type (by type number only,
-            // whatever the protocol, as the kernel's `icmp_reply_type`).
-            let reply = match dst_port {
-                8 => 0,
-                128 => 129,
-                other => other,
-            };
-            (src_port, reply)
-        } else {
-            (dst_port, src_port)
+        // Replies are admitted for echo requests only (ICMP 8 → 0, ICMPv6 128 → 129), and for
+        // every other protocol with the ports swapped.
+        let reverse_ports = match (case.protocol, dst_port) {
+            (1, 8) => Some((src_port, 0)),
+            (58, 128) => Some((src_port, 129)),
+            (1 | 58, _) => None,
+            _ => Some((dst_port, src_port)),
         };
         self.keys.insert(Self::key(case.src, case.dst, (src_port, dst_port), case.protocol));
-        self.keys.insert(Self::key(case.dst, case.src, reverse_ports, case.protocol));
+        if let Some(ports) = reverse_ports {
+            self.keys.insert(Self::key(case.dst, case.src, ports, case.protocol));
+        }
     }
 }
 

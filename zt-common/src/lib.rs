@@ -46,12 +46,13 @@ pub mod identity {
     pub const FIRST_USER: u32 = 256;
 }
 
-/// Global mode in [`Config::mode`].
+/// Global mode in [`Config::mode`]. Enforce is zero so that a config never written (a zeroed
+/// array slot) fails closed.
 pub mod mode {
-    /// Pass everything; report would-be denials as `audit`.
-    pub const MONITOR: u32 = 0;
     /// Drop what policy denies.
-    pub const ENFORCE: u32 = 1;
+    pub const ENFORCE: u32 = 0;
+    /// Pass everything; report would-be denials as `audit`.
+    pub const MONITOR: u32 = 1;
 }
 
 /// The single entry of the `ZT_CONFIG` array (index 0).

@@ -3,7 +3,10 @@
 
 use zt_common::{ct, mode, proto, CtKey, CtValue};
 
-use crate::{maps::ZT_CONNTRACK, parse::{icmp_reply_type, Packet}};
+use crate::{
+    maps::ZT_CONNTRACK,
+    parse::{Packet, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST},
+};
 
 #[inline(always)]
 fn forward_key(pkt: &Packet) -> CtKey {
@@ -17,21 +20,17 @@ fn forward_key(pkt: &Packet) -> CtKey {
     }
 }
 
+/// The entry that admits the replies of `pkt`'s flow. ICMP has replies only for echo requests;
+/// the reply keeps the identifier and carries the echo-reply type.
 #[inline(always)]
-fn reverse_key(pkt: &Packet) -> CtKey {
-    let (src_port, dst_port) = match pkt.protocol {
-        // The echo identifier stays in place; only the matching reply type is admitted.
-        proto::ICMP | proto::ICMPV6 => (pkt.src_port, icmp_reply_type(pkt.dst_port)),
+fn reverse_key(pkt: &Packet) -> Option<CtKey> {
+    let (src_port, dst_port) = match (pkt.protocol, pkt.dst_port as u8) {
+        (proto::ICMP, ICMP_ECHO_REQUEST) => (pkt.src_port, ICMP_ECHO_REPLY as u16),
+        (proto::ICMPV6, ICMPV6_ECHO_REQUEST) => (pkt.src_port, ICMPV6_ECHO_REPLY as u16),
+        (proto::ICMP | proto::ICMPV6, _) => return None,
         _ => (pkt.dst_port, pkt.src_port),
     };
-    CtKey {
-        src: pkt.dst,
-        dst: pkt.src,
-        src_port,
-        dst_port,
-        protocol: pkt.protocol,
-        _pad: [0; 3],
-    }
+    Some(CtKey { src: pkt.dst, dst: pkt.src, src_port, dst_port, protocol: pkt.protocol, _pad: [0; 3] })
 }
 
 /// True when the packet belongs to a live flow that may pass in the current mode.
@@ -53,11 +52,13 @@ pub fn established(pkt: &Packet, node_mode: u32, now: u64) -> bool {
     true
 }
 
-/// Records an admitted flow in both directions.
+/// Records an admitted flow, and the direction its replies take.
 #[inline(always)]
 pub fn admit(pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64) {
     let value = CtValue { last_seen_ns: now, rule_id, generation, flags, _pad: 0 };
     // A full LRU evicts; an insert failure only costs a policy lookup on the next packet.
     let _ = ZT_CONNTRACK.insert(forward_key(pkt), value, 0);
-    let _ = ZT_CONNTRACK.insert(reverse_key(pkt), value, 0);
+    if let Some(reverse) = reverse_key(pkt) {
+        let _ = ZT_CONNTRACK.insert(reverse, value, 0);
+    }
 }

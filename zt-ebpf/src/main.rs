@@ -29,11 +29,12 @@ const TC_PULL_BYTES: u32 = 256;
 /// Judges one frame; true = let it through.
 #[inline(always)]
 fn judge(data: usize, end: usize, hook: Hook, ifindex: u32) -> bool {
-    // Without a config the agent has not finished loading: fail closed.
+    // The array slot always exists; zeroed (never written) it reads as enforce.
     let config = ZT_CONFIG.get(0).copied().unwrap_or(Config { mode: mode::ENFORCE, generation: 0 });
     let mut pkt = Packet::default();
+    let parsed = parse::parse(data, end, &mut pkt);
     let mut report = Report {
-        pkt: &Packet::default(),
+        pkt: &pkt,
         src_identity: identity::UNKNOWN,
         dst_identity: identity::UNKNOWN,
         hook,
@@ -45,8 +46,6 @@ fn judge(data: usize, end: usize, hook: Hook, ifindex: u32) -> bool {
         mode: config.mode,
         generation: config.generation,
     };
-    let parsed = parse::parse(data, end, &mut pkt);
-    report.pkt = &pkt;
     match parsed {
         Ok(Parsed::ControlPlane) => {
             verdict::record(&report);

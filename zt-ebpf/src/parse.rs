@@ -28,10 +28,10 @@ const IPV6_DEST_OPTS: u8 = 60;
 /// Extension headers walked before giving up. Longer chains are denied (`ExtHeaderLimit`).
 pub const MAX_EXT_HEADERS: usize = 6;
 
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Router solicitation .. redirect: IPv6 neighbour discovery.
 const NDP_FIRST: u8 = 133;
 const NDP_LAST: u8 = 137;
@@ -206,14 +206,4 @@ fn parse_l4(data: usize, end: usize, l4: usize, pkt: &mut Packet) -> Result<Pars
         _ => {}
     }
     Ok(Parsed::Ip)
-}
-
-/// The ICMP type a reply to `icmp_type` carries (echo request → echo reply), for conntrack.
-#[inline(always)]
-pub fn icmp_reply_type(icmp_type: u16) -> u16 {
-    match icmp_type as u8 {
-        ICMP_ECHO_REQUEST => ICMP_ECHO_REPLY as u16,
-        ICMPV6_ECHO_REQUEST => ICMPV6_ECHO_REPLY as u16,
-        _ => icmp_type,
-    }
 }
