@@ -6,11 +6,13 @@
 //! alive (for interrupt handlers), and leftovers of crashed runs are swept on first use.
 
 pub mod agent;
+pub mod cgroup;
 pub mod netns;
 pub mod topology;
 pub mod traffic;
 
 pub use agent::{agent_bin, run_agent_command, Agent, AgentOptions};
+pub use cgroup::Cgroup;
 pub use netns::Netns;
 pub use topology::{Node, Topology, TopologySpec, Workload};
 pub use traffic::{ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};

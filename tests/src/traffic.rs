@@ -95,18 +95,20 @@ fn echo_tcp(mut stream: TcpStream, stop: &AtomicBool) {
 /// Connects from `ns` to `addr`, sends a probe and reads the echo back, all within `timeout`:
 /// success proves both directions of the flow, not just the handshake.
 pub fn tcp_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<()> {
-    ns.run(|| -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut stream = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
-        stream.set_write_timeout(Some(remaining(deadline)?))?;
-        stream.write_all(PROBE).context("send the probe")?;
-        stream.set_read_timeout(Some(remaining(deadline)?))?;
-        let mut echo = [0u8; PROBE.len()];
-        stream.read_exact(&mut echo).context("wait for the echo")?;
-        ensure!(echo == PROBE, "echo differs from what was sent");
-        Ok(())
-    })
-    .with_context(|| format!("tcp {addr} from {ns} (timeout {timeout:?})"))
+    ns.run(|| tcp_echo_roundtrip(addr, timeout)).with_context(|| format!("tcp {addr} from {ns} (timeout {timeout:?})"))
+}
+
+/// [`tcp_connect`] from the calling thread's namespace (also used by the `zt-probe` binary).
+pub fn tcp_echo_roundtrip(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
+    stream.set_write_timeout(Some(remaining(deadline)?))?;
+    stream.write_all(PROBE).context("send the probe")?;
+    stream.set_read_timeout(Some(remaining(deadline)?))?;
+    let mut echo = [0u8; PROBE.len()];
+    stream.read_exact(&mut echo).context("wait for the echo")?;
+    ensure!(echo == PROBE, "echo differs from what was sent");
+    Ok(())
 }
 
 /// A UDP server in `ns` that sends every datagram back to its sender.

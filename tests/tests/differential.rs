@@ -13,8 +13,9 @@
 //! - `ZT_DIFF_CASES`: total number of flows (default 20000), 800 per policy set, so it also sets
 //!   the number of policy sets (default 25). Raise it for a longer soak, e.g.
 //!   `ZT_DIFF_CASES=400000` for 500 policy sets.
-//! - `ZT_DIFF_SEED`: the RNG seed (decimal or `0x…` hex; default fixed). A failure names the seed
-//!   and the policy set; the same seed replays the same policy sets and flows.
+//! - `ZT_DIFF_SEED`: the seed of the `fastrand` generators (decimal or `0x…` hex; default fixed).
+//!   A failure names the seed and the policy set; the same seed (with the `fastrand` version
+//!   Cargo.lock pins) replays the same policy sets and flows.
 //!
 //! Needs root (loading BPF programs); fails, never skips, without it.
 
@@ -30,6 +31,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use etherparse::{IpNumber, PacketBuilder};
+use fastrand::Rng;
 use zt_agent::{
     datapath::{Datapath, Mode},
     events,
@@ -102,7 +104,7 @@ fn env_number(name: &str) -> Option<u64> {
 
 /// Generates policy set `set`, installs it in a fresh datapath and checks `flows` flows.
 fn run_policy_set(seed: u64, set: usize, flows: usize, stats: &mut Stats) -> Result<(), String> {
-    let mut rng = Rng::new(seed ^ (set as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
+    let mut rng = Rng::with_seed(seed ^ (set as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
     let scenario = Scenario::generate(&mut rng);
     let parsed = policy::parse_str(&scenario.yaml, "random.yaml")
         .unwrap_or_else(|errors| panic!("generated policy set {set} does not parse:\n{}\n{errors}", scenario.yaml));
@@ -332,8 +334,8 @@ const ICMPV6_TYPES: [u16; 6] = [1, 2, 3, 4, 128, 129];
 impl Scenario {
     fn generate(rng: &mut Rng) -> Self {
         let prefixes = Prefix::generate_pool(rng);
-        let mut ports: Vec<u16> = (0..3 + rng.below(4))
-            .map(|_| if rng.percent(50) { rng.pick(&WELL_KNOWN_PORTS) } else { 1 + rng.below(49_999) as u16 })
+        let mut ports: Vec<u16> = (0..3 + rng.usize(..4))
+            .map(|_| if rng.percent(50) { rng.pick(&WELL_KNOWN_PORTS) } else { rng.u16(1..50_000) })
             .collect();
         ports.sort_unstable();
         ports.dedup();
@@ -341,11 +343,11 @@ impl Scenario {
         let mut yaml = String::new();
         let mut names = IDENTITY_NAMES;
         rng.shuffle(&mut names);
-        let names = &names[..(1 + rng.below(6)).min(prefixes.len())];
+        let names = &names[..(1 + rng.usize(..6)).min(prefixes.len())];
         // Every prefix to one identity (a prefix may not appear twice), at least one each.
         let mut owned: Vec<Vec<Prefix>> = vec![Vec::new(); names.len()];
         for (i, prefix) in prefixes.iter().enumerate() {
-            let owner = if i < names.len() { i } else { rng.below(names.len()) };
+            let owner = if i < names.len() { i } else { rng.usize(..names.len()) };
             owned[owner].push(*prefix);
         }
         for (name, selectors) in names.iter().zip(&owned) {
@@ -365,8 +367,8 @@ impl Scenario {
             // The zero-trust baseline.
             writeln!(yaml, "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: baseline}}\nspec: {{subject: [any], ingress: [], egress: []}}").unwrap();
         }
-        for policy in 0..1 + rng.below(6) {
-            let subject: Vec<String> = (0..1 + rng.below(2))
+        for policy in 0..1 + rng.usize(..6) {
+            let subject: Vec<String> = (0..1 + rng.usize(..2))
                 .map(|_| if rng.percent(20) { "any".to_owned() } else { rng.pick_ref(&subjects).clone() })
                 .collect();
             writeln!(
@@ -381,7 +383,7 @@ impl Scenario {
                 if !present {
                     continue;
                 }
-                let rules = if rng.percent(15) { 0 } else { 1 + rng.below(4) };
+                let rules = if rng.percent(15) { 0 } else { 1 + rng.usize(..4) };
                 if rules == 0 {
                     writeln!(yaml, "  {list}: []").unwrap();
                     continue;
@@ -396,8 +398,8 @@ impl Scenario {
     }
 
     fn rule(rng: &mut Rng, peer_key: &str, peers: &[String], ports: &[u16]) -> String {
-        let peer_list: Vec<&str> = (0..1 + rng.below(2))
-            .map(|_| match rng.below(100) {
+        let peer_list: Vec<&str> = (0..1 + rng.usize(..2))
+            .map(|_| match rng.usize(..100) {
                 0..15 => "any",
                 15..35 => "world",
                 _ => rng.pick_ref(&peers[..peers.len() - 2]).as_str(),
@@ -405,10 +407,10 @@ impl Scenario {
             .collect();
         let mut rule = format!("{{{peer_key}: [{}]", peer_list.join(", "));
         if rng.percent(75) {
-            let items: Vec<String> = (0..1 + rng.below(3)).map(|_| Self::port_item(rng, ports)).collect();
+            let items: Vec<String> = (0..1 + rng.usize(..3)).map(|_| Self::port_item(rng, ports)).collect();
             write!(rule, ", ports: [{}]", items.join(", ")).unwrap();
         }
-        match rng.below(100) {
+        match rng.usize(..100) {
             0..25 => rule.push_str(", action: deny"),
             25..35 => rule.push_str(", action: allow"),
             _ => {}
@@ -426,14 +428,14 @@ impl Scenario {
             }
             let types = if protocol == "icmp" { &ICMP_TYPES } else { &ICMPV6_TYPES };
             // Now and then the other family's types, or any number: a type is just a number.
-            let icmp_type = match rng.below(10) {
-                0 => rng.below(256) as u16,
+            let icmp_type = match rng.usize(..10) {
+                0 => rng.u16(..256),
                 1 => rng.pick(if protocol == "icmp" { &ICMPV6_TYPES } else { &ICMP_TYPES }),
                 _ => rng.pick(types),
             };
             return format!("{{protocol: {protocol}, type: {icmp_type}}}");
         }
-        match rng.below(10) {
+        match rng.usize(..10) {
             0..2 => format!("{{protocol: {protocol}}}"),
             2..4 => format!("{{protocol: {protocol}, port: {}}}", rng.pick(ports)),
             4 => format!("{{protocol: {protocol}, port: \"{}\"}}", rng.pick(ports)),
@@ -486,7 +488,7 @@ impl Prefix {
     /// Nested prefixes in both families (sometimes only one), so that longest-prefix match
     /// decides between identities, with host routes (/32, /128) now and then.
     fn generate_pool(rng: &mut Rng) -> Vec<Prefix> {
-        let families: &[bool] = match rng.below(10) {
+        let families: &[bool] = match rng.usize(..10) {
             0 => &[true],
             1 => &[false],
             _ => &[true, false],
@@ -495,17 +497,17 @@ impl Prefix {
         let root = |rng: &mut Rng, v4: bool| {
             if v4 {
                 // Inside 10.0.0.0/8 (and IPv6 roots inside fd00::/16), so that roots nest too.
-                let len = 8 + rng.below(13) as u32;
-                Prefix::new(true, 0x0a00_0000 | u128::from(rng.next() as u32 & 0x00ff_ffff), len)
+                let len = rng.u32(8..21);
+                Prefix::new(true, 0x0a00_0000 | u128::from(rng.u32(..) & 0x00ff_ffff), len)
             } else {
-                let len = 16 + rng.below(49) as u32;
-                Prefix::new(false, (0xfd00u128 << 112) | (u128::from(rng.next()) << 56 >> 8), len)
+                let len = rng.u32(16..65);
+                Prefix::new(false, (0xfd00u128 << 112) | (u128::from(rng.u64(..)) << 56 >> 8), len)
             }
         };
         for &v4 in families {
             pool.push(root(rng, v4));
         }
-        for _ in 0..1 + rng.below(10) {
+        for _ in 0..1 + rng.usize(..10) {
             let v4 = rng.pick(families);
             let candidate = if rng.percent(20) {
                 root(rng, v4)
@@ -516,8 +518,8 @@ impl Prefix {
                 if parent.len == width {
                     continue;
                 }
-                let len = if rng.percent(15) { width } else { (parent.len + 1 + rng.below(12) as u32).min(width) };
-                let host = (u128::from(rng.next()) << 64 | u128::from(rng.next())) & parent.host_mask();
+                let len = if rng.percent(15) { width } else { (parent.len + rng.u32(1..13)).min(width) };
+                let host = (u128::from(rng.u64(..)) << 64 | u128::from(rng.u64(..))) & parent.host_mask();
                 Prefix::new(v4, parent.network | host, len)
             };
             if !pool.contains(&candidate) {
@@ -580,7 +582,7 @@ impl Case {
         let dst = Self::address(rng, scenario, v4);
         let (icmp, other_icmp, echo_request) =
             if v4 { (proto::ICMP, proto::ICMPV6, 8) } else { (proto::ICMPV6, proto::ICMP, 128) };
-        let (protocol, src_port, dst_port) = match rng.below(100) {
+        let (protocol, src_port, dst_port) = match rng.usize(..100) {
             0..30 => (proto::TCP, src_port, Self::port(rng, scenario)),
             30..48 => (proto::UDP, src_port, Self::port(rng, scenario)),
             48..58 => (proto::SCTP, src_port, Self::port(rng, scenario)),
@@ -597,7 +599,7 @@ impl Case {
     fn icmp_type(rng: &mut Rng, protocol: u8) -> u16 {
         let types = if protocol == proto::ICMP { &ICMP_TYPES } else { &ICMPV6_TYPES };
         loop {
-            let icmp_type = if rng.percent(80) { rng.pick(types) } else { rng.below(256) as u16 };
+            let icmp_type = if rng.percent(80) { rng.pick(types) } else { rng.u16(..256) };
             // ICMPv6 133-137 (neighbour discovery) passes as control plane before any policy,
             // whatever the family of the frame: the datapath tests cover it.
             if !(protocol == proto::ICMPV6 && (133..=137).contains(&icmp_type)) {
@@ -608,10 +610,10 @@ impl Case {
 
     /// A destination port below `PORT_LIMIT`: often at or next to a port the rules name.
     fn port(rng: &mut Rng, scenario: &Scenario) -> u16 {
-        match rng.below(100) {
+        match rng.usize(..100) {
             0..45 => {
                 let port = rng.pick(&scenario.ports);
-                let port = match rng.below(3) {
+                let port = match rng.usize(..3) {
                     0 => port.saturating_sub(1),
                     1 => port,
                     _ => port.saturating_add(1),
@@ -620,7 +622,7 @@ impl Case {
             }
             45..50 => 0,
             50..55 => PORT_LIMIT - 1,
-            _ => rng.below(usize::from(PORT_LIMIT)) as u16,
+            _ => rng.u16(..PORT_LIMIT),
         }
     }
 
@@ -628,17 +630,17 @@ impl Case {
     fn address(rng: &mut Rng, scenario: &Scenario, v4: bool) -> IpAddr {
         let random = |rng: &mut Rng| {
             if v4 {
-                u128::from(rng.next() as u32)
+                u128::from(rng.u32(..))
             } else {
-                u128::from(rng.next()) << 64 | u128::from(rng.next())
+                u128::from(rng.u64(..)) << 64 | u128::from(rng.u64(..))
             }
         };
         let prefixes: Vec<Prefix> = scenario.prefixes.iter().copied().filter(|p| p.v4 == v4).collect();
         let width_mask = if v4 { u128::from(u32::MAX) } else { u128::MAX };
-        let roll = rng.below(100);
+        let roll = rng.usize(..100);
         let addr = if roll < 65 && !prefixes.is_empty() {
             let prefix = rng.pick(&prefixes);
-            match rng.below(10) {
+            match rng.usize(..10) {
                 0 => prefix.network,
                 1 => prefix.last(),
                 _ => prefix.network | (random(rng) & prefix.host_mask()),
@@ -656,10 +658,10 @@ impl Case {
             // identity of the IPv4 prefix that contains it, on both sides.
             let v4_prefixes: Vec<Prefix> = scenario.prefixes.iter().copied().filter(|p| p.v4).collect();
             let inner = if v4_prefixes.is_empty() {
-                u128::from(rng.next() as u32)
+                u128::from(rng.u32(..))
             } else {
                 let prefix = rng.pick(&v4_prefixes);
-                prefix.network | (u128::from(rng.next() as u32) & prefix.host_mask())
+                prefix.network | (u128::from(rng.u32(..)) & prefix.host_mask())
             };
             (0xffffu128 << 32) | inner
         } else {
@@ -869,41 +871,24 @@ impl fmt::Display for Stats {
 
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: seeded and dependency-free, so a failure replays exactly.
-struct Rng(u64);
+/// Draws for the generators, over a seeded `fastrand::Rng`: the whole run follows from the seed
+/// (and the `fastrand` version Cargo.lock pins), so a failure replays exactly.
+trait Draw {
+    fn percent(&mut self, chance: usize) -> bool;
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T;
+    fn pick_ref<'a, T>(&mut self, items: &'a [T]) -> &'a T;
+}
 
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
+impl Draw for Rng {
     fn percent(&mut self, chance: usize) -> bool {
-        self.below(100) < chance
+        self.usize(..100) < chance
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
+        *self.pick_ref(items)
     }
 
     fn pick_ref<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
+        &items[self.usize(..items.len())]
     }
 }

@@ -10,6 +10,8 @@ use crate::{
     datapath::{Datapath, Mode},
     events::{self, Enricher},
     policy,
+    sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
+    svid::TrustBundle,
 };
 
 pub struct RunOptions {
@@ -17,6 +19,10 @@ pub struct RunOptions {
     pub mode: Mode,
     pub attach: Vec<String>,
     pub uplink: Vec<String>,
+    /// cgroup v2 directories whose processes are judged by cgroup hooks.
+    pub cgroup: Vec<PathBuf>,
+    /// Directory of presented SVIDs and the trust bundle that verifies them.
+    pub certificates: Option<(PathBuf, PathBuf)>,
     pub socket: PathBuf,
     pub node_name: String,
 }
@@ -32,10 +38,31 @@ pub async fn run(options: RunOptions) -> Result<()> {
         "policy compiled"
     );
 
+    // Certificates may bind cgroups too, so they need the hierarchy as well.
+    let cgroup_root = match options.cgroup.is_empty() && options.certificates.is_none() {
+        true => None,
+        false => Some(cgroup::v2_mount()?),
+    };
+    let cgroup_scopes = match &cgroup_root {
+        Some(root) => options.cgroup.iter().map(|dir| cgroup::resolve(root, dir)).collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    let certificates = match &options.certificates {
+        Some((dir, bundle)) => Some(CertificateSource::new(dir.clone(), TrustBundle::load(bundle)?)),
+        None => None,
+    };
+
     let mut datapath = Datapath::load()?;
     datapath.install(&compiled)?;
     datapath.set_generation(1)?;
     datapath.set_mode(options.mode)?;
+    // Identities from cgroups and interfaces are in the maps before any program sees a packet.
+    let cgroups = cgroup_root.map(|root| CgroupSource::new(root, cgroup_scopes.clone()));
+    let mut identity_sources = IdentitySources::new(compiled.clone(), cgroups, certificates);
+    let first_events = identity_sources.refresh(&mut datapath)?;
+    for dir in &cgroup_scopes {
+        datapath.attach_cgroup(dir)?;
+    }
     for interface in &options.attach {
         datapath.attach_workload(interface)?;
     }
@@ -44,14 +71,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let ring = datapath.take_events()?;
 
-    let enricher = Enricher::new(options.node_name.clone(), compiled.clone());
+    let identity_sources = Arc::new(Mutex::new(identity_sources));
+    let enricher = Enricher::new(options.node_name.clone(), compiled.clone(), identity_sources.clone());
     let mut events = tokio::spawn(events::stream_to_stdout(ring, enricher));
 
-    let shared = Arc::new(control::Shared {
-        datapath: Mutex::new(datapath),
-        identities: compiled.identities.len(),
-        rules: compiled.rules.len(),
-    });
+    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), compiled: compiled.clone() });
+    for event in first_events {
+        events::write_identity_event(&options.node_name, event)?;
+    }
+    let mut refresher = tokio::spawn(refresh_sources(identity_sources, shared.clone(), options.node_name.clone()));
     // The socket appears only once everything is attached: its existence means "ready".
     let listener = control::bind(&options.socket)?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
@@ -69,12 +97,29 @@ pub async fn run(options: RunOptions) -> Result<()> {
         _ = term.recv() => Ok(()),
         _ = int.recv() => Ok(()),
         result = &mut events => result.context("event reader panicked")?.context("event stream failed"),
+        result = &mut refresher => result.context("identity refresh panicked")?.context("identity sources failed"),
     };
     server.abort();
     events.abort();
+    refresher.abort();
     let _ = std::fs::remove_file(&options.socket);
     // Dropping the last reference to the datapath detaches every program.
     drop(shared);
     tracing::info!("zt-agent stopped; all programs detached");
     outcome
+}
+
+/// Keeps cgroup, interface and certificate identities current until a map update fails.
+async fn refresh_sources(sources: Arc<Mutex<IdentitySources>>, shared: Arc<control::Shared>, node: String) -> Result<()> {
+    let mut tick = tokio::time::interval(sources::REFRESH_EVERY);
+    loop {
+        tick.tick().await;
+        let events = {
+            let mut datapath = shared.datapath.lock().expect("datapath lock poisoned");
+            sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?
+        };
+        for event in events {
+            events::write_identity_event(&node, event)?;
+        }
+    }
 }

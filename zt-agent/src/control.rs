@@ -17,7 +17,10 @@ use tokio::{
 };
 use zt_common::{counter_index, Reason, Verdict, EVENTS_LOST_INDEX};
 
-use crate::datapath::{Attachment, Datapath, Mode};
+use crate::{
+    datapath::{Attachment, Datapath, Mode},
+    policy::compile::Compiled,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/zt/agent.sock";
 
@@ -32,7 +35,8 @@ pub enum Request {
 pub struct Status {
     pub mode: Mode,
     pub generation: u32,
-    pub identities: usize,
+    /// Declared identities and their numeric ids (stable across restarts and nodes).
+    pub identities: BTreeMap<String, u32>,
     pub rules: usize,
     pub attachments: Vec<AttachmentStatus>,
     /// Packets by "verdict/reason", summed over CPUs; zero counters are left out.
@@ -57,8 +61,7 @@ pub enum Response {
 /// What the server needs besides the datapath.
 pub struct Shared {
     pub datapath: Mutex<Datapath>,
-    pub identities: usize,
-    pub rules: usize,
+    pub compiled: Arc<Compiled>,
 }
 
 fn status(shared: &Shared) -> Result<Status> {
@@ -77,8 +80,8 @@ fn status(shared: &Shared) -> Result<Status> {
     Ok(Status {
         mode: Mode::from_raw(config.mode),
         generation: config.generation,
-        identities: shared.identities,
-        rules: shared.rules,
+        identities: shared.compiled.identities.iter().map(|(name, id)| (name.to_owned(), id)).collect(),
+        rules: shared.compiled.rules.len(),
         attachments: datapath
             .attachments()
             .iter()

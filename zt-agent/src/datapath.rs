@@ -2,10 +2,12 @@
 //! compiled policy, attach it to interfaces, flip the mode. Dropping a `Datapath` detaches
 //! everything it attached (TCX and XDP links are owned by the loaded object).
 
+use std::{fs::File, path::Path};
+
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
-    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, Xdp, XdpMode},
     util::KernelVersion,
     Ebpf,
 };
@@ -57,6 +59,8 @@ pub struct Datapath {
     ipcache: LpmTrie<MapData, IpKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     isolation: HashMap<MapData, u32, u32>,
+    cgroups: HashMap<MapData, u64, u32>,
+    interfaces: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
     attachments: Vec<Attachment>,
 }
@@ -79,11 +83,17 @@ impl Datapath {
         }
         let xdp: &mut Xdp = program_mut(&mut ebpf, programs::XDP)?;
         xdp.load().with_context(|| format!("verifying {}", programs::XDP))?;
+        for name in [programs::CGROUP_INGRESS, programs::CGROUP_EGRESS] {
+            let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
+            program.load().with_context(|| format!("verifying {name}"))?;
+        }
         Ok(Self {
             config: take_map(&mut ebpf, maps::CONFIG)?,
             ipcache: take_map(&mut ebpf, maps::IPCACHE)?,
             policy: take_map(&mut ebpf, maps::POLICY)?,
             isolation: take_map(&mut ebpf, maps::ISOLATION)?,
+            cgroups: take_map(&mut ebpf, maps::CGROUPS)?,
+            interfaces: take_map(&mut ebpf, maps::INTERFACES)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             ebpf,
             attachments: Vec::new(),
@@ -159,6 +169,69 @@ impl Datapath {
             .with_context(|| format!("attaching native XDP to {interface} (does its driver support XDP?)"))?;
         self.attachments.push(Attachment { interface: interface.to_owned(), hook: "xdp" });
         Ok(())
+    }
+
+    /// cgroup_skb ingress and egress on a cgroup v2 directory: its processes and those of every
+    /// cgroup below it. The attachment is a BPF link, which the kernel always runs alongside
+    /// other programs on the cgroup (links take no attach flags: `Single` means none), and no
+    /// program can override another's drop.
+    pub fn attach_cgroup(&mut self, dir: &Path) -> Result<()> {
+        let cgroup = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
+        for (name, attach_type, hook) in [
+            (programs::CGROUP_INGRESS, CgroupSkbAttachType::Ingress, "cgroup-ingress"),
+            (programs::CGROUP_EGRESS, CgroupSkbAttachType::Egress, "cgroup-egress"),
+        ] {
+            let program: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
+            program
+                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {hook} to cgroup {}", dir.display()))?;
+            self.attachments.push(Attachment { interface: dir.display().to_string(), hook });
+        }
+        Ok(())
+    }
+
+    /// Processes in cgroup `cgroup_id` are identity `id`, wherever they send from.
+    pub fn bind_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<()> {
+        self.cgroups
+            .insert(cgroup_id, id, 0)
+            .with_context(|| format!("cgroup map full (capacity {})", maps::CGROUPS_CAPACITY))
+    }
+
+    pub fn unbind_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
+        match self.cgroups.remove(&cgroup_id) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// The workload behind host-side interface `ifindex` is identity `id`.
+    pub fn bind_interface(&mut self, ifindex: u32, id: u32) -> Result<()> {
+        self.interfaces
+            .insert(ifindex, id, 0)
+            .with_context(|| format!("interface map full (capacity {})", maps::INTERFACES_CAPACITY))
+    }
+
+    /// `addr` alone is identity `id` (a certificate binding), over any prefix that covers it.
+    pub fn bind_address(&mut self, addr: std::net::IpAddr, id: u32) -> Result<()> {
+        let (prefix_len, key) = ipcache_prefix(&addr.into());
+        self.ipcache
+            .insert(&Key::new(prefix_len, key), id, 0)
+            .with_context(|| format!("ipcache full at {addr} (capacity {})", maps::IPCACHE_CAPACITY))
+    }
+
+    pub fn unbind_address(&mut self, addr: std::net::IpAddr) -> Result<()> {
+        let (prefix_len, key) = ipcache_prefix(&addr.into());
+        match self.ipcache.remove(&Key::new(prefix_len, key)) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    pub fn unbind_interface(&mut self, ifindex: u32) -> Result<()> {
+        match self.interfaces.remove(&ifindex) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => Ok(other?),
+        }
     }
 
     pub fn attachments(&self) -> &[Attachment] {

@@ -4,8 +4,8 @@
 use std::{
     collections::HashMap,
     io::Write as _,
-    net::{Ipv4Addr, Ipv6Addr},
-    sync::Arc,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -14,9 +14,9 @@ use aya::maps::{MapData, RingBuf};
 use nix::time::{clock_gettime, ClockId};
 use serde_json::{json, Value};
 use tokio::io::{unix::AsyncFd, Interest};
-use zt_common::{proto, Direction, FlowEvent, Reason, Verdict, NO_RULE};
+use zt_common::{event_flags, identity, proto, Direction, FlowEvent, Hook, Reason, Verdict, NO_RULE};
 
-use crate::{datapath::Mode, policy::compile::Compiled};
+use crate::{datapath::Mode, policy::compile::Compiled, sources::IdentitySources};
 
 /// Reads a `FlowEvent` out of a ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
@@ -29,6 +29,7 @@ pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
 pub struct Enricher {
     node: String,
     compiled: Arc<Compiled>,
+    sources: Arc<Mutex<IdentitySources>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to date kernel timestamps.
     realtime_offset_ns: i128,
     interfaces: HashMap<u32, String>,
@@ -40,9 +41,9 @@ fn clock_ns(clock: ClockId) -> i128 {
 }
 
 impl Enricher {
-    pub fn new(node: String, compiled: Arc<Compiled>) -> Self {
+    pub fn new(node: String, compiled: Arc<Compiled>, sources: Arc<Mutex<IdentitySources>>) -> Self {
         let realtime_offset_ns = clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_MONOTONIC);
-        Self { node, compiled, realtime_offset_ns, interfaces: HashMap::new() }
+        Self { node, compiled, sources, realtime_offset_ns, interfaces: HashMap::new() }
     }
 
     fn interface(&mut self, ifindex: u32) -> String {
@@ -62,18 +63,33 @@ impl Enricher {
         humantime::format_rfc3339_nanos(at).to_string()
     }
 
-    fn endpoint(&self, family: u8, addr: &[u8; 16], port: Option<u16>, identity: u32) -> Value {
-        let ip = match family {
-            4 => Some(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]).to_string()),
-            6 => Some(Ipv6Addr::from(*addr).to_string()),
+    /// One end of the flow. `by` is how the kernel identified it: `event_flags::*_CGROUP`,
+    /// `*_INTERFACE`, or 0 for its address.
+    fn endpoint(&self, ev: &FlowEvent, addr: &[u8; 16], port: Option<u16>, identity: u32, by: u8) -> Value {
+        let ip: Option<IpAddr> = match ev.family {
+            4 => Some(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]).into()),
+            6 => Some(Ipv6Addr::from(*addr).into()),
             _ => None,
         };
-        json!({
-            "ip": ip,
+        let sources = self.sources.lock().expect("sources lock poisoned");
+        let source = match by {
+            event_flags::SRC_CGROUP | event_flags::DST_CGROUP => Some("cgroup"),
+            event_flags::SRC_INTERFACE | event_flags::DST_INTERFACE => Some("interface"),
+            _ if identity < identity::FIRST_USER => None,
+            _ if ip.is_some_and(|ip| sources.bound_by_certificate(ip)) => Some("certificate"),
+            _ => Some("cidr"),
+        };
+        let mut end = json!({
+            "ip": ip.map(|ip| ip.to_string()),
             "port": port,
             "identity": self.compiled.identities.name(identity),
             "identity_id": identity,
-        })
+            "source": source,
+        });
+        if source == Some("cgroup") {
+            end["cgroup"] = sources.cgroup_path(ev.cgroup_id).map_or_else(|| ev.cgroup_id.to_string(), str::to_owned).into();
+        }
+        end
     }
 
     pub fn enrich(&mut self, ev: &FlowEvent) -> Value {
@@ -89,6 +105,7 @@ impl Enricher {
             _ => None,
         };
         let mut line = json!({
+            "kind": "flow",
             "time": self.time(ev.timestamp_ns),
             "node": self.node,
             "verdict": verdict_name(ev.verdict),
@@ -96,10 +113,10 @@ impl Enricher {
             "reason": reason.map_or("unknown", Reason::name),
             "direction": direction_name(ev.direction),
             "hook": hook_name(ev.hook),
-            "interface": self.interface(ev.ifindex),
+            "interface": if ev.ifindex == 0 { Value::Null } else { self.interface(ev.ifindex).into() },
             "protocol": protocol_name(ev.protocol, ev.family),
-            "src": self.endpoint(ev.family, &ev.src_addr, src_port, ev.src_identity),
-            "dst": self.endpoint(ev.family, &ev.dst_addr, dst_port, ev.dst_identity),
+            "src": self.endpoint(ev, &ev.src_addr, src_port, ev.src_identity, ev.flags & (event_flags::SRC_CGROUP | event_flags::SRC_INTERFACE)),
+            "dst": self.endpoint(ev, &ev.dst_addr, dst_port, ev.dst_identity, ev.flags & (event_flags::DST_CGROUP | event_flags::DST_INTERFACE)),
             "policy": policy,
             "rule": rule.map(|r| format!("{}/{}/{}", r.policy, direction_name(r.direction as u8), r.index)),
             "generation": ev.generation,
@@ -130,9 +147,11 @@ pub fn direction_name(d: u8) -> &'static str {
 
 fn hook_name(h: u8) -> &'static str {
     match h {
-        x if x == zt_common::Hook::TcIngress as u8 => "tc-ingress",
-        x if x == zt_common::Hook::TcEgress as u8 => "tc-egress",
-        x if x == zt_common::Hook::Xdp as u8 => "xdp",
+        x if x == Hook::TcIngress as u8 => "tc-ingress",
+        x if x == Hook::TcEgress as u8 => "tc-egress",
+        x if x == Hook::Xdp as u8 => "xdp",
+        x if x == Hook::CgroupIngress as u8 => "cgroup-ingress",
+        x if x == Hook::CgroupEgress as u8 => "cgroup-egress",
         _ => "unknown",
     }
 }
@@ -167,4 +186,19 @@ pub async fn stream_to_stdout(ring: RingBuf<MapData>, mut enricher: Enricher) ->
         out.flush()?;
         guard.clear_ready();
     }
+}
+
+/// Writes an identity-source event (a certificate bound, rotated, rejected or revoked) as one
+/// JSON line on stdout, stamped like flow events.
+pub fn write_identity_event(node: &str, event: Value) -> Result<()> {
+    let mut line = serde_json::Map::new();
+    line.insert("time".into(), humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string().into());
+    line.insert("node".into(), node.into());
+    if let Value::Object(fields) = event {
+        line.extend(fields);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", Value::Object(line))?;
+    out.flush()?;
+    Ok(())
 }

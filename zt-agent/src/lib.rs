@@ -6,3 +6,5 @@ pub mod datapath;
 pub mod events;
 pub mod identity;
 pub mod policy;
+pub mod sources;
+pub mod svid;

@@ -33,6 +33,16 @@ enum Command {
         /// Uplink to other nodes (native XDP); repeatable.
         #[arg(long)]
         uplink: Vec<String>,
+        /// cgroup v2 directory (relative to the v2 root, or absolute) whose processes, and those
+        /// of every cgroup below it, are judged by cgroup hooks; repeatable.
+        #[arg(long)]
+        cgroup: Vec<PathBuf>,
+        /// Directory where workloads present X.509 SVIDs (`<workload>/svid.pem` + `bind.yaml`).
+        #[arg(long, requires = "trust_bundle")]
+        svid_dir: Option<PathBuf>,
+        /// PEM file of the CA certificates SVIDs must chain to.
+        #[arg(long, requires = "svid_dir")]
+        trust_bundle: Option<PathBuf>,
         /// Admin socket for `mode` and `status`.
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -74,7 +84,10 @@ enum PolicyCommand {
 fn print_status(status: &Status) {
     println!("mode:        {}", status.mode.name());
     println!("generation:  {}", status.generation);
-    println!("identities:  {}", status.identities);
+    println!("identities:  {}", status.identities.len());
+    for (name, id) in &status.identities {
+        println!("  {id:>10}  {name}");
+    }
     println!("rules:       {}", status.rules);
     println!("attached:");
     for a in &status.attachments {
@@ -95,11 +108,12 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Run { policy, mode, attach, uplink, socket, node_name } => {
+        Command::Run { policy, mode, attach, uplink, cgroup, svid_dir, trust_bundle, socket, node_name } => {
             let node_name = node_name.unwrap_or_else(|| {
                 nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
             });
-            let options = RunOptions { policy, mode, attach, uplink, socket, node_name };
+            let certificates = svid_dir.zip(trust_bundle);
+            let options = RunOptions { policy, mode, attach, uplink, cgroup, certificates, socket, node_name };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

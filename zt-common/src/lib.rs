@@ -16,12 +16,16 @@ pub mod maps {
     pub const CONNTRACK: &str = "ZT_CONNTRACK";
     pub const COUNTERS: &str = "ZT_COUNTERS";
     pub const EVENTS: &str = "ZT_EVENTS";
+    pub const CGROUPS: &str = "ZT_CGROUPS";
+    pub const INTERFACES: &str = "ZT_INTERFACES";
 
     pub const IPCACHE_CAPACITY: u32 = 65_536;
     pub const POLICY_CAPACITY: u32 = 1 << 20;
     pub const ISOLATION_CAPACITY: u32 = 65_536;
     pub const CONNTRACK_CAPACITY: u32 = 262_144;
     pub const EVENTS_BYTES: u32 = 1 << 22;
+    pub const CGROUPS_CAPACITY: u32 = 65_536;
+    pub const INTERFACES_CAPACITY: u32 = 4_096;
 }
 
 /// Program names, as exported by `zt-ebpf`.
@@ -29,6 +33,8 @@ pub mod programs {
     pub const TC_INGRESS: &str = "zt_tc_ingress";
     pub const TC_EGRESS: &str = "zt_tc_egress";
     pub const XDP: &str = "zt_xdp";
+    pub const CGROUP_INGRESS: &str = "zt_cgroup_ingress";
+    pub const CGROUP_EGRESS: &str = "zt_cgroup_egress";
 }
 
 /// Numeric identities. Below [`identity::FIRST_USER`] they are reserved.
@@ -94,6 +100,10 @@ pub enum Hook {
     TcEgress = 1,
     /// XDP on an uplink: traffic from another node.
     Xdp = 2,
+    /// cgroup_skb ingress: traffic delivered to a local process.
+    CgroupIngress = 3,
+    /// cgroup_skb egress: traffic sent by a local process.
+    CgroupEgress = 4,
 }
 
 #[repr(u8)]
@@ -314,7 +324,18 @@ pub struct FlowEvent {
     pub verdict: u8,
     pub reason: u8,
     pub mode: u8,
-    pub _pad: u8,
+    /// How the ends were identified: [`event_flags`].
+    pub flags: u8,
+    /// The local process's cgroup id on cgroup hooks, else 0.
+    pub cgroup_id: u64,
+}
+
+/// [`FlowEvent::flags`]: an end not flagged was identified by its address (the ipcache).
+pub mod event_flags {
+    pub const SRC_CGROUP: u8 = 1;
+    pub const DST_CGROUP: u8 = 2;
+    pub const SRC_INTERFACE: u8 = 4;
+    pub const DST_INTERFACE: u8 = 8;
 }
 
 macro_rules! assert_layout {
@@ -327,7 +348,7 @@ assert_layout!(PolicyKey, 12, 1);
 assert_layout!(PolicyValue, 8, 4);
 assert_layout!(CtKey, 40, 2);
 assert_layout!(CtValue, 24, 8);
-assert_layout!(FlowEvent, 72, 8);
+assert_layout!(FlowEvent, 80, 8);
 
 #[cfg(feature = "user")]
 mod pod {

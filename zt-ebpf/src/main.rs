@@ -1,5 +1,6 @@
 //! zt's kernel datapath: one pipeline — parse, conntrack, identify, policy, verdict — shared by
-//! the TC hooks on workload veths and the XDP hook on uplinks.
+//! the TC hooks on workload veths, the XDP hook on uplinks and the cgroup hooks of local
+//! processes.
 #![no_std]
 #![no_main]
 
@@ -11,34 +12,33 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, classifier, xdp},
+    programs::{SkBuffContext, TcContext, XdpContext},
 };
 use zt_common::{ct, identity, mode, Config, Direction, Hook, Reason, Verdict, NO_RULE};
 
 use crate::{
     maps::ZT_CONFIG,
     parse::{Packet, Parsed},
+    policy::At,
     verdict::Report,
 };
 
 /// Bytes made linear before a TC program parses: the deepest headers the parser reads fit.
 const TC_PULL_BYTES: u32 = 256;
 
-/// Judges one frame; true = let it through.
+/// Judges one parsed packet; true = let it through.
 #[inline(always)]
-fn judge(data: usize, end: usize, hook: Hook, ifindex: u32) -> bool {
+fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
     // The array slot always exists; zeroed (never written) it reads as enforce.
     let config = ZT_CONFIG.get(0).copied().unwrap_or(Config { mode: mode::ENFORCE, generation: 0 });
-    let mut pkt = Packet::default();
-    let parsed = parse::parse(data, end, &mut pkt);
     let mut report = Report {
-        pkt: &pkt,
+        pkt,
+        at,
         src_identity: identity::UNKNOWN,
         dst_identity: identity::UNKNOWN,
-        hook,
-        ifindex,
+        flags: 0,
         verdict: Verdict::Allow,
         reason: Reason::ControlPlane,
         direction: Direction::None,
@@ -58,26 +58,28 @@ fn judge(data: usize, end: usize, hook: Hook, ifindex: u32) -> bool {
         }
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    if conntrack::established(&pkt, config.mode, now) {
+    if conntrack::established(pkt, config.mode, now) {
         report.reason = Reason::Established;
         verdict::record(&report);
         return true;
     }
-    report.src_identity = policy::identify(&pkt.src);
-    report.dst_identity = policy::identify(&pkt.dst);
-    let decision = policy::decide(report.src_identity, report.dst_identity, pkt.protocol, pkt.dst_port);
+    let ends = policy::identify(pkt, at);
+    report.src_identity = ends.src;
+    report.dst_identity = ends.dst;
+    report.flags = ends.flags;
+    let decision = policy::decide(ends.src, ends.dst, pkt.protocol, pkt.dst_port);
     report.reason = decision.reason;
     report.direction = decision.direction;
     report.rule_id = decision.rule_id;
     if decision.allow {
-        conntrack::admit(&pkt, decision.rule_id, config.generation, 0, now);
+        conntrack::admit(pkt, decision.rule_id, config.generation, 0, now);
         verdict::record(&report);
         return true;
     }
     let pass = deny(&mut report);
     if pass {
         // Monitor mode: remember the flow so it is reported once, not once per packet.
-        conntrack::admit(&pkt, decision.rule_id, config.generation, ct::AUDIT, now);
+        conntrack::admit(pkt, decision.rule_id, config.generation, ct::AUDIT, now);
     }
     pass
 }
@@ -96,9 +98,11 @@ fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
     // Headers may sit in paged data; a failed pull leaves them unreadable and the parser denies.
     let _ = ctx.pull_data(if len < TC_PULL_BYTES { len } else { TC_PULL_BYTES });
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let at = At { hook, ifindex: unsafe { (*ctx.skb.skb).ifindex }, cgroup_id: 0 };
+    let mut pkt = Packet::default();
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), &mut pkt);
     // UNSPEC hands the packet on to the next program in the chain instead of ending it.
-    if judge(ctx.data(), ctx.data_end(), hook, ifindex) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
+    if judge(&pkt, parsed, at) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
 }
 
 /// Host-side veth ingress: traffic leaving a workload.
@@ -116,12 +120,34 @@ pub fn zt_tc_egress(ctx: TcContext) -> i32 {
 /// Uplink: traffic from other nodes, judged before an skb exists.
 #[xdp]
 pub fn zt_xdp(ctx: XdpContext) -> u32 {
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    if judge(ctx.data(), ctx.data_end(), Hook::Xdp, ifindex) {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
+    let at = At { hook: Hook::Xdp, ifindex: unsafe { (*ctx.ctx).ingress_ifindex }, cgroup_id: 0 };
+    let mut pkt = Packet::default();
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), &mut pkt);
+    if judge(&pkt, parsed, at) { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
+}
+
+/// cgroup hooks see packets from their IP header on, and know the local socket's cgroup.
+#[inline(always)]
+fn cgroup(ctx: &SkBuffContext, hook: Hook) -> i32 {
+    let skb = ctx.skb.skb;
+    let (data, end, protocol, ifindex) =
+        unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).protocol, (*skb).ifindex) };
+    let at = At { hook, ifindex, cgroup_id: unsafe { bpf_skb_cgroup_id(skb) } };
+    let mut pkt = Packet::default();
+    let parsed = parse::parse_packet(data, end, u16::from_be(protocol as u16), &mut pkt);
+    if judge(&pkt, parsed, at) { 1 } else { 0 }
+}
+
+/// Traffic delivered to a process in an attached cgroup.
+#[cgroup_skb(ingress)]
+pub fn zt_cgroup_ingress(ctx: SkBuffContext) -> i32 {
+    cgroup(&ctx, Hook::CgroupIngress)
+}
+
+/// Traffic sent by a process in an attached cgroup.
+#[cgroup_skb(egress)]
+pub fn zt_cgroup_egress(ctx: SkBuffContext) -> i32 {
+    cgroup(&ctx, Hook::CgroupEgress)
 }
 
 #[cfg(not(test))]

@@ -5,7 +5,10 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    maps::{CONNTRACK_CAPACITY, EVENTS_BYTES, IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY},
+    maps::{
+        CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, INTERFACES_CAPACITY, IPCACHE_CAPACITY,
+        ISOLATION_CAPACITY, POLICY_CAPACITY,
+    },
     Config, CtKey, CtValue, IpKey, PolicyKey, PolicyValue, COUNTER_COUNT,
 };
 
@@ -15,6 +18,14 @@ pub static ZT_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// Address prefix → identity.
 #[map]
 pub static ZT_IPCACHE: LpmTrie<IpKey, u32> = LpmTrie::with_max_entries(IPCACHE_CAPACITY, 0);
+
+/// cgroup id (the cgroup directory's inode) → identity of the processes in it.
+#[map]
+pub static ZT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUPS_CAPACITY, 0);
+
+/// Host-side interface index → identity of the workload behind it.
+#[map]
+pub static ZT_INTERFACES: HashMap<u32, u32> = HashMap::with_max_entries(INTERFACES_CAPACITY, 0);
 
 /// (subject, peer, direction, protocol, port prefix) → rule.
 #[map]

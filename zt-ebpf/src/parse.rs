@@ -76,10 +76,10 @@ fn mapped_v4(addr: [u8; 4]) -> IpKey {
     key
 }
 
-/// Parses the frame in `[data, end)` into `pkt`. On `Err`, `pkt` holds what was parsed so far
-/// (addresses of a fragment, for example) so the verdict can still name them.
+/// Parses the Ethernet frame in `[data, end)` into `pkt`. On `Err`, `pkt` holds what was parsed
+/// so far (addresses of a fragment, for example) so the verdict can still name them.
 #[inline(always)]
-pub fn parse(data: usize, end: usize, pkt: &mut Packet) -> Result<Parsed, Reason> {
+pub fn parse_frame(data: usize, end: usize, pkt: &mut Packet) -> Result<Parsed, Reason> {
     let eth: *const EthHdr = ptr_at(data, end, 0)?;
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = EthHdr::LEN;
@@ -88,8 +88,21 @@ pub fn parse(data: usize, end: usize, pkt: &mut Packet) -> Result<Parsed, Reason
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         offset += VlanHdr::LEN;
     }
+    if ether_type == ETH_P_ARP {
+        return Ok(Parsed::ControlPlane);
+    }
+    parse_l3(data, end, offset, ether_type, pkt)
+}
+
+/// Parses a packet that starts at its IP header (cgroup hooks), given its ethertype.
+#[inline(always)]
+pub fn parse_packet(data: usize, end: usize, ether_type: u16, pkt: &mut Packet) -> Result<Parsed, Reason> {
+    parse_l3(data, end, 0, ether_type, pkt)
+}
+
+#[inline(always)]
+fn parse_l3(data: usize, end: usize, offset: usize, ether_type: u16, pkt: &mut Packet) -> Result<Parsed, Reason> {
     let l4 = match ether_type {
-        ETH_P_ARP => return Ok(Parsed::ControlPlane),
         ETH_P_IP => parse_ipv4(data, end, offset, pkt)?,
         ETH_P_IPV6 => parse_ipv6(data, end, offset, pkt)?,
         // Double tags (QinQ) and every other protocol: nothing is implicitly allowed.

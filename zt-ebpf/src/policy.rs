@@ -6,17 +6,56 @@
 //! explicit deny anywhere beats every allow. The agent's reference evaluator mirrors this file.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use zt_common::{action, identity, isolation, Direction, PolicyKey, Reason, NO_RULE};
+use zt_common::{action, event_flags, identity, isolation, Direction, Hook, PolicyKey, Reason, NO_RULE};
 
-use crate::maps::{ZT_IPCACHE, ZT_ISOLATION, ZT_POLICY};
+use crate::{
+    maps::{ZT_CGROUPS, ZT_INTERFACES, ZT_IPCACHE, ZT_ISOLATION, ZT_POLICY},
+    parse::Packet,
+};
 
 const IP_BITS: u32 = 128;
 
 #[inline(always)]
-pub fn identify(addr: &zt_common::IpKey) -> u32 {
+fn by_address(addr: &zt_common::IpKey) -> u32 {
     match ZT_IPCACHE.get(Key::new(IP_BITS, *addr)) {
         Some(id) => *id,
         None => identity::UNKNOWN,
+    }
+}
+
+/// Where a packet is judged, and what that hook knows about its local end.
+#[derive(Clone, Copy)]
+pub struct At {
+    pub hook: Hook,
+    pub ifindex: u32,
+    /// The local socket's cgroup on cgroup hooks, else 0.
+    pub cgroup_id: u64,
+}
+
+pub struct Ends {
+    pub src: u32,
+    pub dst: u32,
+    /// `event_flags`: which end was identified by cgroup or interface instead of address.
+    pub flags: u8,
+}
+
+/// The local end is identified by its cgroup (a process) or its interface (a workload) where
+/// the hook knows them and the agent mapped them; every other end by its address.
+#[inline(always)]
+pub fn identify(pkt: &Packet, at: At) -> Ends {
+    let local = match at.hook {
+        Hook::TcIngress => unsafe { ZT_INTERFACES.get(at.ifindex) }.map(|id| (*id, event_flags::SRC_INTERFACE)),
+        Hook::TcEgress => unsafe { ZT_INTERFACES.get(at.ifindex) }.map(|id| (*id, event_flags::DST_INTERFACE)),
+        Hook::CgroupEgress => unsafe { ZT_CGROUPS.get(at.cgroup_id) }.map(|id| (*id, event_flags::SRC_CGROUP)),
+        Hook::CgroupIngress => unsafe { ZT_CGROUPS.get(at.cgroup_id) }.map(|id| (*id, event_flags::DST_CGROUP)),
+        Hook::Xdp => None,
+    };
+    match local {
+        Some((id, flag @ (event_flags::SRC_INTERFACE | event_flags::SRC_CGROUP))) => {
+            Ends { src: id, dst: by_address(&pkt.dst), flags: flag }
+        }
+        Some((id, flag)) => Ends { src: by_address(&pkt.src), dst: id, flags: flag },
+        None => Ends { src: by_address(&pkt.src), dst: by_address(&pkt.dst), flags: 0 },
     }
 }
 

@@ -2,11 +2,12 @@
 //! buffer when the verdict matters (a rule allowed a new flow, or something was denied/audited).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use zt_common::{counter_index, Direction, FlowEvent, Hook, Reason, Verdict, EVENTS_LOST_INDEX};
+use zt_common::{counter_index, Direction, FlowEvent, Reason, Verdict, EVENTS_LOST_INDEX};
 
 use crate::{
     maps::{ZT_COUNTERS, ZT_EVENTS},
     parse::Packet,
+    policy::At,
 };
 
 #[inline(always)]
@@ -18,10 +19,10 @@ pub fn count(index: u32) {
 
 pub struct Report<'a> {
     pub pkt: &'a Packet,
+    pub at: At,
     pub src_identity: u32,
     pub dst_identity: u32,
-    pub hook: Hook,
-    pub ifindex: u32,
+    pub flags: u8,
     pub verdict: Verdict,
     pub reason: Reason,
     pub direction: Direction,
@@ -48,18 +49,19 @@ pub fn record(r: &Report) {
         src_identity: r.src_identity,
         dst_identity: r.dst_identity,
         rule_id: r.rule_id,
-        ifindex: r.ifindex,
+        ifindex: r.at.ifindex,
         generation: r.generation,
         src_port: r.pkt.src_port,
         dst_port: r.pkt.dst_port,
         protocol: r.pkt.protocol,
         family: r.pkt.family,
-        hook: r.hook as u8,
+        hook: r.at.hook as u8,
         direction: r.direction as u8,
         verdict: r.verdict as u8,
         reason: r.reason as u8,
         mode: r.mode as u8,
-        _pad: 0,
+        flags: r.flags,
+        cgroup_id: r.at.cgroup_id,
     });
     entry.submit(0);
 }

@@ -21,13 +21,23 @@ use zt_common::{
 
 use super::{Action, Peer, PolicySet, PortRange, Protocol, Subject};
 use crate::identity::{IdentityError, IdentityTable};
+pub use super::selectors::{CgroupMatcher, SpiffeMatcher};
 
 /// Everything the agent writes into the kernel's maps for one policy set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
     pub identities: IdentityTable,
-    /// Every declared selector, plus `0.0.0.0/0` and `::/0` as world.
+    /// Every declared `cidr` selector, plus `0.0.0.0/0` and `::/0` as world.
     pub ipcache: Vec<(IpNet, u32)>,
+    /// The `cgroup` selectors: which identity a cgroup (by path relative to the cgroup v2
+    /// root) belongs to, inheriting from its nearest matching ancestor. Resolved by the agent.
+    pub cgroups: CgroupMatcher,
+    /// The `spiffe` selectors: which identity a verified SPIFFE ID belongs to. Resolved by the
+    /// agent.
+    pub spiffe: SpiffeMatcher,
+    /// The `interface` selectors: (host-side interface name, identity), sorted by name; each
+    /// name once. Resolved by the agent.
+    pub interfaces: Vec<(String, u32)>,
     /// (identity or ANY, `isolation::*` flags), one entry per identity.
     pub isolation: Vec<(u32, u32)>,
     /// (prefix length, key, value) for the policy LPM trie; every (length, key) once.
@@ -40,6 +50,12 @@ impl Compiled {
     pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
         let index = rule_id.checked_sub(1)?;
         self.rules.get(usize::try_from(index).ok()?)
+    }
+
+    /// The identity an `interface` selector gives the interface `name`.
+    pub fn interface_identity(&self, name: &str) -> Option<u32> {
+        let index = self.interfaces.binary_search_by(|(interface, _)| interface.as_str().cmp(name)).ok()?;
+        Some(self.interfaces[index].1)
     }
 }
 
@@ -59,6 +75,8 @@ pub enum CompileError {
     Identity(#[from] IdentityError),
     #[error("the policy set needs {count} entries in {map}, which holds at most {capacity}; use fewer prefixes, identities or port ranges")]
     MapFull { map: &'static str, count: usize, capacity: u32 },
+    #[error("the {kind} patterns cannot be compiled together: {message}; use fewer or simpler patterns")]
+    Patterns { kind: &'static str, message: String },
 }
 
 /// The ipcache key of an address: IPv6 as is, IPv4 as `::ffff:a.b.c.d`.
@@ -85,8 +103,25 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
     let mut ipcache = Vec::new();
     for identity in set.identities() {
         let id = id_of(&identity.name);
-        ipcache.extend(identity.selectors.iter().map(|net| (*net, id)));
+        ipcache.extend(identity.cidrs.iter().map(|net| (*net, id)));
     }
+    let patterns = |kind| move |err: globset::Error| CompileError::Patterns { kind, message: err.kind().to_string() };
+    let cgroups = CgroupMatcher::new(set.identities().iter().flat_map(|identity| {
+        let id = id_of(&identity.name);
+        identity.cgroups.iter().map(move |selector| (selector, identity.name.as_str(), id))
+    }))
+    .map_err(patterns("cgroup"))?;
+    let spiffe = SpiffeMatcher::new(set.identities().iter().flat_map(|identity| {
+        let id = id_of(&identity.name);
+        identity.spiffe.iter().map(move |selector| (selector, identity.name.as_str(), id))
+    }))
+    .map_err(patterns("SPIFFE"))?;
+    let mut interfaces: Vec<(String, u32)> = set
+        .identities()
+        .iter()
+        .flat_map(|identity| identity.interfaces.iter().map(|name| (name.clone(), id_of(&identity.name))))
+        .collect();
+    interfaces.sort();
     for everything in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
         ipcache.push((IpNet::new(everything, 0).expect("/0 is valid"), WORLD));
     }
@@ -139,7 +174,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
     check_capacity(maps::IPCACHE, ipcache.len(), maps::IPCACHE_CAPACITY)?;
     check_capacity(maps::ISOLATION, isolation.len(), maps::ISOLATION_CAPACITY)?;
     check_capacity(maps::POLICY, policy.len(), maps::POLICY_CAPACITY)?;
-    Ok(Compiled { identities, ipcache, isolation, policy, rules })
+    Ok(Compiled { identities, ipcache, cgroups, spiffe, interfaces, isolation, policy, rules })
 }
 
 fn check_capacity(map: &'static str, count: usize, capacity: u32) -> Result<(), CompileError> {
@@ -443,6 +478,61 @@ spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp,
         assert_eq!(compiled.policy.len(), 6);
         assert!(compiled.policy.iter().all(|(bits, _, value)| *bits == 96 && value.action == ALLOW));
         assert_eq!(compiled.rules.len(), 5);
+    }
+
+    #[test]
+    fn agent_resolved_selectors_compile_to_matchers() {
+        let text = "\
+apiVersion: zt/v1
+kind: Identity
+metadata: {name: pg}
+spec:
+  selectors:
+    - cgroup: system.slice/postgresql.service
+    - interface: lxc-pg
+---
+apiVersion: zt/v1
+kind: Identity
+metadata: {name: services}
+spec:
+  selectors:
+    - cgroup: 'system.slice/*.service'
+    - spiffe: 'spiffe://td/ns/*/sa/*'
+    - interface: eth9
+---
+apiVersion: zt/v1
+kind: Identity
+metadata: {name: api}
+spec:
+  selectors:
+    - spiffe: spiffe://td/ns/shop/sa/api
+    - cidr: 10.20.2.0/24
+---
+apiVersion: zt/v1
+kind: Policy
+metadata: {name: p}
+spec: {subject: [pg], ingress: [{from: [api]}]}
+";
+        let compiled = compile(&parse_str(text, "test.yaml").unwrap()).unwrap();
+        let id = |name| compiled.identities.id(name).unwrap();
+        assert_eq!(compiled.cgroups.identity_of("system.slice/postgresql.service/child"), Some(id("pg")));
+        assert_eq!(compiled.cgroups.identity_of("system.slice/nginx.service"), Some(id("services")));
+        assert_eq!(compiled.cgroups.identity_of("user.slice"), None);
+        assert_eq!(compiled.spiffe.identity_of("spiffe://td/ns/shop/sa/api"), Some(id("api")));
+        assert_eq!(compiled.spiffe.identity_of("spiffe://td/ns/shop/sa/web"), Some(id("services")));
+        assert_eq!(compiled.spiffe.identity_of("spiffe://other/ns/shop/sa/web"), None);
+        // Sorted by interface name.
+        assert_eq!(compiled.interfaces, vec![("eth9".to_owned(), id("services")), ("lxc-pg".to_owned(), id("pg"))]);
+        assert_eq!(compiled.interface_identity("lxc-pg"), Some(id("pg")));
+        assert_eq!(compiled.interface_identity("lxc-web"), None);
+        // Only CIDRs reach the ipcache; an identity without any is still isolated by its policy.
+        assert_eq!(compiled.ipcache.len(), 1 + 2);
+        assert!(compiled.ipcache.contains(&("10.20.2.0/24".parse().unwrap(), id("api"))));
+        assert_eq!(compiled.isolation, vec![(id("pg"), isolation::INGRESS)]);
+        assert_eq!(compiled.policy.len(), 1);
+        // A set without such selectors has empty matchers.
+        let plain = compile_egress(&[]);
+        assert!(plain.cgroups.is_empty() && plain.spiffe.is_empty() && plain.interfaces.is_empty());
     }
 
     #[test]

@@ -160,6 +160,7 @@ fn mask(key: u128, bits: u32) -> u128 {
 mod tests {
     use std::{fmt::Write, net::IpAddr};
 
+    use fastrand::Rng;
     use zt_common::{identity::WORLD, proto};
 
     use super::*;
@@ -224,7 +225,8 @@ mod tests {
     /// The meaning of a policy set, straight from its rules: no identity numbers, no prefixes,
     /// no precedence folded into entries.
     ///
-    /// An address belongs to the identity with its longest containing selector, else to world.
+    /// An address belongs to the identity with its longest containing `cidr` selector, else to
+    /// world.
     /// An identity is isolated in a direction if a policy whose subjects include it (or `any`)
     /// lists that direction. The rules that match a flow for an isolated end are those of such
     /// policies, in that direction, whose peers include the other end (by name, `world` for
@@ -247,7 +249,7 @@ mod tests {
                 .set
                 .identities()
                 .iter()
-                .flat_map(|identity| identity.selectors.iter().map(move |net| (net, &identity.name)));
+                .flat_map(|identity| identity.cidrs.iter().map(move |net| (net, &identity.name)));
             let containing = selectors.filter(|(net, _)| net.contains(&addr));
             containing.max_by_key(|(net, _)| net.prefix_len()).map(|(_, name)| name.as_str())
         }
@@ -344,34 +346,19 @@ mod tests {
         }
     }
 
-    /// SplitMix64: a seeded, dependency-free generator, so a failure replays exactly.
-    struct Rng(u64);
+    /// Draws for the generators, over a seeded `fastrand::Rng` so that a failure replays exactly.
+    trait Draw {
+        fn percent(&mut self, chance: usize) -> bool;
+        fn pick<T: Copy>(&mut self, items: &[T]) -> T;
+    }
 
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
+    impl Draw for Rng {
         fn percent(&mut self, chance: usize) -> bool {
-            self.below(100) < chance
+            self.usize(..100) < chance
         }
 
         fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-            items[self.below(items.len())]
-        }
-
-        fn shuffle<T>(&mut self, items: &mut [T]) {
-            for i in (1..items.len()).rev() {
-                items.swap(i, self.below(i + 1));
-            }
+            items[self.usize(..items.len())]
         }
     }
 
@@ -408,20 +395,20 @@ mod tests {
 
     fn random_policy_yaml(rng: &mut Rng) -> String {
         let mut yaml = String::new();
-        let names = &NAMES[..1 + rng.below(NAMES.len())];
+        let names = &NAMES[..1 + rng.usize(..NAMES.len())];
         let mut prefixes = PREFIXES;
         rng.shuffle(&mut prefixes);
         let mut prefixes = prefixes.into_iter();
         for name in names {
             let selectors: Vec<String> =
-                prefixes.by_ref().take(1 + rng.below(2)).map(|cidr| format!("{{cidr: '{cidr}'}}")).collect();
+                prefixes.by_ref().take(1 + rng.usize(..2)).map(|cidr| format!("{{cidr: '{cidr}'}}")).collect();
             let selectors = selectors.join(", ");
             writeln!(yaml, "---\napiVersion: zt/v1\nkind: Identity\nmetadata: {{name: {name}}}\nspec: {{selectors: [{selectors}]}}").unwrap();
         }
         let subjects: Vec<&str> = names.iter().copied().chain(["any"]).collect();
         let peers: Vec<&str> = names.iter().copied().chain(["any", "world"]).collect();
-        for policy in 0..1 + rng.below(4) {
-            let subject: Vec<&str> = (0..1 + rng.below(2)).map(|_| rng.pick(&subjects)).collect();
+        for policy in 0..1 + rng.usize(..4) {
+            let subject: Vec<&str> = (0..1 + rng.usize(..2)).map(|_| rng.pick(&subjects)).collect();
             writeln!(
                 yaml,
                 "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: p{policy}}}\nspec:\n  subject: [{}]",
@@ -432,7 +419,7 @@ mod tests {
             let with_egress = !with_ingress || rng.percent(50);
             for (present, list, peer_key) in [(with_ingress, "ingress", "from"), (with_egress, "egress", "to")] {
                 if present {
-                    let rules: Vec<String> = (0..rng.below(4)).map(|_| random_rule(rng, peer_key, &peers)).collect();
+                    let rules: Vec<String> = (0..rng.usize(..4)).map(|_| random_rule(rng, peer_key, &peers)).collect();
                     writeln!(yaml, "  {list}: [{}]", rules.join(", ")).unwrap();
                 }
             }
@@ -441,10 +428,10 @@ mod tests {
     }
 
     fn random_rule(rng: &mut Rng, peer_key: &str, peers: &[&str]) -> String {
-        let peer_list: Vec<&str> = (0..1 + rng.below(2)).map(|_| rng.pick(peers)).collect();
+        let peer_list: Vec<&str> = (0..1 + rng.usize(..2)).map(|_| rng.pick(peers)).collect();
         let mut rule = format!("{{{peer_key}: [{}]", peer_list.join(", "));
         if rng.percent(70) {
-            let items: Vec<String> = (0..1 + rng.below(2)).map(|_| random_port_item(rng)).collect();
+            let items: Vec<String> = (0..1 + rng.usize(..2)).map(|_| random_port_item(rng)).collect();
             write!(rule, ", ports: [{}]", items.join(", ")).unwrap();
         }
         if rng.percent(35) {
@@ -462,7 +449,7 @@ mod tests {
                 false => format!("{{protocol: {protocol}, type: {}}}", rng.pick(&ICMP_TYPES)),
             };
         }
-        match rng.below(3) {
+        match rng.usize(..3) {
             0 => format!("{{protocol: {protocol}}}"),
             1 => format!("{{protocol: {protocol}, port: {}}}", rng.pick(&PORTS)),
             _ => {
@@ -478,7 +465,7 @@ mod tests {
         let dst_port = match protocol {
             proto::ICMP | proto::ICMPV6 => rng.pick(&ICMP_TYPES),
             47 => 0,
-            _ if rng.percent(15) => rng.next() as u16,
+            _ if rng.percent(15) => rng.u16(..),
             _ => rng.pick(&PORTS),
         };
         flow(rng.pick(addresses), rng.pick(addresses), protocol, dst_port)
@@ -488,16 +475,22 @@ mod tests {
     fn compiled_entries_agree_with_the_naive_semantics() {
         const POLICY_SETS: usize = 600;
         const FLOWS_PER_SET: usize = 40;
-        let mut rng = Rng(0x5eed_2024);
+        let seed = seed_from_env("ZT_POLICY_SEED", 0x5eed_2024);
+        let mut rng = Rng::with_seed(seed);
         let mut seen: HashMap<String, usize> = HashMap::new();
         for case in 0..POLICY_SETS {
             let yaml = random_policy_yaml(&mut rng);
-            let set = parse_str(&yaml, "random.yaml").unwrap_or_else(|errors| panic!("case {case}:\n{yaml}\n{errors}"));
+            let set = parse_str(&yaml, "random.yaml")
+                .unwrap_or_else(|errors| panic!("case {case} (ZT_POLICY_SEED={seed:#x}):\n{yaml}\n{errors}"));
             let compiled = compile(&set).unwrap();
             let mut prefixes: Vec<_> = compiled.policy.iter().map(|(bits, key, _)| (*bits, *key)).collect();
             prefixes.sort();
             prefixes.dedup();
-            assert_eq!(prefixes.len(), compiled.policy.len(), "case {case}: duplicate entries\n{yaml}");
+            assert_eq!(
+                prefixes.len(),
+                compiled.policy.len(),
+                "case {case} (ZT_POLICY_SEED={seed:#x}): duplicate entries\n{yaml}"
+            );
             let (evaluator, naive) = (Evaluator::new(&compiled), Naive { set: &set });
             for _ in 0..FLOWS_PER_SET {
                 let flow = random_flow(&mut rng);
@@ -505,7 +498,7 @@ mod tests {
                 assert_eq!(
                     evaluator.evaluate(&flow),
                     expected,
-                    "case {case}: {flow:?}\n{yaml}\nentries: {:#?}",
+                    "case {case} (replay with ZT_POLICY_SEED={seed:#x}): {flow:?}\n{yaml}\nentries: {:#?}",
                     compiled.policy
                 );
                 *seen.entry(outcome_name(expected.reason, expected.direction)).or_default() += 1;
@@ -515,10 +508,23 @@ mod tests {
         for reason in [Reason::PolicyAllow, Reason::PolicyDeny, Reason::DefaultDeny] {
             for direction in [Direction::Ingress, Direction::Egress] {
                 let count = seen.get(&outcome_name(reason, direction)).copied().unwrap_or(0);
-                assert!(count >= 100, "only {count} cases of {reason:?} on {direction:?}: {seen:?}");
+                assert!(count >= 100, "only {count} cases of {reason:?} on {direction:?} (seed {seed:#x}): {seen:?}");
             }
         }
         assert!(seen.get(&outcome_name(Reason::NotIsolated, Direction::None)).copied().unwrap_or(0) >= 100, "{seen:?}");
+    }
+
+    /// The seed in `name` (decimal or `0x…` hex, `_` allowed), else `default`: the generator's
+    /// whole output follows from it (and the `fastrand` version Cargo.lock pins), so a failure
+    /// replays with the seed it names.
+    fn seed_from_env(name: &str, default: u64) -> u64 {
+        let Ok(text) = std::env::var(name) else { return default };
+        let digits = text.trim().replace('_', "");
+        let parsed = match digits.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => digits.parse(),
+        };
+        parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number"))
     }
 
     fn outcome_name(reason: Reason, direction: Direction) -> String {

@@ -1,14 +1,16 @@
 //! Policy files: the model, loading, and validation whose errors point at `file:line:col`.
 //!
 //! A file holds YAML documents separated by `---` lines, each `apiVersion: zt/v1` and either
-//! `kind: Identity` (a name for a set of address prefixes) or `kind: Policy` (what a set of
-//! identities may send and receive). Names are shared across all files of a load. Loading
-//! reports every problem it finds, not just the first, sorted by file and position.
+//! `kind: Identity` (a name for the workloads its selectors pick: address prefixes, cgroups,
+//! SPIFFE IDs, host-side interfaces) or `kind: Policy` (what a set of identities may send and
+//! receive). Names are shared across all files of a load. Loading reports every problem it
+//! finds, not just the first, sorted by file and position.
 
 pub mod compile;
 pub mod eval;
 mod locate;
 mod schema;
+pub mod selectors;
 
 use std::{
     cell::OnceCell,
@@ -25,13 +27,14 @@ use zt_common::Direction;
 
 use crate::identity;
 use locate::{Position, Positions, YamlPath};
-use schema::{Document, Header, IdentitySpec, PolicySpec, PortItem, PortSpec};
+use schema::{Document, Header, IdentitySpec, PolicySpec, PortItem, PortSpec, Selector};
+pub use selectors::{CgroupSelector, SpiffeSelector};
 
 pub const API_VERSION: &str = "zt/v1";
 const MAX_NAME_LEN: usize = 253;
 
 /// A validated set of identities and policies: every name it mentions is declared, every
-/// prefix is canonical and owned by one identity.
+/// selector is well-formed and no selector is declared twice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicySet {
     identities: Vec<Identity>,
@@ -50,11 +53,21 @@ impl PolicySet {
     }
 }
 
+/// A workload identity: any one of its selectors matching makes a workload this identity. Each
+/// list keeps the order of `spec.selectors`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     pub name: String,
-    /// Canonical (no host bits), never IPv4-mapped IPv6, never a whole address family.
-    pub selectors: Vec<IpNet>,
+    /// `cidr:` selectors. Canonical (no host bits), never IPv4-mapped IPv6, never a whole
+    /// address family. Resolved by the kernel.
+    pub cidrs: Vec<IpNet>,
+    /// `cgroup:` selectors. Resolved by the agent (`Compiled::cgroups`).
+    pub cgroups: Vec<CgroupSelector>,
+    /// `spiffe:` selectors. Resolved by the agent (`Compiled::spiffe`).
+    pub spiffe: Vec<SpiffeSelector>,
+    /// `interface:` selectors: host-side interface names, valid Linux names. Resolved by the
+    /// agent (`Compiled::interfaces`).
+    pub interfaces: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -379,12 +392,33 @@ fn strip_positions(message: &str) -> String {
     stripped
 }
 
+/// Each valid selector with its index in `spec.selectors`.
 struct DeclaredIdentity {
     name: String,
-    /// Each valid prefix with its index in `spec.selectors`.
-    selectors: Vec<(IpNet, usize)>,
+    cidrs: Vec<(IpNet, usize)>,
+    cgroups: Vec<(CgroupSelector, usize)>,
+    spiffe: Vec<(SpiffeSelector, usize)>,
+    interfaces: Vec<(String, usize)>,
     doc: Rc<Doc>,
 }
+
+impl DeclaredIdentity {
+    fn into_identity(self) -> Identity {
+        fn values<T>(items: Vec<(T, usize)>) -> Vec<T> {
+            items.into_iter().map(|(value, _)| value).collect()
+        }
+        Identity {
+            name: self.name,
+            cidrs: values(self.cidrs),
+            cgroups: values(self.cgroups),
+            spiffe: values(self.spiffe),
+            interfaces: values(self.interfaces),
+        }
+    }
+}
+
+/// The keys of a selector, one of which each selector has.
+const SELECTOR_KEYS: [&str; 4] = ["cidr", "cgroup", "spiffe", "interface"];
 
 struct DeclaredPolicy {
     policy: Policy,
@@ -460,23 +494,50 @@ impl Loader {
         let selectors_path = spec_path().key("selectors");
         if parsed.spec.selectors.is_empty() {
             let message = format!(
-                "identity {} has no selectors; add at least one \"- cidr: PREFIX\" under spec.selectors",
+                "identity {} has no selectors; add at least one (\"- cidr: PREFIX\", \"- cgroup: PATH\", \
+                 \"- spiffe: ID\" or \"- interface: NAME\") under spec.selectors",
                 quoted_or_unnamed(&name)
             );
             self.errors.push(doc.error_at_key(&selectors_path, message));
         }
-        let mut selectors = Vec::new();
-        for (index, selector) in parsed.spec.selectors.iter().enumerate() {
-            match parse_selector(&selector.cidr) {
-                Ok(net) => selectors.push((net, index)),
-                Err(message) => {
-                    let path = selectors_path.index(index).key("cidr");
-                    self.errors.push(doc.error_at_value(&path, message));
-                }
+        let mut declared = DeclaredIdentity {
+            name: String::new(),
+            cidrs: Vec::new(),
+            cgroups: Vec::new(),
+            spiffe: Vec::new(),
+            interfaces: Vec::new(),
+            doc: doc.clone(),
+        };
+        for (index, selector) in parsed.spec.selectors.into_iter().enumerate() {
+            let path = selectors_path.index(index);
+            let Selector { cidr, cgroup, spiffe, interface } = selector;
+            let present: Vec<&'static str> = [cidr.is_some(), cgroup.is_some(), spiffe.is_some(), interface.is_some()]
+                .into_iter()
+                .zip(SELECTOR_KEYS)
+                .filter_map(|(present, key)| present.then_some(key))
+                .collect();
+            if present.len() != 1 {
+                self.errors.push(selector_shape_error(&doc, &path, &present));
+                continue;
+            }
+            let key = present[0];
+            let checked = if let Some(text) = cidr {
+                parse_selector(&text).map(|net| declared.cidrs.push((net, index)))
+            } else if let Some(text) = cgroup {
+                CgroupSelector::parse(&text).map(|selector| declared.cgroups.push((selector, index)))
+            } else if let Some(text) = spiffe {
+                SpiffeSelector::parse(&text).map(|selector| declared.spiffe.push((selector, index)))
+            } else if let Some(text) = interface {
+                selectors::check_interface_name(&text).map(|()| declared.interfaces.push((text, index)))
+            } else {
+                unreachable!("exactly one key is present")
+            };
+            if let Err(message) = checked {
+                self.errors.push(doc.error_at_value(&path.key(key), message));
             }
         }
         if let Some(name) = name {
-            self.identities.push(DeclaredIdentity { name, selectors, doc });
+            self.identities.push(DeclaredIdentity { name, ..declared });
         }
     }
 
@@ -605,17 +666,14 @@ impl Loader {
 
     fn finish(mut self) -> Result<PolicySet, PolicyErrors> {
         self.check_duplicate_names();
-        self.check_prefix_owners();
+        self.check_selector_owners();
         self.check_references();
         if !self.errors.is_empty() {
             let mut errors = self.errors;
             errors.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
             return Err(PolicyErrors(errors));
         }
-        let identities = self.identities.into_iter().map(|declared| Identity {
-            name: declared.name,
-            selectors: declared.selectors.into_iter().map(|(net, _)| net).collect(),
-        });
+        let identities = self.identities.into_iter().map(DeclaredIdentity::into_identity);
         let policies = self.policies.into_iter().map(|declared| declared.policy);
         Ok(PolicySet { identities: identities.collect(), policies: policies.collect() })
     }
@@ -639,24 +697,38 @@ impl Loader {
         }
     }
 
-    /// Longest-prefix match makes overlapping prefixes meaningful, but an identical prefix in
-    /// two places has no single owner.
-    fn check_prefix_owners(&mut self) {
-        let mut owners: HashMap<IpNet, (&str, String)> = HashMap::new();
-        for declared in &self.identities {
-            for &(net, index) in &declared.selectors {
-                let path = spec_path().key("selectors").index(index).key("cidr");
-                if let Some((owner, location)) = owners.get(&net) {
-                    let message = format!(
-                        "prefix {net} is already declared by identity \"{owner}\" (at {location}); \
-                         an address prefix belongs to one identity, remove one of them"
-                    );
-                    self.errors.push(declared.doc.error_at_value(&path, message));
-                } else {
-                    owners.insert(net, (&declared.name, declared.doc.location(&path)));
-                }
-            }
-        }
+    /// Longest-prefix match makes overlapping prefixes meaningful, and precedence overlapping
+    /// patterns, but an identical selector in two places (in one identity or two) has no single
+    /// owner.
+    fn check_selector_owners(&mut self) {
+        let identities = &self.identities;
+        let mut errors = owner_errors(identities, "cidr", |d| &d.cidrs, |net, owner, location| {
+            format!(
+                "prefix {net} is already declared by identity \"{owner}\" (at {location}); \
+                 an address prefix belongs to one identity, remove one of them"
+            )
+        });
+        errors.extend(owner_errors(identities, "cgroup", |d| &d.cgroups, |selector, owner, location| {
+            let what = if selector.is_glob() { "glob" } else { "path" };
+            format!(
+                "cgroup {what} \"{selector}\" is already declared by identity \"{owner}\" (at {location}); \
+                 a cgroup selector belongs to one identity, remove one of them"
+            )
+        }));
+        errors.extend(owner_errors(identities, "spiffe", |d| &d.spiffe, |selector, owner, location| {
+            let what = if selector.is_pattern() { "pattern" } else { "ID" };
+            format!(
+                "SPIFFE {what} \"{selector}\" is already declared by identity \"{owner}\" (at {location}); \
+                 a SPIFFE selector belongs to one identity, remove one of them"
+            )
+        }));
+        errors.extend(owner_errors(identities, "interface", |d| &d.interfaces, |name, owner, location| {
+            format!(
+                "interface \"{name}\" is already declared by identity \"{owner}\" (at {location}); \
+                 an interface belongs to one identity, remove one of them"
+            )
+        }));
+        self.errors.extend(errors);
     }
 
     fn check_references(&mut self) {
@@ -695,6 +767,48 @@ impl Loader {
             }
         }
     }
+}
+
+/// An error at every repeat of a selector of one kind, naming where it was first declared.
+fn owner_errors<T: Eq + std::hash::Hash>(
+    identities: &[DeclaredIdentity],
+    key: &'static str,
+    selectors: impl Fn(&DeclaredIdentity) -> &Vec<(T, usize)>,
+    message: impl Fn(&T, &str, &str) -> String,
+) -> Vec<PolicyError> {
+    let mut owners: HashMap<&T, (&str, String)> = HashMap::new();
+    let mut errors = Vec::new();
+    for declared in identities {
+        for (selector, index) in selectors(declared) {
+            let path = spec_path().key("selectors").index(*index).key(key);
+            if let Some((owner, location)) = owners.get(selector) {
+                errors.push(declared.doc.error_at_value(&path, message(selector, owner, location)));
+            } else {
+                owners.insert(selector, (&declared.name, declared.doc.location(&path)));
+            }
+        }
+    }
+    errors
+}
+
+/// A selector without a value, or with several keys: pointed at the selector, or at its
+/// second key.
+fn selector_shape_error(doc: &Doc, path: &YamlPath, present: &[&'static str]) -> PolicyError {
+    if present.is_empty() {
+        let message = "selector has no value; write one of \"cidr: PREFIX\", \"cgroup: PATH\", \"spiffe: ID\", \
+                       \"interface: NAME\""
+            .to_owned();
+        return doc.error_at_value(path, message);
+    }
+    let mut keys: Vec<(Position, &str)> =
+        present.iter().map(|key| (doc.positions().key(&path.key(key)), *key)).collect();
+    keys.sort_by_key(|(at, _)| (at.line, at.col));
+    let listed = keys.iter().map(|(_, key)| *key).collect::<Vec<_>>().join(", ");
+    let message = format!(
+        "a selector has exactly one key, this one has {listed}; make each its own list item (\"- {}: ...\")",
+        keys[1].1
+    );
+    doc.error(keys[1].0, message)
 }
 
 fn reference_problem(name: &str, list: &YamlPath, known: &BTreeSet<&str>, usable: &str) -> Option<String> {

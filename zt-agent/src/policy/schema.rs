@@ -1,4 +1,4 @@
-//! The YAML file format, as serde reads it. Values stay loosely typed (names and CIDRs as
+//! The YAML file format, as serde reads it. Values stay loosely typed (names and selectors as
 //! strings, ports as signed numbers) so that validation, not serde, explains what is wrong.
 
 use std::fmt;
@@ -45,10 +45,14 @@ pub(super) struct IdentitySpec {
     pub selectors: Vec<Selector>,
 }
 
+/// One of the keys, exactly; validation says so when a selector has none or several.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Selector {
-    pub cidr: String,
+    pub cidr: Option<String>,
+    pub cgroup: Option<String>,
+    pub spiffe: Option<String>,
+    pub interface: Option<String>,
 }
 
 #[derive(Deserialize)]

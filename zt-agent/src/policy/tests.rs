@@ -52,7 +52,7 @@ fn demo_policy_parses() {
     let names: Vec<&str> = set.identities().iter().map(|identity| identity.name.as_str()).collect();
     assert_eq!(names, ["web", "api", "db", "intruder", "reports"]);
     let db = &set.identities()[2];
-    assert_eq!(db.selectors, ["10.20.3.0/24".parse::<IpNet>().unwrap(), "fd00:20:3::/64".parse().unwrap()]);
+    assert_eq!(db.cidrs, ["10.20.3.0/24".parse::<IpNet>().unwrap(), "fd00:20:3::/64".parse().unwrap()]);
     let policies: Vec<&str> = set.policies().iter().map(|policy| policy.name.as_str()).collect();
     assert_eq!(policies, ["default-deny", "web", "api", "db", "reports"]);
     let default_deny = &set.policies()[0];
@@ -271,7 +271,8 @@ fn identities_need_selectors() {
     let text = "apiVersion: zt/v1\nkind: Identity\nmetadata: {name: a}\nspec:\n  selectors: []\n";
     assert_eq!(
         single_error(text),
-        "t.yaml:5:3: identity \"a\" has no selectors; add at least one \"- cidr: PREFIX\" under spec.selectors"
+        "t.yaml:5:3: identity \"a\" has no selectors; add at least one (\"- cidr: PREFIX\", \"- cgroup: PATH\", \
+         \"- spiffe: ID\" or \"- interface: NAME\") under spec.selectors"
     );
 }
 
@@ -428,4 +429,165 @@ fn unreadable_paths_and_empty_directories_are_errors() {
         messages.iter().any(|m| m.starts_with(&format!("{}:cannot read the file", missing.display()))),
         "{messages:?}"
     );
+}
+
+/// One identity whose selectors are `items` (each a `- key: value` line), starting on line 7.
+fn identity_with(name: &str, items: &[&str]) -> String {
+    let items: String = items.iter().map(|item| format!("    - {item}\n")).collect();
+    format!("---\napiVersion: zt/v1\nkind: Identity\nmetadata:\n  name: {name}\nspec:\n  selectors:\n{items}")
+}
+
+#[test]
+fn every_selector_kind_parses_into_the_model() {
+    let text = identity_with(
+        "\"spiffe://prod.example/ns/shop/sa/api\"",
+        &[
+            "cidr: 10.20.2.0/24",
+            "cgroup: system.slice/postgresql.service",
+            "cgroup: \"kubepods.slice/**/cri-containerd-*.scope\"",
+            "spiffe: spiffe://prod.example/ns/shop/sa/api",
+            "spiffe: \"spiffe://prod.example/ns/shop/sa/*\"",
+            "interface: lxc-api",
+            "{cidr: 'fd00:20:2::/64'}",
+        ],
+    );
+    let set = parse_str(&text, "t.yaml").unwrap();
+    assert_eq!(
+        set.identities(),
+        [Identity {
+            name: "spiffe://prod.example/ns/shop/sa/api".into(),
+            cidrs: vec!["10.20.2.0/24".parse().unwrap(), "fd00:20:2::/64".parse().unwrap()],
+            cgroups: vec![
+                CgroupSelector::Exact("system.slice/postgresql.service".into()),
+                CgroupSelector::Glob("kubepods.slice/**/cri-containerd-*.scope".into()),
+            ],
+            spiffe: vec![
+                SpiffeSelector::Exact("spiffe://prod.example/ns/shop/sa/api".into()),
+                SpiffeSelector::Pattern("spiffe://prod.example/ns/shop/sa/*".into()),
+            ],
+            interfaces: vec!["lxc-api".into()],
+        }]
+    );
+}
+
+#[test]
+fn selector_errors_point_at_their_values() {
+    // Lines 8 to 17; values start at column 13 (cidr), 15 (cgroup, spiffe) or 18 (interface).
+    let text = identity_with(
+        "a",
+        &[
+            "cidr: 10.0.0.0/8",
+            "cgroup: /sys/fs/cgroup/system.slice/x.service",
+            "cgroup: a//b",
+            "cgroup: \"a/b**\"",
+            "spiffe: spiffe://Prod.example/a",
+            "spiffe: spiffe://td/a?x",
+            "spiffe: \"spiffe://td/**/a**\"",
+            "interface: veth1234567890abc",
+            "interface: \"eth0:1\"",
+            "interface: ..",
+        ],
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "t.yaml:9:15: cgroup path \"/sys/fs/cgroup/system.slice/x.service\" is absolute; write it relative to \
+             the cgroup v2 root (no leading '/'), did you mean \"system.slice/x.service\"?",
+            "t.yaml:10:15: cgroup path \"a//b\" has an empty segment (\"//\"); remove the extra '/'",
+            "t.yaml:11:15: cgroup glob \"a/b**\" has \"**\" inside the segment \"b**\"; \"**\" must be a whole segment \
+             (as in kubepods.slice/**/x.scope), use \"*\" to match within a segment",
+            "t.yaml:12:15: 'P' is not allowed in the trust domain \"Prod.example\" of SPIFFE ID \
+             \"spiffe://Prod.example/a\"; write it in lowercase: \"prod.example\"",
+            "t.yaml:13:15: SPIFFE ID \"spiffe://td/a?x\" has a query (\"?x\"); SPIFFE IDs have none, remove it",
+            "t.yaml:14:15: SPIFFE pattern \"spiffe://td/**/a**\" has \"**\" inside the segment \"a**\"; \"**\" must be \
+             a whole segment (as in spiffe://td/ns/**), use \"*\" to match within a segment",
+            "t.yaml:15:18: interface name \"veth1234567890abc\" is 17 bytes long; Linux interface names have at most 15",
+            "t.yaml:16:18: ':' is not allowed in an interface name (\"eth0:1\"); Linux interface names have no '/', ':' \
+             or whitespace",
+            "t.yaml:17:18: \"..\" is not a valid interface name; write the interface's name, e.g. lxc-api",
+        ]
+    );
+}
+
+#[test]
+fn a_selector_has_exactly_one_known_key() {
+    let text = identity_with(
+        "a",
+        &["cidr: 10.0.0.0/8\n      cgroup: a.slice", "{interface: eth0, spiffe: 'spiffe://td/a'}", "cidr:", "{}"],
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "t.yaml:9:7: a selector has exactly one key, this one has cidr, cgroup; make each its own list item \
+             (\"- cgroup: ...\")",
+            "t.yaml:10:25: a selector has exactly one key, this one has interface, spiffe; make each its own list \
+             item (\"- spiffe: ...\")",
+            "t.yaml:11:7: selector has no value; write one of \"cidr: PREFIX\", \"cgroup: PATH\", \"spiffe: ID\", \
+             \"interface: NAME\"",
+            "t.yaml:12:7: selector has no value; write one of \"cidr: PREFIX\", \"cgroup: PATH\", \"spiffe: ID\", \
+             \"interface: NAME\"",
+        ]
+    );
+    let text = identity_with("a", &["cgroups: a.slice"]);
+    assert_eq!(
+        single_error(&text),
+        "t.yaml:8:7: spec.selectors[0]: unknown field `cgroups`; expected one of `cidr`, `cgroup`, `spiffe`, `interface`"
+    );
+}
+
+#[test]
+fn the_same_selector_in_two_places_is_rejected() {
+    // Each identity is 9 lines; its selectors on lines 8 and 9 (+ 9 per identity).
+    let text = [
+        identity_with("a", &["cgroup: system.slice/pg.service", "spiffe: spiffe://td/ns/a"]),
+        identity_with("b", &["cgroup: system.slice/pg.service", "interface: lxc-a"]),
+        identity_with("c", &["spiffe: spiffe://td/ns/a", "interface: lxc-a"]),
+        identity_with("d", &["cgroup: \"system.slice/*\"", "spiffe: \"spiffe://td/ns/*\""]),
+        identity_with("e", &["cgroup: \"system.slice/*\"", "spiffe: \"spiffe://td/ns/*\""]),
+        identity_with("f", &["interface: lxc-f", "interface: lxc-f"]),
+    ]
+    .concat();
+    assert_eq!(
+        errors(&text),
+        [
+            "t.yaml:17:15: cgroup path \"system.slice/pg.service\" is already declared by identity \"a\" (at t.yaml:8:15); \
+             a cgroup selector belongs to one identity, remove one of them",
+            "t.yaml:26:15: SPIFFE ID \"spiffe://td/ns/a\" is already declared by identity \"a\" (at t.yaml:9:15); \
+             a SPIFFE selector belongs to one identity, remove one of them",
+            "t.yaml:27:18: interface \"lxc-a\" is already declared by identity \"b\" (at t.yaml:18:18); \
+             an interface belongs to one identity, remove one of them",
+            "t.yaml:44:15: cgroup glob \"system.slice/*\" is already declared by identity \"d\" (at t.yaml:35:15); \
+             a cgroup selector belongs to one identity, remove one of them",
+            "t.yaml:45:15: SPIFFE pattern \"spiffe://td/ns/*\" is already declared by identity \"d\" (at t.yaml:36:15); \
+             a SPIFFE selector belongs to one identity, remove one of them",
+            "t.yaml:54:18: interface \"lxc-f\" is already declared by identity \"f\" (at t.yaml:53:18); \
+             an interface belongs to one identity, remove one of them",
+        ]
+    );
+    // Overlapping (but different) patterns are fine: precedence decides.
+    let text = [
+        identity_with("a", &["cgroup: system.slice/pg.service", "spiffe: spiffe://td/ns/a"]),
+        identity_with("b", &["cgroup: \"system.slice/*\"", "spiffe: \"spiffe://td/ns/*\""]),
+        identity_with("c", &["cgroup: \"system.slice/**\"", "spiffe: \"spiffe://td/**\""]),
+    ]
+    .concat();
+    assert_eq!(parse_str(&text, "t.yaml").map(|set| set.identities().len()), Ok(3));
+}
+
+#[test]
+fn example_identities_check_alone_and_with_the_demo() {
+    let text = include_str!("../../../policies/identities.yaml");
+    let set = parse_str(text, "policies/identities.yaml").unwrap_or_else(|errors| panic!("{errors}"));
+    let identities = set.identities();
+    assert!(identities.iter().any(|identity| !identity.cidrs.is_empty()));
+    assert!(identities.iter().flat_map(|identity| &identity.cgroups).any(CgroupSelector::is_glob));
+    assert!(identities.iter().flat_map(|identity| &identity.cgroups).any(|selector| !selector.is_glob()));
+    assert!(identities.iter().flat_map(|identity| &identity.spiffe).any(SpiffeSelector::is_pattern));
+    assert!(identities.iter().flat_map(|identity| &identity.spiffe).any(|selector| !selector.is_pattern()));
+    assert!(identities.iter().any(|identity| !identity.interfaces.is_empty()));
+    assert!(compile::compile(&set).is_ok());
+    // `--policy policies/` loads it together with the demo: no name or selector may clash.
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
+    let both = load_paths(&[dir]).unwrap_or_else(|errors| panic!("{errors}"));
+    assert_eq!(both.identities().len(), identities.len() + 5);
 }
