@@ -466,6 +466,8 @@ spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp,
             (id("api"), both),
             (id("db"), isolation::INGRESS),
             (id("reports"), isolation::EGRESS),
+            (id("billing"), isolation::EGRESS),
+            (id("backup"), isolation::EGRESS),
         ];
         expected.sort();
         assert_eq!(compiled.isolation, expected);
@@ -474,10 +476,11 @@ spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp,
         assert!(compiled.ipcache.contains(&(db_v6, id("db"))));
         assert!(compiled.ipcache.contains(&("0.0.0.0/0".parse().unwrap(), WORLD)));
         assert!(compiled.ipcache.contains(&("::/0".parse().unwrap(), WORLD)));
-        // web→api, api←web, api←reports, api→db, db←api, reports→api: one TCP port each.
-        assert_eq!(compiled.policy.len(), 6);
+        // web→api, api←web, api←reports, api←billing, api→db, db←api, db←backup, reports→api,
+        // billing→api, backup→db: one TCP port each. backup and billing have no address prefix.
+        assert_eq!(compiled.policy.len(), 10);
         assert!(compiled.policy.iter().all(|(bits, _, value)| *bits == 96 && value.action == ALLOW));
-        assert_eq!(compiled.rules.len(), 5);
+        assert_eq!(compiled.rules.len(), 7);
     }
 
     #[test]

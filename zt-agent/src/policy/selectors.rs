@@ -419,7 +419,65 @@ impl PartialEq for PathMatcher {
 
 impl Eq for PathMatcher {}
 
+/// What the matcher needs of a cgroup or SPIFFE selector.
+trait PathSelector {
+    fn text(&self) -> &str;
+    fn is_glob(&self) -> bool;
+    fn literal_segments(&self) -> usize;
+    fn literal_chars(&self) -> usize;
+}
+
+impl PathSelector for CgroupSelector {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+    fn is_glob(&self) -> bool {
+        CgroupSelector::is_glob(self)
+    }
+    fn literal_segments(&self) -> usize {
+        CgroupSelector::literal_segments(self)
+    }
+    fn literal_chars(&self) -> usize {
+        CgroupSelector::literal_chars(self)
+    }
+}
+
+impl PathSelector for SpiffeSelector {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+    fn is_glob(&self) -> bool {
+        self.is_pattern()
+    }
+    fn literal_segments(&self) -> usize {
+        SpiffeSelector::literal_segments(self)
+    }
+    fn literal_chars(&self) -> usize {
+        SpiffeSelector::literal_chars(self)
+    }
+}
+
 impl PathMatcher {
+    fn from_selectors<'a, S: PathSelector + 'a>(
+        selectors: impl IntoIterator<Item = (&'a S, &'a str, u32)>,
+    ) -> Result<Self, globset::Error> {
+        let (mut exact, mut globs) = (BTreeMap::new(), Vec::new());
+        for (selector, identity, id) in selectors {
+            if selector.is_glob() {
+                globs.push(GlobEntry {
+                    pattern: selector.text().to_owned(),
+                    literal_segments: selector.literal_segments(),
+                    literal_chars: selector.literal_chars(),
+                    identity: identity.to_owned(),
+                    id,
+                });
+            } else {
+                exact.insert(selector.text().to_owned(), id);
+            }
+        }
+        Self::new(exact, globs)
+    }
+
     fn new(exact: BTreeMap<String, u32>, mut globs: Vec<GlobEntry>) -> Result<Self, globset::Error> {
         let precedence = |g: &GlobEntry| (Reverse(g.literal_segments), Reverse(g.literal_chars), g.identity.clone());
         globs.sort_by(|a, b| precedence(a).cmp(&precedence(b)).then_with(|| a.pattern.cmp(&b.pattern)));
@@ -455,22 +513,7 @@ impl CgroupMatcher {
     pub(crate) fn new<'a>(
         selectors: impl IntoIterator<Item = (&'a CgroupSelector, &'a str, u32)>,
     ) -> Result<Self, globset::Error> {
-        let (mut exact, mut globs) = (BTreeMap::new(), Vec::new());
-        for (selector, identity, id) in selectors {
-            match selector {
-                CgroupSelector::Exact(path) => {
-                    exact.insert(path.clone(), id);
-                }
-                CgroupSelector::Glob(pattern) => globs.push(GlobEntry {
-                    pattern: pattern.clone(),
-                    literal_segments: selector.literal_segments(),
-                    literal_chars: selector.literal_chars(),
-                    identity: identity.to_owned(),
-                    id,
-                }),
-            }
-        }
-        PathMatcher::new(exact, globs).map(Self)
+        PathMatcher::from_selectors(selectors).map(Self)
     }
 
     /// The identity of the cgroup at `relative_path` (relative to the cgroup v2 root, e.g.
@@ -510,22 +553,7 @@ impl SpiffeMatcher {
     pub(crate) fn new<'a>(
         selectors: impl IntoIterator<Item = (&'a SpiffeSelector, &'a str, u32)>,
     ) -> Result<Self, globset::Error> {
-        let (mut exact, mut globs) = (BTreeMap::new(), Vec::new());
-        for (selector, identity, id) in selectors {
-            match selector {
-                SpiffeSelector::Exact(spiffe_id) => {
-                    exact.insert(spiffe_id.clone(), id);
-                }
-                SpiffeSelector::Pattern(pattern) => globs.push(GlobEntry {
-                    pattern: pattern.clone(),
-                    literal_segments: selector.literal_segments(),
-                    literal_chars: selector.literal_chars(),
-                    identity: identity.to_owned(),
-                    id,
-                }),
-            }
-        }
-        PathMatcher::new(exact, globs).map(Self)
+        PathMatcher::from_selectors(selectors).map(Self)
     }
 
     /// The identity of the workload presenting `spiffe_id`: an exact selector, else the most

@@ -50,11 +50,11 @@ fn with_policy_spec(spec: &str) -> String {
 fn demo_policy_parses() {
     let set = parse_str(include_str!("../../../policies/demo.yaml"), "policies/demo.yaml").unwrap();
     let names: Vec<&str> = set.identities().iter().map(|identity| identity.name.as_str()).collect();
-    assert_eq!(names, ["web", "api", "db", "intruder", "reports"]);
+    assert_eq!(names, ["web", "api", "db", "intruder", "reports", "backup", "billing"]);
     let db = &set.identities()[2];
     assert_eq!(db.cidrs, ["10.20.3.0/24".parse::<IpNet>().unwrap(), "fd00:20:3::/64".parse().unwrap()]);
     let policies: Vec<&str> = set.policies().iter().map(|policy| policy.name.as_str()).collect();
-    assert_eq!(policies, ["default-deny", "web", "api", "db", "reports"]);
+    assert_eq!(policies, ["default-deny", "web", "api", "db", "reports", "billing", "backup"]);
     let default_deny = &set.policies()[0];
     assert_eq!(default_deny.subjects, [Subject::Any]);
     assert_eq!((default_deny.ingress.as_deref(), default_deny.egress.as_deref()), (Some(&[][..]), Some(&[][..])));
@@ -63,7 +63,11 @@ fn demo_policy_parses() {
         api.ingress.as_deref(),
         Some(
             &[Rule {
-                peers: vec![Peer::Identity("web".into()), Peer::Identity("reports".into())],
+                peers: vec![
+                    Peer::Identity("web".into()),
+                    Peer::Identity("reports".into()),
+                    Peer::Identity("billing".into()),
+                ],
                 ports: Some(vec![PortMatch { protocol: Protocol::Tcp, range: PortRange { first: 8080, last: 8080 } }]),
                 action: Action::Allow,
             }][..]
@@ -589,5 +593,5 @@ fn example_identities_check_alone_and_with_the_demo() {
     // `--policy policies/` loads it together with the demo: no name or selector may clash.
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
     let both = load_paths(&[dir]).unwrap_or_else(|errors| panic!("{errors}"));
-    assert_eq!(both.identities().len(), identities.len() + 5);
+    assert_eq!(both.identities().len(), identities.len() + 7);
 }
