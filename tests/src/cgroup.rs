@@ -7,7 +7,10 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -18,6 +21,9 @@ use nix::sched::{setns, CloneFlags};
 use crate::netns::Netns;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+/// Cgroups created and not yet removed, in creation order, for [`crate::cleanup_all`] (an
+/// interrupt handler exits without running destructors).
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` on hybrid layouts).
 pub fn v2_root() -> Result<PathBuf> {
@@ -49,6 +55,7 @@ impl Cgroup {
 
     fn create(path: PathBuf, relative: String) -> Result<Cgroup> {
         fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        LIVE.lock().unwrap_or_else(|e| e.into_inner()).push(path.clone());
         Ok(Cgroup { path, relative })
     }
 
@@ -87,20 +94,32 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // Children first (they were created later, so they are dropped first in normal use; this
-        // also covers a parent dropped early).
-        let _ = fs::write(self.path.join("cgroup.kill"), "1");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
-                Err(err) if Instant::now() > deadline => {
-                    eprintln!("testbed: could not remove cgroup {}: {err}", self.path.display());
-                    return;
-                }
-                Err(_) => thread::sleep(Duration::from_millis(20)),
+        remove(&self.path);
+        LIVE.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != &self.path);
+    }
+}
+
+/// Kills every process in the cgroup, then removes it (waiting up to 5 s for the processes to go).
+fn remove(path: &Path) {
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+            Err(err) if Instant::now() > deadline => {
+                eprintln!("testbed: could not remove cgroup {}: {err}", path.display());
+                return;
             }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
         }
+    }
+}
+
+/// Removes every cgroup still alive, children before parents.
+pub(crate) fn delete_all() {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    for path in live.drain(..).rev() {
+        remove(&path);
     }
 }

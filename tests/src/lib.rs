@@ -17,13 +17,14 @@ pub use netns::Netns;
 pub use topology::{Node, Topology, TopologySpec, Workload};
 pub use traffic::{ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
 
-/// Stops the agents and deletes the namespaces this process still holds. Concurrent calls
-/// return once the first has finished, so any caller may exit right after.
+/// Stops the agents, deletes the namespaces and removes the cgroups this process still holds.
+/// Concurrent calls return once the first has finished, so any caller may exit right after.
 pub fn cleanup_all() {
     static CLEANING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _serialised = CLEANING.lock().unwrap_or_else(|e| e.into_inner());
     agent::stop_all();
     netns::delete_all();
+    cgroup::delete_all();
 }
 
 /// Fails unless running as root, which creating namespaces and loading eBPF programs need.
