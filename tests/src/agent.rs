@@ -251,6 +251,23 @@ impl Agent {
         self.collected.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Asks the running agent to reload its policy (SIGHUP).
+    pub fn request_reload(&self) -> Result<()> {
+        kill(self.pid, Signal::SIGHUP).context("sending SIGHUP to the agent")
+    }
+
+    /// `zt-agent status --json --socket …`, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let output = Command::new(&self.bin)
+            .args(["status".as_ref(), "--json".as_ref(), "--socket".as_ref(), self.socket.as_os_str()])
+            .output()
+            .with_context(|| format!("spawn {}", self.bin.display()))?;
+        if !output.status.success() {
+            bail!("`zt-agent status` failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+        }
+        serde_json::from_slice(&output.stdout).context("`zt-agent status --json` printed no JSON")
+    }
+
     /// Switches the running agent's mode with `zt-agent mode <mode> --socket …`.
     pub fn set_mode(&self, mode: &str) -> Result<()> {
         let output = Command::new(&self.bin)

@@ -222,8 +222,10 @@ fn expiry_without_renewal_revokes_within_a_second() {
     let (t, _servers) = setup();
     let ca = new_ca("zt test CA");
     let presented = Presented::new(&t, &ca);
-    let lifetime = Duration::from_secs(4);
-    presented.present(&svid(&ca, Some(WEB_ID), time::Duration::minutes(-5), time::Duration::seconds(4)));
+    // Long enough to outlast the agent's start (loading and verifying the programs takes a few
+    // seconds on a busy machine): the SVID must still be valid when the agent first scans it.
+    let lifetime = Duration::from_secs(8);
+    presented.present(&svid(&ca, Some(WEB_ID), time::Duration::minutes(-5), time::Duration::seconds(8)));
     let issued = Instant::now();
     let agent = start(&t, &presented);
     identity_event(&agent, "bound", "verified");

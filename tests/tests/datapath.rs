@@ -5,7 +5,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use zt_agent::{
     datapath::{Datapath, Mode},
-    policy,
+    policy::{self, compile::Compiled},
 };
 use zt_common::{counter_index, programs, Reason, Verdict};
 
@@ -60,12 +60,25 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
 fn datapath(mode: Mode) -> Datapath {
-    let set = policy::parse_str(POLICY, "test.yaml").expect("test policy parses");
-    let compiled = policy::compile::compile(&set).expect("test policy compiles");
+    datapath_with(&compiled(POLICY), mode)
+}
+
+fn datapath_with(compiled: &Compiled, mode: Mode) -> Datapath {
     let mut dp = Datapath::load().expect("loading the datapath needs root and a BPF-capable kernel");
-    dp.install(&compiled).unwrap();
+    assert_eq!(dp.install(compiled).unwrap(), 1, "a fresh datapath's first policy is generation 1");
     dp.set_mode(mode).unwrap();
     dp
+}
+
+fn compiled(text: &str) -> Compiled {
+    let set = policy::parse_str(text, "test.yaml").expect("test policy parses");
+    policy::compile::compile(&set).expect("test policy compiles")
+}
+
+/// The test policy, with web → api allowed (by web's egress and api's ingress) on TCP `ports`.
+fn allowing(ports: &[u16]) -> Compiled {
+    let items: Vec<String> = ports.iter().map(|port| format!("{{protocol: tcp, port: {port}}}")).collect();
+    compiled(&POLICY.replace("[{protocol: tcp, port: 8080}]", &format!("[{}]", items.join(", "))))
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -308,4 +321,57 @@ fn write_icmp6(builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>, ic
     let mut frame = Vec::new();
     builder.write(&mut frame, &[0; 16]).unwrap();
     frame
+}
+
+#[test]
+fn a_reload_cuts_established_flows_it_no_longer_allows_and_keeps_the_others() {
+    let mut dp = datapath_with(&allowing(&[8080, 8443]), Mode::Enforce);
+    let (revoked, revoked_reply) = (tcp4(WEB, API, 40000, 8080), tcp4(API, WEB, 8080, 40000));
+    let (kept, kept_reply) = (tcp4(WEB, API, 40001, 8443), tcp4(API, WEB, 8443, 40001));
+    // A revoked flow whose first packet after the reload is a reply.
+    let (answered, answer) = (tcp4(WEB, API, 40002, 8080), tcp4(API, WEB, 8080, 40002));
+    for frame in [&revoked, &revoked_reply, &kept, &kept_reply, &answered, &answer] {
+        assert_eq!(judge(&mut dp, frame), Outcome::Pass, "generation 1 allows tcp 8080 and 8443");
+    }
+
+    // Built aside, the next generation changes nothing until the switch.
+    let next = allowing(&[8443]);
+    dp.stage(&next).unwrap();
+    assert_eq!(judge(&mut dp, &tcp4(WEB, API, 40003, 8080)), Outcome::Pass, "a staged policy is not in force");
+    let (outcome, n) = judge_counted(&mut dp, &revoked, Verdict::Allow, Reason::Established);
+    assert_eq!((outcome, n), (Outcome::Pass, 3));
+    assert_eq!(dp.switch().unwrap(), 2);
+    let config = dp.config().unwrap();
+    assert_eq!((config.generation, config.mode), (2, zt_common::mode::ENFORCE), "the switch keeps the mode");
+    let entries = dp.slot_entries().unwrap();
+    assert_eq!(entries[1 - config.slot as usize], (0, 0, 0), "the old generation's slot is emptied");
+
+    let (outcome, n) = judge_counted(&mut dp, &revoked, Verdict::Deny, Reason::DefaultDeny);
+    assert_eq!((outcome, n), (Outcome::Drop, 3), "a flow generation 2 does not allow is cut on its next packet");
+    let (outcome, n) = judge_counted(&mut dp, &revoked_reply, Verdict::Deny, Reason::DefaultDeny);
+    assert_eq!((outcome, n), (Outcome::Drop, 3), "its replies are no longer established either");
+    let (outcome, n) = judge_counted(&mut dp, &kept, Verdict::Allow, Reason::Established);
+    assert_eq!((outcome, n), (Outcome::Pass, 3), "a flow generation 2 still allows carries on, established");
+    let (outcome, n) = judge_counted(&mut dp, &kept_reply, Verdict::Allow, Reason::Established);
+    assert_eq!((outcome, n), (Outcome::Pass, 3), "and so do its replies");
+
+    // The reply is judged for the flow it answers (web → api tcp 8080, revoked), then as a new
+    // flow of its own (api → web, which nothing allows).
+    let (outcome, n) = judge_counted(&mut dp, &answer, Verdict::Deny, Reason::DefaultDeny);
+    assert_eq!((outcome, n), (Outcome::Drop, 3), "the reply of a revoked flow is dropped");
+    assert_eq!(judge(&mut dp, &answered), Outcome::Drop, "and the flow's own direction with it");
+    assert_eq!(judge(&mut dp, &tcp4(WEB, API, 40004, 8080)), Outcome::Drop, "new flows follow generation 2");
+    assert_eq!(judge(&mut dp, &tcp4(WEB, API, 40005, 8443)), Outcome::Pass);
+}
+
+#[test]
+fn monitor_mode_reports_what_a_reload_would_cut_and_lets_it_pass() {
+    let mut dp = datapath_with(&allowing(&[8080]), Mode::Monitor);
+    let flow = tcp4(WEB, API, 40000, 8080);
+    assert_eq!(judge(&mut dp, &flow), Outcome::Pass);
+    assert_eq!(dp.install(&allowing(&[8443])).unwrap(), 2);
+    let (outcome, n) = judge_counted(&mut dp, &flow, Verdict::Audit, Reason::DefaultDeny);
+    assert_eq!((outcome, n), (Outcome::Pass, 1), "audited once under generation 2, then remembered");
+    dp.set_mode(Mode::Enforce).unwrap();
+    assert_eq!(judge(&mut dp, &flow), Outcome::Drop, "enforcing, the audited flow is cut");
 }

@@ -9,6 +9,13 @@
 //! the evaluator predicts, including "no event" for flows no policy concerns (`not-isolated`).
 //! On a mismatch the test fails with the policy YAML, the flow and both answers.
 //!
+//! Each datapath is then reloaded with a second random policy set (a new generation in the other
+//! slot, switched to atomically), and the flows the first set admitted are sent again, forward
+//! or as their replies: each must be judged again under the second set — passed silently as
+//! established if the second set allows the flow it belongs to, else revoked (both conntrack
+//! entries forgotten) and the packet judged as a new flow, with its event — followed by new
+//! flows under the second set.
+//!
 //! Environment:
 //! - `ZT_DIFF_CASES`: total number of flows (default 20000), 800 per policy set, so it also sets
 //!   the number of policy sets (default 25). Raise it for a longer soak, e.g.
@@ -48,6 +55,9 @@ const DEFAULT_CASES: usize = 20_000;
 /// build here, while a flow costs a fraction of a millisecond: the time goes into policy sets,
 /// so each one is checked with many flows.
 const FLOWS_PER_SET: usize = 800;
+/// After the reload: admitted flows sent again, then new flows under the second policy set.
+const REPLAYS_PER_SET: usize = 200;
+const FLOWS_AFTER_RELOAD: usize = 200;
 const DEFAULT_SEED: u64 = 0x7a74_d1ff_0000_2024;
 
 const XDP_DROP: u32 = 1;
@@ -102,44 +112,140 @@ fn env_number(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
 }
 
-/// Generates policy set `set`, installs it in a fresh datapath and checks `flows` flows.
+/// Generates policy set `set`, installs it in a fresh datapath and checks `flows` flows; then
+/// reloads the datapath with a second set and checks the admitted flows again, and new ones.
 fn run_policy_set(seed: u64, set: usize, flows: usize, stats: &mut Stats) -> Result<(), String> {
     let mut rng = Rng::with_seed(seed ^ (set as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
-    let scenario = Scenario::generate(&mut rng);
-    let parsed = policy::parse_str(&scenario.yaml, "random.yaml")
-        .unwrap_or_else(|errors| panic!("generated policy set {set} does not parse:\n{}\n{errors}", scenario.yaml));
-    let compiled = compile::compile(&parsed)
-        .unwrap_or_else(|err| panic!("generated policy set {set} does not compile:\n{}\n{err}", scenario.yaml));
-    let evaluator = Evaluator::new(&compiled);
+    let first = Generation::new(Scenario::generate(&mut rng), set, 1);
     let mut dp = Datapath::load().expect("loading the datapath needs root and a BPF-capable kernel");
-    dp.install(&compiled).unwrap();
     dp.set_mode(Mode::Enforce).unwrap();
+    assert_eq!(dp.install(&first.compiled).unwrap(), 1);
     let mut ring = dp.take_events().unwrap();
     let mut conntrack = Conntrack::default();
+    let mut run = Run { seed, set, dp: &mut dp, ring: &mut ring, conntrack: &mut conntrack, next_unique: 0 };
 
-    for index in 0..flows {
-        // Unique per case within this datapath: see `FIRST_SOURCE_PORT`.
-        let unique = u16::try_from(index).expect("fewer than 15536 flows per datapath");
-        let case = loop {
-            let case = Case::generate(&mut rng, &scenario, FIRST_SOURCE_PORT + unique, 1 + unique);
-            if !conntrack.holds(&case) {
-                break case;
+    let admitted = run.new_flows(&mut rng, &first, flows, stats)?;
+
+    // Half the time the same identities under a tighter policy, else another policy set with
+    // other identities and prefixes.
+    let second = if rng.percent(50) { first.scenario.tightened(&mut rng) } else { Scenario::generate(&mut rng) };
+    let second = Generation::new(second, set, 2);
+    assert_eq!(run.dp.install(&second.compiled).unwrap(), 2);
+    let in_force = run.dp.config().unwrap().slot as usize;
+    let entries = run.dp.slot_entries().unwrap();
+    assert_eq!(entries[1 - in_force], (0, 0, 0), "the first generation's slot is emptied by the switch");
+    assert_ne!(entries[in_force], (0, 0, 0));
+    for case in admitted.iter().take(REPLAYS_PER_SET) {
+        run.replay(&mut rng, case, &second, stats)?;
+    }
+    run.new_flows(&mut rng, &second, FLOWS_AFTER_RELOAD, stats)?;
+    Ok(())
+}
+
+/// One installed policy set.
+struct Generation {
+    scenario: Scenario,
+    compiled: Compiled,
+    evaluator: Evaluator,
+    generation: u32,
+}
+
+impl Generation {
+    fn new(scenario: Scenario, set: usize, generation: u32) -> Self {
+        let parsed = policy::parse_str(&scenario.yaml, "random.yaml").unwrap_or_else(|errors| {
+            panic!("generated policy set {set} (generation {generation}) does not parse:\n{}\n{errors}", scenario.yaml)
+        });
+        let compiled = compile::compile(&parsed).unwrap_or_else(|err| {
+            panic!("generated policy set {set} (generation {generation}) does not compile:\n{}\n{err}", scenario.yaml)
+        });
+        let evaluator = Evaluator::new(&compiled);
+        Generation { scenario, compiled, evaluator, generation }
+    }
+}
+
+/// One datapath and what the test knows of its conntrack.
+struct Run<'a> {
+    seed: u64,
+    set: usize,
+    dp: &'a mut Datapath,
+    ring: &'a mut RingBuf<MapData>,
+    conntrack: &'a mut Conntrack,
+    /// Cases so far on this datapath: the next case's source port is FIRST_SOURCE_PORT + this.
+    next_unique: u16,
+}
+
+impl Run<'_> {
+    /// Checks `flows` new flows; returns those the kernel admitted whose conntrack keys are
+    /// their own.
+    fn new_flows(&mut self, rng: &mut Rng, g: &Generation, flows: usize, stats: &mut Stats) -> Result<Vec<Case>, String> {
+        let mut admitted = Vec::new();
+        for _ in 0..flows {
+            // Unique per case within this datapath: see `FIRST_SOURCE_PORT`.
+            let unique = self.next_unique;
+            self.next_unique = unique.checked_add(1).filter(|u| *u < u16::MAX - FIRST_SOURCE_PORT).expect("fewer than 15535 flows per datapath");
+            let case = loop {
+                let case = Case::generate(rng, &g.scenario, FIRST_SOURCE_PORT + unique, 1 + unique);
+                if !self.conntrack.holds(&case) {
+                    break case;
+                }
+                assert!(!case.has_unique_key(), "case {unique} would be established despite its unique key: {case}");
+            };
+            let decision = g.evaluator.evaluate(&case.flow());
+            let expected = Answer::expected(&case, &decision, &g.evaluator, g.generation);
+            let kernel = Answer::kernel(self.dp, self.ring, &case.frame());
+            if kernel != expected {
+                let label = format!("flow {unique} (generation {})", g.generation);
+                return Err(mismatch_report(self.seed, self.set, &label, g, &case, &kernel, &expected));
             }
-            assert!(!case.has_unique_key(), "case {index} would be established despite its unique key: {case}");
+            if kernel.return_code == XDP_PASS {
+                self.conntrack.admit(&case);
+                if case.has_unique_key() {
+                    admitted.push(case);
+                }
+            }
+            if g.generation == 1 {
+                stats.count(&case, &decision, &g.evaluator);
+            } else {
+                stats.after_reload += 1;
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// Sends a flow the first generation admitted again under `g`, forward or (half the time,
+    /// when it has one) as its reply.
+    fn replay(&mut self, rng: &mut Rng, case: &Case, g: &Generation, stats: &mut Stats) -> Result<(), String> {
+        let reply = case.reply().filter(|_| rng.percent(50));
+        let original = g.evaluator.evaluate(&case.flow());
+        let kept = original.verdict == Verdict::Allow;
+        let (packet, expected) = match reply {
+            // Still allowed: the entry is refreshed and the packet passes as established.
+            _ if kept => (reply.unwrap_or(*case), Answer { return_code: XDP_PASS, events: Vec::new() }),
+            // Revoked: the packet is judged as the first of a new flow.
+            None => (*case, Answer::expected(case, &original, &g.evaluator, g.generation)),
+            Some(reply) => {
+                let decision = g.evaluator.evaluate(&reply.flow());
+                (reply, Answer::expected(&reply, &decision, &g.evaluator, g.generation))
+            }
         };
-        let frame = case.frame();
-        let decision = evaluator.evaluate(&case.flow());
-        let expected = Answer::expected(&case, &decision, &evaluator);
-        let kernel = Answer::kernel(&mut dp, &mut ring, &frame);
+        let kernel = Answer::kernel(self.dp, self.ring, &packet.frame());
         if kernel != expected {
-            return Err(mismatch_report(seed, set, index, &scenario, &compiled, &evaluator, &case, &kernel, &expected));
+            let what = if reply.is_some() { "the reply to" } else { "again" };
+            let label = format!("{what} admitted flow {case}, after the reload (original flow {original:?})");
+            return Err(mismatch_report(self.seed, self.set, &label, g, &packet, &kernel, &expected));
         }
         if kernel.return_code == XDP_PASS {
-            conntrack.admit(&case);
+            self.conntrack.admit(&packet);
         }
-        stats.count(&case, &decision, &evaluator);
+        let key = match (reply.is_some(), kept) {
+            (false, true) => "forward, still allowed",
+            (false, false) => "forward, revoked",
+            (true, true) => "reply, still allowed",
+            (true, false) => "reply, revoked",
+        };
+        *stats.replays.entry(key).or_default() += 1;
+        Ok(())
     }
-    Ok(())
 }
 
 /// What one side says about a frame: the XDP return code and the flow events it caused.
@@ -205,7 +311,7 @@ impl Answer {
         Answer { return_code: ret.return_value, events }
     }
 
-    fn expected(case: &Case, decision: &Decision, evaluator: &Evaluator) -> Self {
+    fn expected(case: &Case, decision: &Decision, evaluator: &Evaluator, generation: u32) -> Self {
         let pass = decision.verdict == Verdict::Allow;
         // The kernel reports every deny and every allow a rule took; `not-isolated` is silent.
         let events = if decision.reason == Reason::NotIsolated {
@@ -227,7 +333,7 @@ impl Answer {
                 family: if case.src.is_ipv4() { 4 } else { 6 },
                 hook: Hook::Xdp as u8,
                 mode: mode::ENFORCE as u8,
-                generation: 0,
+                generation,
             }]
         };
         Answer { return_code: if pass { XDP_PASS } else { XDP_DROP }, events }
@@ -238,14 +344,13 @@ impl Answer {
 fn mismatch_report(
     seed: u64,
     set: usize,
-    index: usize,
-    scenario: &Scenario,
-    compiled: &Compiled,
-    evaluator: &Evaluator,
+    label: &str,
+    g: &Generation,
     case: &Case,
     kernel: &Answer,
     expected: &Answer,
 ) -> String {
+    let (scenario, compiled, evaluator) = (&g.scenario, &g.compiled, &g.evaluator);
     let name = |id: u32| compiled.identities.name(id).unwrap_or("?").to_owned();
     let rule = |id: u32| match compiled.rule(id) {
         Some(rule) => {
@@ -300,10 +405,11 @@ fn mismatch_report(
         .collect();
     let identities: String = compiled.identities.iter().map(|(name, id)| format!("    {name} = {id}\n")).collect();
     format!(
-        "kernel and evaluator disagree (seed {seed:#x}, policy set {set}, flow {index}; replay with ZT_DIFF_SEED={seed:#x})\n\
-         --- policy YAML ---\n{}\n--- identities ---\n{identities}--- rules ---\n{rules}\
+        "kernel and evaluator disagree (seed {seed:#x}, policy set {set}, {label}; replay with ZT_DIFF_SEED={seed:#x})\n\
+         --- policy YAML (generation {}) ---\n{}\n--- identities ---\n{identities}--- rules ---\n{rules}\
          --- flow ---\n    {case}\n    src identity {} ({}), dst identity {} ({})\n\
          --- kernel ---\n{}--- evaluator ---\n    {decision:?}\n{}",
+        g.generation,
         scenario.yaml,
         evaluator.identity(case.src),
         name(evaluator.identity(case.src)),
@@ -323,6 +429,8 @@ struct Scenario {
     prefixes: Vec<Prefix>,
     /// Ports the rules mention (range bounds and single ports), for boundary flows.
     ports: Vec<u16>,
+    /// The declared identities.
+    names: Vec<&'static str>,
 }
 
 const IDENTITY_NAMES: [&str; 10] =
@@ -359,21 +467,41 @@ impl Scenario {
             )
             .unwrap();
         }
-        let quoted = |name: &str| format!("\"{name}\"");
-        let subjects: Vec<String> = names.iter().map(|n| quoted(n)).collect();
-        let mut peers = subjects.clone();
-        peers.extend(["any".to_owned(), "world".to_owned()]);
         if rng.percent(40) {
             // The zero-trust baseline.
             writeln!(yaml, "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: baseline}}\nspec: {{subject: [any], ingress: [], egress: []}}").unwrap();
         }
-        for policy in 0..1 + rng.usize(..6) {
+        let names = names.to_vec();
+        let count = 1 + rng.usize(..6);
+        Self::write_policies(rng, &mut yaml, &names, &ports, "p", count);
+        Scenario { yaml, prefixes, ports, names }
+    }
+
+    /// The same identities under a policy that allows less: the same policies plus (half the
+    /// time) a baseline isolating every identity both ways, and one to three more policies.
+    fn tightened(&self, rng: &mut Rng) -> Scenario {
+        let mut yaml = self.yaml.clone();
+        if rng.percent(50) {
+            writeln!(yaml, "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: tightened}}\nspec: {{subject: [any], ingress: [], egress: []}}").unwrap();
+        }
+        let count = 1 + rng.usize(..3);
+        Self::write_policies(rng, &mut yaml, &self.names, &self.ports, "t", count);
+        Scenario { yaml, prefixes: self.prefixes.clone(), ports: self.ports.clone(), names: self.names.clone() }
+    }
+
+    /// `count` random policies named `<prefix>0`, `<prefix>1`, … over the identities `names`.
+    fn write_policies(rng: &mut Rng, yaml: &mut String, names: &[&str], ports: &[u16], prefix: &str, count: usize) {
+        let quoted = |name: &str| format!("\"{name}\"");
+        let subjects: Vec<String> = names.iter().map(|n| quoted(n)).collect();
+        let mut peers = subjects.clone();
+        peers.extend(["any".to_owned(), "world".to_owned()]);
+        for policy in 0..count {
             let subject: Vec<String> = (0..1 + rng.usize(..2))
                 .map(|_| if rng.percent(20) { "any".to_owned() } else { rng.pick_ref(&subjects).clone() })
                 .collect();
             writeln!(
                 yaml,
-                "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: p{policy}}}\nspec:\n  subject: [{}]",
+                "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: {prefix}{policy}}}\nspec:\n  subject: [{}]",
                 subject.join(", ")
             )
             .unwrap();
@@ -390,11 +518,10 @@ impl Scenario {
                 }
                 writeln!(yaml, "  {list}:").unwrap();
                 for _ in 0..rules {
-                    writeln!(yaml, "    - {}", Self::rule(rng, peer_key, &peers, &ports)).unwrap();
+                    writeln!(yaml, "    - {}", Self::rule(rng, peer_key, &peers, ports)).unwrap();
                 }
             }
         }
-        Scenario { yaml, prefixes, ports }
     }
 
     fn rule(rng: &mut Rng, peer_key: &str, peers: &[String], ports: &[u16]) -> String {
@@ -676,6 +803,17 @@ impl Case {
         to_ip(v4, addr)
     }
 
+    /// The reply to this case's packet, for the flows whose replies conntrack admits.
+    fn reply(&self) -> Option<Case> {
+        let (src_port, dst_port) = match (self.protocol, self.dst_port) {
+            (proto::ICMP, 8) => (self.src_port, 0),
+            (proto::ICMPV6, 128) => (self.src_port, 129),
+            (proto::TCP | proto::UDP | proto::SCTP, _) => (self.dst_port, self.src_port),
+            _ => return None,
+        };
+        Some(Case { src: self.dst, dst: self.src, src_port, dst_port, ..*self })
+    }
+
     fn flow(&self) -> Flow {
         Flow { src: self.src, dst: self.dst, protocol: self.protocol, dst_port: self.kernel_ports().1 }
     }
@@ -808,6 +946,10 @@ struct Stats {
     cases: usize,
     outcomes: BTreeMap<String, usize>,
     features: BTreeMap<&'static str, usize>,
+    /// Admitted flows sent again after the reload, by direction and outcome.
+    replays: BTreeMap<&'static str, usize>,
+    /// New flows after the reload.
+    after_reload: usize,
 }
 
 impl Stats {
@@ -855,6 +997,12 @@ impl Stats {
             let n = self.features.get(feature).copied().unwrap_or(0);
             assert!(n >= minimum, "only {n} cases with {feature} (want {minimum})\n{self}");
         }
+        // Each way an established flow can meet a new generation, in at least 2% of the replays.
+        let replays: usize = self.replays.values().sum();
+        for key in ["forward, still allowed", "forward, revoked", "reply, still allowed", "reply, revoked"] {
+            let n = self.replays.get(key).copied().unwrap_or(0);
+            assert!(n >= replays / 50, "only {n} of {replays} replays were {key}\n{self}");
+        }
     }
 }
 
@@ -865,7 +1013,10 @@ impl fmt::Display for Stats {
         {
             writeln!(f, "  {key:<24} {n}")?;
         }
-        Ok(())
+        for (key, n) in &self.replays {
+            writeln!(f, "  replayed {key:<24} {n}")?;
+        }
+        writeln!(f, "  new flows after the reload {}", self.after_reload)
     }
 }
 

@@ -1,4 +1,5 @@
-//! `zt-agent run`: policy → maps → attach → stream events, until SIGINT/SIGTERM.
+//! `zt-agent run`: policy → maps → attach → stream events and reload the policy on SIGHUP or
+//! when its files change, until SIGINT/SIGTERM.
 
 use std::{path::PathBuf, sync::{Arc, Mutex}};
 
@@ -10,6 +11,7 @@ use crate::{
     datapath::{Datapath, Mode},
     events::{self, Enricher},
     policy,
+    reload::{self, Policies, Reloader},
     sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
     svid::TrustBundle,
 };
@@ -39,9 +41,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     );
 
     // Certificates may bind cgroups too, so they need the hierarchy as well.
-    let cgroup_root = match options.cgroup.is_empty() && options.certificates.is_none() {
-        true => None,
-        false => Some(cgroup::v2_mount()?),
+    let cgroup_root = if options.cgroup.is_empty() && options.certificates.is_none() {
+        None
+    } else {
+        Some(cgroup::v2_mount()?)
     };
     let cgroup_scopes = match &cgroup_root {
         Some(root) => options.cgroup.iter().map(|dir| cgroup::resolve(root, dir)).collect::<Result<Vec<_>>>()?,
@@ -53,9 +56,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     };
 
     let mut datapath = Datapath::load()?;
-    datapath.install(&compiled)?;
-    datapath.set_generation(1)?;
     datapath.set_mode(options.mode)?;
+    let generation = datapath.install(&compiled)?;
     // Identities from cgroups and interfaces are in the maps before any program sees a packet.
     let cgroups = cgroup_root.map(|root| CgroupSource::new(root, cgroup_scopes.clone()));
     let mut identity_sources = IdentitySources::new(compiled.clone(), cgroups, certificates);
@@ -72,14 +74,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let ring = datapath.take_events()?;
 
     let identity_sources = Arc::new(Mutex::new(identity_sources));
-    let enricher = Enricher::new(options.node_name.clone(), compiled.clone(), identity_sources.clone());
+    let policies = Arc::new(Mutex::new(Policies::new(generation, compiled.clone())));
+    let enricher = Enricher::new(options.node_name.clone(), policies.clone(), identity_sources.clone());
     let mut events = tokio::spawn(events::stream_to_stdout(ring, enricher));
 
-    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), compiled: compiled.clone() });
+    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), policies });
     for event in first_events {
         events::write_identity_event(&options.node_name, event)?;
     }
-    let mut refresher = tokio::spawn(refresh_sources(identity_sources, shared.clone(), options.node_name.clone()));
+    let mut refresher =
+        tokio::spawn(refresh_sources(identity_sources.clone(), shared.clone(), options.node_name.clone()));
+    let reloader = Reloader::new(options.policy.clone(), options.node_name.clone(), shared.clone(), identity_sources);
+    let mut reloads = tokio::spawn(reload::run(Arc::new(reloader)));
     // The socket appears only once everything is attached: its existence means "ready".
     let listener = control::bind(&options.socket)?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
@@ -98,10 +104,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
         _ = int.recv() => Ok(()),
         result = &mut events => result.context("event reader panicked")?.context("event stream failed"),
         result = &mut refresher => result.context("identity refresh panicked")?.context("identity sources failed"),
+        result = &mut reloads => result.context("policy reloads panicked")?.context("policy reloads failed"),
     };
+    // Awaiting an aborted task drops its future, and with it its share of the datapath. (One the
+    // select above already awaited to completion must not be awaited again.)
     server.abort();
-    events.abort();
-    refresher.abort();
+    let _ = server.await;
+    for task in [events, refresher, reloads] {
+        task.abort();
+        if !task.is_finished() {
+            let _ = task.await;
+        }
+    }
     let _ = std::fs::remove_file(&options.socket);
     // Dropping the last reference to the datapath detaches every program.
     drop(shared);

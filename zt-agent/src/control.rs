@@ -19,7 +19,7 @@ use zt_common::{counter_index, Reason, Verdict, EVENTS_LOST_INDEX};
 
 use crate::{
     datapath::{Attachment, Datapath, Mode},
-    policy::compile::Compiled,
+    reload::Policies,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/zt/agent.sock";
@@ -34,7 +34,14 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     pub mode: Mode,
+    /// The policy generation in force: 1 at start, one more for every reload applied.
     pub generation: u32,
+    /// Policy reloads applied since the agent started.
+    pub reloads: u64,
+    /// Policy reloads rejected (the policy in force stayed) since the agent started.
+    pub reloads_rejected: u64,
+    /// The errors of the last rejected reload, one per line.
+    pub last_rejection: Option<String>,
     /// Declared identities and their numeric ids (stable across restarts and nodes).
     pub identities: BTreeMap<String, u32>,
     pub rules: usize,
@@ -58,10 +65,11 @@ pub enum Response {
     Error { message: String },
 }
 
-/// What the server needs besides the datapath.
+/// What the server, the reloads and the identity sources share. Lock order: `datapath`, then
+/// the identity sources, then `policies`.
 pub struct Shared {
     pub datapath: Mutex<Datapath>,
-    pub compiled: Arc<Compiled>,
+    pub policies: Arc<Mutex<Policies>>,
 }
 
 fn status(shared: &Shared) -> Result<Status> {
@@ -77,11 +85,16 @@ fn status(shared: &Shared) -> Result<Status> {
             }
         }
     }
+    let policies = shared.policies.lock().expect("policies lock poisoned");
+    let compiled = policies.current();
     Ok(Status {
         mode: Mode::from_raw(config.mode),
         generation: config.generation,
-        identities: shared.compiled.identities.iter().map(|(name, id)| (name.to_owned(), id)).collect(),
-        rules: shared.compiled.rules.len(),
+        reloads: policies.reloads,
+        reloads_rejected: policies.rejected,
+        last_rejection: policies.last_rejection.clone(),
+        identities: compiled.identities.iter().map(|(name, id)| (name.to_owned(), id)).collect(),
+        rules: compiled.rules.len(),
         attachments: datapath
             .attachments()
             .iter()

@@ -1,17 +1,31 @@
 //! The kernel side as the agent sees it: load the embedded eBPF object, fill its maps from a
 //! compiled policy, attach it to interfaces, flip the mode. Dropping a `Datapath` detaches
 //! everything it attached (TCX and XDP links are owned by the loaded object).
+//!
+//! **Generations.** The policy-derived maps (`ZT_IPCACHE`, `ZT_POLICY`, `ZT_ISOLATION`) have two
+//! slots: every key carries one. Packets use the slot named by `ZT_CONFIG`, which they read once.
+//! A new policy is [`staged`](Datapath::stage) in the other slot while the old one stays in force,
+//! then [`switch`](Datapath::switch) makes it current with one write of the config (slot and
+//! generation together), waits until no program can still be using the old slot, and empties it.
+//! `ZT_CGROUPS` and `ZT_INTERFACES` are not slotted: their values are identity ids, which are
+//! derived from names and so equal in every generation that declares the name.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, Xdp, XdpMode},
     util::KernelVersion,
     Ebpf,
 };
-use zt_common::{maps, programs, Config, IpKey, PolicyKey, PolicyValue, COUNTER_COUNT};
+use zt_common::{
+    maps, programs, Config, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted, COUNTER_COUNT, SLOT_BITS,
+};
 
 use crate::policy::compile::{ipcache_prefix, Compiled};
 
@@ -55,14 +69,15 @@ pub struct Attachment {
 
 pub struct Datapath {
     ebpf: Ebpf,
-    config: Array<MapData, Config>,
-    ipcache: LpmTrie<MapData, IpKey, u32>,
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
-    isolation: HashMap<MapData, u32, u32>,
+    config: HashMap<MapData, u32, Config>,
+    ipcache: LpmTrie<MapData, Slotted<IpKey>, u32>,
+    policy: LpmTrie<MapData, Slotted<PolicyKey>, PolicyValue>,
+    isolation: HashMap<MapData, IsolationKey, u32>,
     cgroups: HashMap<MapData, u64, u32>,
     interfaces: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
     attachments: Vec<Attachment>,
+    grace_period: GracePeriod,
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -97,46 +112,113 @@ impl Datapath {
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             ebpf,
             attachments: Vec::new(),
+            grace_period: GracePeriod::new()?,
         })
     }
 
-    /// Fills the identity and policy maps. Call before attaching: the maps start empty.
-    pub fn install(&mut self, compiled: &Compiled) -> Result<()> {
+    /// Makes `compiled` the policy in force: [`stage`](Self::stage), then
+    /// [`switch`](Self::switch). Returns the new generation (1 on a fresh datapath).
+    pub fn install(&mut self, compiled: &Compiled) -> Result<u32> {
+        self.stage(compiled)?;
+        self.switch()
+    }
+
+    /// Writes `compiled` into the slot not in force, emptied first; packets keep using the
+    /// other slot until [`switch`](Self::switch). On an error, [`discard_staged`](Self::discard_staged).
+    pub fn stage(&mut self, compiled: &Compiled) -> Result<()> {
+        let slot = self.staging_slot()?;
+        self.clear_slot(slot)?;
         for (net, id) in &compiled.ipcache {
             let (prefix_len, key) = ipcache_prefix(net);
             self.ipcache
-                .insert(&Key::new(prefix_len, key), id, 0)
+                .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
                 .with_context(|| format!("ipcache full at {net} (capacity {})", maps::IPCACHE_CAPACITY))?;
         }
         for (id, flags) in &compiled.isolation {
             self.isolation
-                .insert(id, flags, 0)
+                .insert(IsolationKey { slot, identity: *id }, flags, 0)
                 .with_context(|| format!("isolation map full (capacity {})", maps::ISOLATION_CAPACITY))?;
         }
         for (prefix_len, key, value) in &compiled.policy {
             self.policy
-                .insert(&Key::new(*prefix_len, *key), value, 0)
+                .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, *key)), value, 0)
                 .with_context(|| format!("policy map full (capacity {})", maps::POLICY_CAPACITY))?;
         }
         Ok(())
     }
 
+    /// Empties the slot not in force (after a failed [`stage`](Self::stage)).
+    pub fn discard_staged(&mut self) -> Result<()> {
+        let slot = self.staging_slot()?;
+        self.clear_slot(slot)
+    }
+
+    /// Puts the staged slot in force with one config write — the next generation, in the other
+    /// slot, mode unchanged — so every packet is judged wholly by the old generation or wholly
+    /// by the new one. Then waits until no program still runs with the old config and empties
+    /// the old slot. Returns the new generation; an error means the old generation is still in
+    /// force.
+    pub fn switch(&mut self) -> Result<u32> {
+        let old = self.config()?;
+        // Generation 0 means "never installed"; it is skipped when the counter wraps.
+        let generation = old.generation.wrapping_add(1).max(1);
+        let new = Config { generation, slot: 1 - old.slot, ..old };
+        self.config.insert(0, new, 0).context("writing the config")?;
+        // The switch is done. What is left in the old slot is invisible to packets, and the
+        // next `stage` empties it anyway; it is only removed once no program can be reading it.
+        if let Err(err) = self.grace_period.wait().and_then(|()| self.clear_slot(old.slot)) {
+            tracing::warn!(error = %format!("{err:#}"), slot = old.slot, "the previous generation's map entries stay until the next reload");
+        }
+        Ok(generation)
+    }
+
+    /// The config in force; a datapath nothing was written to enforces generation 0 in slot 0.
     pub fn config(&self) -> Result<Config> {
-        Ok(self.config.get(&0, 0)?)
+        match self.config.get(&0, 0) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(Config::default()),
+            other => Ok(other?),
+        }
+    }
+
+    fn staging_slot(&self) -> Result<u32> {
+        Ok(1 - self.config()?.slot)
+    }
+
+    /// Removes every entry of `slot` from the slotted maps.
+    fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        // Keys are collected before any is removed (removing during the walk could skip some);
+        // a failed step of the walk ends the collection with its error.
+        let ipcache: Vec<_> = self
+            .ipcache
+            .keys()
+            .filter(|key| key.as_ref().map_or(true, |key| u32::from(key.data().slot) == slot))
+            .collect::<Result<_, _>>()?;
+        for key in ipcache {
+            remove_if_present(self.ipcache.remove(&key))?;
+        }
+        let policy: Vec<_> = self
+            .policy
+            .keys()
+            .filter(|key| key.as_ref().map_or(true, |key| u32::from(key.data().slot) == slot))
+            .collect::<Result<_, _>>()?;
+        for key in policy {
+            remove_if_present(self.policy.remove(&key))?;
+        }
+        let isolation: Vec<_> = self
+            .isolation
+            .keys()
+            .filter(|key| key.as_ref().map_or(true, |key| key.slot == slot))
+            .collect::<Result<_, _>>()?;
+        for key in isolation {
+            remove_if_present(self.isolation.remove(&key))?;
+        }
+        Ok(())
     }
 
     /// Switches monitor/enforce with one map write; nothing is reloaded.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
-        let mut config = self.config.get(&0, 0)?;
-        config.mode = mode.raw();
-        self.config.set(0, config, 0)?;
-        Ok(())
-    }
-
-    pub fn set_generation(&mut self, generation: u32) -> Result<()> {
-        let mut config = self.config.get(&0, 0)?;
-        config.generation = generation;
-        self.config.set(0, config, 0)?;
+        let config = Config { mode: mode.raw(), ..self.config()? };
+        self.config.insert(0, config, 0)?;
         Ok(())
     }
 
@@ -198,10 +280,7 @@ impl Datapath {
     }
 
     pub fn unbind_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
-        match self.cgroups.remove(&cgroup_id) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            other => Ok(other?),
-        }
+        remove_if_present(self.cgroups.remove(&cgroup_id))
     }
 
     /// The workload behind host-side interface `ifindex` is identity `id`.
@@ -211,27 +290,50 @@ impl Datapath {
             .with_context(|| format!("interface map full (capacity {})", maps::INTERFACES_CAPACITY))
     }
 
-    /// `addr` alone is identity `id` (a certificate binding), over any prefix that covers it.
+    /// `addr` alone is identity `id` (a certificate binding), over any prefix that covers it,
+    /// in the generation in force.
     pub fn bind_address(&mut self, addr: std::net::IpAddr, id: u32) -> Result<()> {
+        let slot = self.config()?.slot;
+        self.bind_address_in(slot, addr, id)
+    }
+
+    /// Like [`bind_address`](Self::bind_address), in the staged generation: bindings that must
+    /// hold from the moment of the [`switch`](Self::switch) on.
+    pub fn stage_address(&mut self, addr: std::net::IpAddr, id: u32) -> Result<()> {
+        let slot = self.staging_slot()?;
+        self.bind_address_in(slot, addr, id)
+    }
+
+    fn bind_address_in(&mut self, slot: u32, addr: std::net::IpAddr, id: u32) -> Result<()> {
         let (prefix_len, key) = ipcache_prefix(&addr.into());
         self.ipcache
-            .insert(&Key::new(prefix_len, key), id, 0)
+            .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
             .with_context(|| format!("ipcache full at {addr} (capacity {})", maps::IPCACHE_CAPACITY))
     }
 
     pub fn unbind_address(&mut self, addr: std::net::IpAddr) -> Result<()> {
+        let slot = self.config()?.slot;
         let (prefix_len, key) = ipcache_prefix(&addr.into());
-        match self.ipcache.remove(&Key::new(prefix_len, key)) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            other => Ok(other?),
+        remove_if_present(self.ipcache.remove(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key))))
+    }
+
+    /// Entries in the slotted maps, by slot: (ipcache, policy, isolation). For tests.
+    pub fn slot_entries(&self) -> Result<[(usize, usize, usize); 2]> {
+        let mut counts = [(0, 0, 0); 2];
+        for key in self.ipcache.keys() {
+            counts[usize::from(key?.data().slot & 1)].0 += 1;
         }
+        for key in self.policy.keys() {
+            counts[usize::from(key?.data().slot & 1)].1 += 1;
+        }
+        for key in self.isolation.keys() {
+            counts[(key?.slot & 1) as usize].2 += 1;
+        }
+        Ok(counts)
     }
 
     pub fn unbind_interface(&mut self, ifindex: u32) -> Result<()> {
-        match self.interfaces.remove(&ifindex) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            other => Ok(other?),
-        }
+        remove_if_present(self.interfaces.remove(&ifindex))
     }
 
     pub fn attachments(&self) -> &[Attachment] {
@@ -265,4 +367,79 @@ where
 {
     let program = ebpf.program_mut(name).with_context(|| format!("eBPF object has no program {name}"))?;
     program.try_into().with_context(|| format!("program {name} has an unexpected type"))
+}
+
+fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Waits for an RCU grace period: until every BPF program that started before has returned, so
+/// none can still be using what it read before. The kernel does that wait when userspace updates
+/// a map-in-map (`maybe_wait_bpf_programs`), for the programs that might look up the old inner
+/// map; this one is a private, one-entry array of maps no program uses.
+struct GracePeriod {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+/// The leading fields of `union bpf_attr` for BPF_MAP_CREATE (the kernel zero-extends the rest).
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_UPDATE_ELEM.
+#[repr(C)]
+struct MapUpdateAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size passed.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>() as libc::c_uint) };
+    if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+impl GracePeriod {
+    fn new() -> Result<Self> {
+        let create = |map_type, inner_map_fd| -> Result<OwnedFd> {
+            let attr = MapCreateAttr { map_type, key_size: 4, value_size: 4, max_entries: 1, map_flags: 0, inner_map_fd };
+            let fd = bpf(BPF_MAP_CREATE, &attr).context("creating the grace-period map")?;
+            // SAFETY: BPF_MAP_CREATE returned a new file descriptor that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        };
+        let inner = create(BPF_MAP_TYPE_ARRAY, 0)?;
+        let outer = create(BPF_MAP_TYPE_ARRAY_OF_MAPS, inner.as_raw_fd() as u32)?;
+        Ok(Self { outer, inner })
+    }
+
+    fn wait(&self) -> Result<()> {
+        let (key, value) = (0u32, self.inner.as_raw_fd() as u32);
+        let attr = MapUpdateAttr {
+            map_fd: self.outer.as_raw_fd() as u32,
+            _pad: 0,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            flags: 0,
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &attr).context("waiting for running BPF programs to finish")?;
+        Ok(())
+    }
 }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::io::{unix::AsyncFd, Interest};
 use zt_common::{event_flags, identity, proto, Direction, FlowEvent, Hook, Reason, Verdict, NO_RULE};
 
-use crate::{datapath::Mode, policy::compile::Compiled, sources::IdentitySources};
+use crate::{datapath::Mode, policy::compile::Compiled, reload::Policies, sources::IdentitySources};
 
 /// Reads a `FlowEvent` out of a ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
@@ -28,7 +28,8 @@ pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
 /// Turns kernel events into JSON with identity, policy, interface and node names.
 pub struct Enricher {
     node: String,
-    compiled: Arc<Compiled>,
+    /// Rules and identity names by generation: an event is named by the policy that decided it.
+    policies: Arc<Mutex<Policies>>,
     sources: Arc<Mutex<IdentitySources>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to date kernel timestamps.
     realtime_offset_ns: i128,
@@ -41,9 +42,9 @@ fn clock_ns(clock: ClockId) -> i128 {
 }
 
 impl Enricher {
-    pub fn new(node: String, compiled: Arc<Compiled>, sources: Arc<Mutex<IdentitySources>>) -> Self {
+    pub fn new(node: String, policies: Arc<Mutex<Policies>>, sources: Arc<Mutex<IdentitySources>>) -> Self {
         let realtime_offset_ns = clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_MONOTONIC);
-        Self { node, compiled, sources, realtime_offset_ns, interfaces: HashMap::new() }
+        Self { node, policies, sources, realtime_offset_ns, interfaces: HashMap::new() }
     }
 
     fn interface(&mut self, ifindex: u32) -> String {
@@ -65,7 +66,15 @@ impl Enricher {
 
     /// One end of the flow. `by` is how the kernel identified it: `event_flags::*_CGROUP`,
     /// `*_INTERFACE`, or 0 for its address.
-    fn endpoint(&self, ev: &FlowEvent, addr: &[u8; 16], port: Option<u16>, identity: u32, by: u8) -> Value {
+    fn endpoint(
+        &self,
+        compiled: &Compiled,
+        ev: &FlowEvent,
+        addr: &[u8; 16],
+        port: Option<u16>,
+        identity: u32,
+        by: u8,
+    ) -> Value {
         let ip: Option<IpAddr> = match ev.family {
             4 => Some(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]).into()),
             6 => Some(Ipv6Addr::from(*addr).into()),
@@ -82,7 +91,7 @@ impl Enricher {
         let mut end = json!({
             "ip": ip.map(|ip| ip.to_string()),
             "port": port,
-            "identity": self.compiled.identities.name(identity),
+            "identity": compiled.identities.name(identity),
             "identity_id": identity,
             "source": source,
         });
@@ -97,7 +106,7 @@ impl Enricher {
         let is_icmp = matches!(ev.protocol, proto::ICMP | proto::ICMPV6);
         let (src_port, dst_port) =
             if ev.family == 0 || is_icmp { (None, None) } else { (Some(ev.src_port), Some(ev.dst_port)) };
-        let compiled = self.compiled.clone();
+        let compiled = self.policies.lock().expect("policies lock poisoned").of_generation(ev.generation).clone();
         let rule = (ev.rule_id != NO_RULE).then(|| compiled.rule(ev.rule_id)).flatten();
         let policy = match (rule, reason) {
             (Some(rule), _) => Some(rule.policy.clone()),
@@ -115,8 +124,8 @@ impl Enricher {
             "hook": hook_name(ev.hook),
             "interface": if ev.ifindex == 0 { Value::Null } else { self.interface(ev.ifindex).into() },
             "protocol": protocol_name(ev.protocol, ev.family),
-            "src": self.endpoint(ev, &ev.src_addr, src_port, ev.src_identity, ev.flags & (event_flags::SRC_CGROUP | event_flags::SRC_INTERFACE)),
-            "dst": self.endpoint(ev, &ev.dst_addr, dst_port, ev.dst_identity, ev.flags & (event_flags::DST_CGROUP | event_flags::DST_INTERFACE)),
+            "src": self.endpoint(&compiled, ev, &ev.src_addr, src_port, ev.src_identity, ev.flags & (event_flags::SRC_CGROUP | event_flags::SRC_INTERFACE)),
+            "dst": self.endpoint(&compiled, ev, &ev.dst_addr, dst_port, ev.dst_identity, ev.flags & (event_flags::DST_CGROUP | event_flags::DST_INTERFACE)),
             "policy": policy,
             "rule": rule.map(|r| format!("{}/{}/{}", r.policy, direction_name(r.direction as u8), r.index)),
             "generation": ev.generation,
@@ -188,8 +197,8 @@ pub async fn stream_to_stdout(ring: RingBuf<MapData>, mut enricher: Enricher) ->
     }
 }
 
-/// Writes an identity-source event (a certificate bound, rotated, rejected or revoked) as one
-/// JSON line on stdout, stamped like flow events.
+/// Writes an agent event — an identity-source event (a certificate bound, rotated, rejected or
+/// revoked) or a policy reload's outcome — as one JSON line on stdout, stamped like flow events.
 pub fn write_identity_event(node: &str, event: Value) -> Result<()> {
     let mut line = serde_json::Map::new();
     line.insert("time".into(), humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string().into());

@@ -6,5 +6,6 @@ pub mod datapath;
 pub mod events;
 pub mod identity;
 pub mod policy;
+pub mod reload;
 pub mod sources;
 pub mod svid;

@@ -19,9 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load policy, attach the datapath and stream flow events as JSON lines on stdout.
+    /// Load policy, attach the datapath and stream flow events as JSON lines on stdout. The policy
+    /// is reloaded on SIGHUP and whenever its files change; an invalid set is rejected and the
+    /// policy in force stays.
     Run {
-        /// Policy file or directory (its *.yaml/*.yml files); repeatable.
+        /// Policy file or directory (its *.yaml/*.yml files); repeatable. Watched for changes.
         #[arg(long, required = true)]
         policy: Vec<PathBuf>,
         /// monitor reports would-be denials as audit events; enforce drops them.
@@ -79,11 +81,40 @@ enum PolicyCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Check flows against expected verdicts (a cases file); exits non-zero if any case fails.
+    Test {
+        /// YAML file of cases: src, dst, protocol, port or type, expect, optional reason and rule.
+        cases: PathBuf,
+        /// Policy file or directory; repeatable.
+        #[arg(long, required = true)]
+        policy: Vec<PathBuf>,
+        /// Use the reference evaluator (no root) instead of the kernel datapath.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Write least-privilege allow rules (policy YAML, on stdout) for the flows monitor-mode
+    /// audits show default-deny denying.
+    Suggest {
+        /// The agent's events (JSON lines, as `zt-agent run` prints them); `-` for stdin.
+        #[arg(long)]
+        from: PathBuf,
+        /// The policy the events were recorded under (file or directory; repeatable): names are
+        /// checked against it and the output loads together with it.
+        #[arg(long)]
+        policy: Vec<PathBuf>,
+    },
 }
 
 fn print_status(status: &Status) {
     println!("mode:        {}", status.mode.name());
     println!("generation:  {}", status.generation);
+    println!("reloads:     {} applied, {} rejected", status.reloads, status.reloads_rejected);
+    if let Some(rejection) = &status.last_rejection {
+        println!("last rejection:");
+        for line in rejection.lines() {
+            println!("  {line}");
+        }
+    }
     println!("identities:  {}", status.identities.len());
     for (name, id) in &status.identities {
         println!("  {id:>10}  {name}");
@@ -142,6 +173,12 @@ fn main() -> ExitCode {
                     compiled.policy.len()
                 );
             }),
+        Command::Policy { command: PolicyCommand::Test { cases, policy, offline } } => {
+            policy::cases::run(&cases, &policy, offline, &mut std::io::stdout())
+        }
+        Command::Policy { command: PolicyCommand::Suggest { from, policy } } => {
+            policy::suggest::run(&from, &policy).map(|suggestion| print!("{suggestion}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,9 @@ pub mod maps {
     pub const CGROUPS: &str = "ZT_CGROUPS";
     pub const INTERFACES: &str = "ZT_INTERFACES";
 
+    /// Generations the policy-derived maps hold at once: the one in force and the next one,
+    /// built aside (see [`super::Config::slot`]). Their capacities below are per generation.
+    pub const SLOTS: u32 = 2;
     pub const IPCACHE_CAPACITY: u32 = 65_536;
     pub const POLICY_CAPACITY: u32 = 1 << 20;
     pub const ISOLATION_CAPACITY: u32 = 65_536;
@@ -61,13 +64,19 @@ pub mod mode {
     pub const MONITOR: u32 = 1;
 }
 
-/// The single entry of the `ZT_CONFIG` array (index 0).
+/// The single entry of `ZT_CONFIG` (key 0), read once per packet. Everything a packet needs to
+/// know about the node's state is in this one value, so one map write switches it whole.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub mode: u32,
-    /// Policy generation in force; conntrack entries remember the generation that admitted them.
+    /// Policy generation in force; conntrack entries remember the generation that admitted them,
+    /// and a flow admitted under another generation is judged again.
     pub generation: u32,
+    /// Which half (0 or 1) of the policy-derived maps (`ZT_IPCACHE`, `ZT_POLICY`,
+    /// `ZT_ISOLATION`) is in force: every key there carries its slot, so the agent builds the
+    /// next generation in the other slot and switches to it with one write of this value.
+    pub slot: u32,
 }
 
 /// Isolation flags in `ZT_ISOLATION` (identity → flags). A direction listed by a policy for a
@@ -211,9 +220,37 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
-/// Key material of the `ZT_IPCACHE` LPM trie: an IPv6 address, IPv4 as `::ffff:a.b.c.d`, so an
-/// IPv4 /n prefix is stored with prefix length 96 + n.
+/// An address as the ipcache and conntrack key it: an IPv6 address, IPv4 as `::ffff:a.b.c.d`,
+/// so an IPv4 /n prefix is an IPv6 /(96 + n).
 pub type IpKey = [u8; 16];
+
+/// Key material of the slotted LPM tries: the slot byte first, so every prefix of one slot is
+/// longer than [`SLOT_BITS`] and never matches in the other. `ZT_IPCACHE` is keyed
+/// by `Slotted<IpKey>` (an IPv4 /n at prefix length 8 + 96 + n), `ZT_POLICY` by
+/// `Slotted<PolicyKey>` (the [`PolicyKey`] bit counts plus 8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slotted<K> {
+    pub slot: u8,
+    pub key: K,
+}
+
+/// Bits of the slot in front of a [`Slotted`] key.
+pub const SLOT_BITS: u32 = 8;
+
+impl<K> Slotted<K> {
+    pub const fn new(slot: u32, key: K) -> Self {
+        Self { slot: slot as u8, key }
+    }
+}
+
+/// Key of `ZT_ISOLATION`: an identity (or [`identity::ANY`]) in one slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IsolationKey {
+    pub slot: u32,
+    pub identity: u32,
+}
 
 /// Key material of the `ZT_POLICY` LPM trie. Field order is prefix order: a rule for any protocol
 /// is a prefix of [`PolicyKey::ANY_PROTOCOL_BITS`], for any port of
@@ -285,6 +322,8 @@ pub struct CtKey {
 pub mod ct {
     /// Admitted only because the node was in monitor mode: ignored once the node enforces.
     pub const AUDIT: u32 = 1;
+    /// The entry admits the replies of a flow (it is keyed in the reply direction).
+    pub const REPLY: u32 = 2;
     /// Idle timeouts: a stale entry is treated as absent.
     pub const TCP_TIMEOUT_NS: u64 = 3_600_000_000_000;
     pub const OTHER_TIMEOUT_NS: u64 = 60_000_000_000;
@@ -295,9 +334,14 @@ pub mod ct {
 pub struct CtValue {
     pub last_seen_ns: u64,
     pub rule_id: u32,
+    /// The policy generation that admitted (or last re-admitted) the flow.
     pub generation: u32,
+    /// [`ct::AUDIT`], [`ct::REPLY`].
     pub flags: u32,
-    pub _pad: u32,
+    /// The admitted flow's destination port (ICMP: message type), to judge the flow again from
+    /// either direction's packet.
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// One verdict, sent from the kernel on the `ZT_EVENTS` ring buffer.
@@ -343,8 +387,11 @@ macro_rules! assert_layout {
         const _: () = assert!(size_of::<$t>() == $size && align_of::<$t>() == $align);
     };
 }
-assert_layout!(Config, 8, 4);
+assert_layout!(Config, 12, 4);
+assert_layout!(Slotted<IpKey>, 17, 1);
 assert_layout!(PolicyKey, 12, 1);
+assert_layout!(Slotted<PolicyKey>, 13, 1);
+assert_layout!(IsolationKey, 8, 4);
 assert_layout!(PolicyValue, 8, 4);
 assert_layout!(CtKey, 40, 2);
 assert_layout!(CtValue, 24, 8);
@@ -355,6 +402,9 @@ mod pod {
     // SAFETY: all of these are repr(C) with explicit padding fields, so every byte is initialised.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::Slotted<super::IpKey> {}
+    unsafe impl aya::Pod for super::Slotted<super::PolicyKey> {}
+    unsafe impl aya::Pod for super::IsolationKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}

@@ -1,5 +1,6 @@
 //! Connection tracking: an LRU hash with one entry per direction of an admitted flow, so replies
-//! and established packets pass without a policy lookup.
+//! and established packets pass without a policy lookup — as long as the entry's generation is
+//! the one in force. An entry of another generation makes the caller judge the flow again.
 
 use zt_common::{ct, mode, proto, CtKey, CtValue};
 
@@ -33,32 +34,49 @@ fn reverse_key(pkt: &Packet) -> Option<CtKey> {
     Some(CtKey { src: pkt.dst, dst: pkt.src, src_port, dst_port, protocol: pkt.protocol, _pad: [0; 3] })
 }
 
-/// True when the packet belongs to a live flow that may pass in the current mode.
+/// The key of the forward entry of the flow whose reply `pkt` is, `port` being the flow's
+/// destination port (ICMP: the echo request type). The inverse of [`reverse_key`].
 #[inline(always)]
-pub fn established(pkt: &Packet, node_mode: u32, now: u64) -> bool {
-    let Some(entry) = ZT_CONNTRACK.get_ptr_mut(forward_key(pkt)) else {
-        return false;
-    };
-    let entry = unsafe { &mut *entry };
+fn original_key(pkt: &Packet, port: u16) -> CtKey {
+    // ICMP keys keep the echo identifier in both directions.
+    let src_port = if matches!(pkt.protocol, proto::ICMP | proto::ICMPV6) { pkt.src_port } else { pkt.dst_port };
+    CtKey { src: pkt.dst, dst: pkt.src, src_port, dst_port: port, protocol: pkt.protocol, _pad: [0; 3] }
+}
+
+/// The live entry `pkt` belongs to (either direction of an admitted flow), whatever its
+/// generation: not idle past its timeout, and not a monitor-mode admission while the node
+/// enforces (such a flow is judged again once the node enforces).
+#[inline(always)]
+pub fn lookup(pkt: &Packet, node_mode: u32, now: u64) -> Option<&'static mut CtValue> {
+    let entry = unsafe { &mut *ZT_CONNTRACK.get_ptr_mut(forward_key(pkt))? };
     let timeout = if pkt.protocol == proto::TCP { ct::TCP_TIMEOUT_NS } else { ct::OTHER_TIMEOUT_NS };
     if now.saturating_sub(entry.last_seen_ns) > timeout {
-        return false;
+        return None;
     }
-    // A flow let through only because of monitor mode is judged again once the node enforces.
     if entry.flags & ct::AUDIT != 0 && node_mode == mode::ENFORCE {
-        return false;
+        return None;
     }
-    entry.last_seen_ns = now;
-    true
+    Some(entry)
 }
 
 /// Records an admitted flow, and the direction its replies take.
 #[inline(always)]
 pub fn admit(pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64) {
-    let value = CtValue { last_seen_ns: now, rule_id, generation, flags, _pad: 0 };
+    let value = CtValue { last_seen_ns: now, rule_id, generation, flags, port: pkt.dst_port, _pad: 0 };
     // A full LRU evicts; an insert failure only costs a policy lookup on the next packet.
     let _ = ZT_CONNTRACK.insert(forward_key(pkt), value, 0);
     if let Some(reverse) = reverse_key(pkt) {
-        let _ = ZT_CONNTRACK.insert(reverse, value, 0);
+        let _ = ZT_CONNTRACK.insert(reverse, CtValue { flags: flags | ct::REPLY, ..value }, 0);
+    }
+}
+
+/// Removes the entry `pkt` belongs to and the other direction's: the reply entry of a forward
+/// entry, the forward entry of a reply entry. `flags` and `port` are the entry's.
+#[inline(always)]
+pub fn forget(pkt: &Packet, flags: u32, port: u16) {
+    let _ = ZT_CONNTRACK.remove(forward_key(pkt));
+    let other = if flags & ct::REPLY != 0 { Some(original_key(pkt, port)) } else { reverse_key(pkt) };
+    if let Some(other) = other {
+        let _ = ZT_CONNTRACK.remove(other);
     }
 }

@@ -31,8 +31,8 @@ const TC_PULL_BYTES: u32 = 256;
 /// Judges one parsed packet; true = let it through.
 #[inline(always)]
 fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
-    // The array slot always exists; zeroed (never written) it reads as enforce.
-    let config = ZT_CONFIG.get(0).copied().unwrap_or(Config { mode: mode::ENFORCE, generation: 0 });
+    // Read once: mode, generation and slot belong together. Never written, it reads as enforce.
+    let config = unsafe { ZT_CONFIG.get(0) }.copied().unwrap_or(Config { mode: mode::ENFORCE, generation: 0, slot: 0 });
     let mut report = Report {
         pkt,
         at,
@@ -58,16 +58,39 @@ fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
         }
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    if conntrack::established(pkt, config.mode, now) {
-        report.reason = Reason::Established;
-        verdict::record(&report);
-        return true;
+    let mut entry = conntrack::lookup(pkt, config.mode, now);
+    if let Some(entry) = entry.as_mut() {
+        if entry.generation == config.generation {
+            entry.last_seen_ns = now;
+            report.reason = Reason::Established;
+            verdict::record(&report);
+            return true;
+        }
     }
-    let ends = policy::identify(pkt, at);
+    let ends = policy::identify(config.slot, pkt, at);
     report.src_identity = ends.src;
     report.dst_identity = ends.dst;
     report.flags = ends.flags;
-    let decision = policy::decide(ends.src, ends.dst, pkt.protocol, pkt.dst_port);
+    if let Some(entry) = entry {
+        // Admitted under another generation: judge the flow it was made for (the reverse of
+        // this packet, if the entry admits replies) with the policy in force.
+        let (src, dst) = if entry.flags & ct::REPLY != 0 { (ends.dst, ends.src) } else { (ends.src, ends.dst) };
+        let again = policy::decide(config.slot, src, dst, pkt.protocol, entry.port);
+        if again.allow {
+            // Still allowed: the flow carries on, admitted by this generation (and no longer
+            // only by monitor mode). The other direction's entry is refreshed on its own hit.
+            entry.generation = config.generation;
+            entry.rule_id = again.rule_id;
+            entry.flags &= ct::REPLY;
+            entry.last_seen_ns = now;
+            report.reason = Reason::Established;
+            verdict::record(&report);
+            return true;
+        }
+        // Revoked: forget both directions; this packet is judged as the start of a new flow.
+        conntrack::forget(pkt, entry.flags, entry.port);
+    }
+    let decision = policy::decide(config.slot, ends.src, ends.dst, pkt.protocol, pkt.dst_port);
     report.reason = decision.reason;
     report.direction = decision.direction;
     report.rule_id = decision.rule_id;

@@ -1,39 +1,46 @@
 //! The maps the agent fills and reads. Names and layouts come from `zt_common`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::LpmTrie, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
     maps::{
         CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, INTERFACES_CAPACITY, IPCACHE_CAPACITY,
-        ISOLATION_CAPACITY, POLICY_CAPACITY,
+        ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
     },
-    Config, CtKey, CtValue, IpKey, PolicyKey, PolicyValue, COUNTER_COUNT,
+    Config, CtKey, CtValue, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted, COUNTER_COUNT,
 };
 
+/// Key 0 → the node's mode, generation and slot. A hash map without preallocation rather than
+/// an array: an update then links a new element in place of the old one (freed after an RCU
+/// grace period), so a packet reads the old value or the new one whole, never a torn mix —
+/// an array element would be overwritten in place.
 #[map]
-pub static ZT_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static ZT_CONFIG: HashMap<u32, Config> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
-/// Address prefix → identity.
+/// (slot, address prefix) → identity.
 #[map]
-pub static ZT_IPCACHE: LpmTrie<IpKey, u32> = LpmTrie::with_max_entries(IPCACHE_CAPACITY, 0);
+pub static ZT_IPCACHE: LpmTrie<Slotted<IpKey>, u32> = LpmTrie::with_max_entries(SLOTS * IPCACHE_CAPACITY, 0);
 
-/// cgroup id (the cgroup directory's inode) → identity of the processes in it.
+/// cgroup id (the cgroup directory's inode) → identity of the processes in it. Not slotted:
+/// identity ids are derived from names, so a binding stays valid across generations.
 #[map]
 pub static ZT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUPS_CAPACITY, 0);
 
-/// Host-side interface index → identity of the workload behind it.
+/// Host-side interface index → identity of the workload behind it. Not slotted, as cgroups.
 #[map]
 pub static ZT_INTERFACES: HashMap<u32, u32> = HashMap::with_max_entries(INTERFACES_CAPACITY, 0);
 
-/// (subject, peer, direction, protocol, port prefix) → rule.
+/// (slot, subject, peer, direction, protocol, port prefix) → rule.
 #[map]
-pub static ZT_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+pub static ZT_POLICY: LpmTrie<Slotted<PolicyKey>, PolicyValue> =
+    LpmTrie::with_max_entries(SLOTS * POLICY_CAPACITY, 0);
 
-/// Identity → isolation flags.
+/// (slot, identity) → isolation flags.
 #[map]
-pub static ZT_ISOLATION: HashMap<u32, u32> = HashMap::with_max_entries(ISOLATION_CAPACITY, 0);
+pub static ZT_ISOLATION: HashMap<IsolationKey, u32> = HashMap::with_max_entries(SLOTS * ISOLATION_CAPACITY, 0);
 
 #[map]
 pub static ZT_CONNTRACK: LruHashMap<CtKey, CtValue> =

@@ -4,9 +4,14 @@
 //! egress-isolated, the destination's ingress rules if it is ingress-isolated. Each check is four
 //! longest-prefix lookups — (subject, peer), (subject, any), (any, peer), (any, any) — and an
 //! explicit deny anywhere beats every allow. The agent's reference evaluator mirrors this file.
+//!
+//! Every address, policy and isolation lookup is made in the slot of the generation in force
+//! (`Config::slot`), which the caller read once for the packet.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use zt_common::{action, event_flags, identity, isolation, Direction, Hook, PolicyKey, Reason, NO_RULE};
+use zt_common::{
+    action, event_flags, identity, isolation, Direction, Hook, IsolationKey, PolicyKey, Reason, Slotted, NO_RULE, SLOT_BITS,
+};
 
 use crate::{
     maps::{ZT_CGROUPS, ZT_INTERFACES, ZT_IPCACHE, ZT_ISOLATION, ZT_POLICY},
@@ -16,8 +21,8 @@ use crate::{
 const IP_BITS: u32 = 128;
 
 #[inline(always)]
-fn by_address(addr: &zt_common::IpKey) -> u32 {
-    match ZT_IPCACHE.get(Key::new(IP_BITS, *addr)) {
+fn by_address(slot: u32, addr: &zt_common::IpKey) -> u32 {
+    match ZT_IPCACHE.get(Key::new(SLOT_BITS + IP_BITS, Slotted::new(slot, *addr))) {
         Some(id) => *id,
         None => identity::UNKNOWN,
     }
@@ -42,7 +47,7 @@ pub struct Ends {
 /// The local end is identified by its cgroup (a process) or its interface (a workload) where
 /// the hook knows them and the agent mapped them; every other end by its address.
 #[inline(always)]
-pub fn identify(pkt: &Packet, at: At) -> Ends {
+pub fn identify(slot: u32, pkt: &Packet, at: At) -> Ends {
     let local = match at.hook {
         Hook::TcIngress => unsafe { ZT_INTERFACES.get(at.ifindex) }.map(|id| (*id, event_flags::SRC_INTERFACE)),
         Hook::TcEgress => unsafe { ZT_INTERFACES.get(at.ifindex) }.map(|id| (*id, event_flags::DST_INTERFACE)),
@@ -52,18 +57,18 @@ pub fn identify(pkt: &Packet, at: At) -> Ends {
     };
     match local {
         Some((id, flag @ (event_flags::SRC_INTERFACE | event_flags::SRC_CGROUP))) => {
-            Ends { src: id, dst: by_address(&pkt.dst), flags: flag }
+            Ends { src: id, dst: by_address(slot, &pkt.dst), flags: flag }
         }
-        Some((id, flag)) => Ends { src: by_address(&pkt.src), dst: id, flags: flag },
-        None => Ends { src: by_address(&pkt.src), dst: by_address(&pkt.dst), flags: 0 },
+        Some((id, flag)) => Ends { src: by_address(slot, &pkt.src), dst: id, flags: flag },
+        None => Ends { src: by_address(slot, &pkt.src), dst: by_address(slot, &pkt.dst), flags: 0 },
     }
 }
 
 #[inline(always)]
-fn isolation_of(id: u32) -> u32 {
-    let own = unsafe { ZT_ISOLATION.get(id) }.copied().unwrap_or(0);
+fn isolation_of(slot: u32, id: u32) -> u32 {
+    let own = unsafe { ZT_ISOLATION.get(IsolationKey { slot, identity: id }) }.copied().unwrap_or(0);
     if id >= identity::FIRST_USER {
-        own | unsafe { ZT_ISOLATION.get(identity::ANY) }.copied().unwrap_or(0)
+        own | unsafe { ZT_ISOLATION.get(IsolationKey { slot, identity: identity::ANY }) }.copied().unwrap_or(0)
     } else {
         own
     }
@@ -78,13 +83,16 @@ enum Check {
 }
 
 #[inline(always)]
-fn lookup(subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Option<(u8, u32)> {
-    let key = Key::new(PolicyKey::FULL_BITS, PolicyKey::new(subject, peer, direction, protocol, port));
+fn lookup(slot: u32, subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Option<(u8, u32)> {
+    let key = Key::new(
+        SLOT_BITS + PolicyKey::FULL_BITS,
+        Slotted::new(slot, PolicyKey::new(subject, peer, direction, protocol, port)),
+    );
     ZT_POLICY.get(key).map(|v| (v.action, v.rule_id))
 }
 
 #[inline(always)]
-fn check(subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Check {
+fn check(slot: u32, subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Check {
     let mut allow = NO_RULE;
     for (s, p) in [
         (subject, peer),
@@ -92,7 +100,7 @@ fn check(subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16)
         (identity::ANY, peer),
         (identity::ANY, identity::ANY),
     ] {
-        match lookup(s, p, direction, protocol, port) {
+        match lookup(slot, s, p, direction, protocol, port) {
             Some((action::DENY, rule)) => return Check::Deny(rule),
             Some((_, rule)) if allow == NO_RULE => allow = rule,
             _ => {}
@@ -113,14 +121,14 @@ pub struct Decision {
 }
 
 #[inline(always)]
-pub fn decide(src_id: u32, dst_id: u32, protocol: u8, port: u16) -> Decision {
-    let egress = if isolation_of(src_id) & isolation::EGRESS != 0 {
-        check(src_id, dst_id, Direction::Egress, protocol, port)
+pub fn decide(slot: u32, src_id: u32, dst_id: u32, protocol: u8, port: u16) -> Decision {
+    let egress = if isolation_of(slot, src_id) & isolation::EGRESS != 0 {
+        check(slot, src_id, dst_id, Direction::Egress, protocol, port)
     } else {
         Check::NotIsolated
     };
-    let ingress = if isolation_of(dst_id) & isolation::INGRESS != 0 {
-        check(dst_id, src_id, Direction::Ingress, protocol, port)
+    let ingress = if isolation_of(slot, dst_id) & isolation::INGRESS != 0 {
+        check(slot, dst_id, src_id, Direction::Ingress, protocol, port)
     } else {
         Check::NotIsolated
     };

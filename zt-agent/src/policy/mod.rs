@@ -6,11 +6,13 @@
 //! receive). Names are shared across all files of a load. Loading reports every problem it
 //! finds, not just the first, sorted by file and position.
 
+pub mod cases;
 pub mod compile;
 pub mod eval;
 mod locate;
 mod schema;
 pub mod selectors;
+pub mod suggest;
 
 use std::{
     cell::OnceCell,

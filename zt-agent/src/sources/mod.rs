@@ -2,6 +2,14 @@
 //! and certificates (workloads that present an X.509 SVID). Each refresh computes what the
 //! kernel's maps should hold and applies the difference — additions before removals, so a
 //! binding that moves never leaves a gap.
+//!
+//! On a policy reload the sources follow the new policy in two steps around the datapath's
+//! switch: [`IdentitySources::stage`] writes the certificate-bound addresses (which live in the
+//! slotted ipcache) into the staged generation, so they hold from the switch on;
+//! [`IdentitySources::switched`] then brings the unslotted cgroup and interface bindings in line
+//! with the new selectors. A cgroup or interface whose identity keeps its name keeps its id and
+//! is never unbound; one whose selector moved to another identity is rebound right after the
+//! switch, so for that moment the new policy sees it as the identity it had.
 
 pub mod certificate;
 pub mod cgroup;
@@ -23,11 +31,15 @@ pub struct IdentitySources {
     compiled: Arc<Compiled>,
     cgroups: Option<CgroupSource>,
     certificates: Option<CertificateSource>,
-    /// Interface name → the ifindex bound for it.
-    interfaces: BTreeMap<String, u32>,
-    /// What this agent has written to the kernel's cgroup map and (for certificates) ipcache.
+    /// Interface name → the ifindex bound for it and its identity.
+    interfaces: BTreeMap<String, (u32, u32)>,
+    /// What this agent has written to the kernel's cgroup map and (for certificates) the
+    /// ipcache slot in force.
     kernel_cgroups: BTreeMap<u64, u32>,
     kernel_addresses: BTreeMap<IpAddr, u32>,
+    /// During a reload: the policy in force before it, and the addresses written into the
+    /// staged generation.
+    staged: Option<(Arc<Compiled>, BTreeMap<IpAddr, u32>)>,
 }
 
 impl IdentitySources {
@@ -39,6 +51,7 @@ impl IdentitySources {
             interfaces: BTreeMap::new(),
             kernel_cgroups: BTreeMap::new(),
             kernel_addresses: BTreeMap::new(),
+            staged: None,
         }
     }
 
@@ -54,28 +67,66 @@ impl IdentitySources {
 
     /// Brings the maps in line with the sources. Returns identity events to report.
     pub fn refresh(&mut self, datapath: &mut Datapath) -> Result<Vec<Value>> {
+        let (addresses, certificate_cgroups, events) = self.certificate_bindings();
         let mut cgroups = match &mut self.cgroups {
             Some(source) => source.scan(&self.compiled.cgroups),
             None => BTreeMap::new(),
         };
-        let mut addresses = BTreeMap::new();
-        let mut events = Vec::new();
-        if let Some(certificates) = &mut self.certificates {
-            let (bound, changes) = certificates.rescan(&self.compiled.spiffe, SystemTime::now());
-            events = changes;
-            for b in bound {
-                addresses.extend(b.addresses.iter().map(|a| (*a, b.identity)));
-                // A certificate names a cgroup more precisely than a selector does.
-                let cgroup_id = b.cgroup.as_deref().and_then(|path| self.cgroups.as_mut()?.id_of(path));
-                if let Some(cgroup_id) = cgroup_id {
-                    cgroups.insert(cgroup_id, b.identity);
-                }
-            }
-        }
+        // A certificate names a cgroup more precisely than a selector does.
+        cgroups.extend(certificate_cgroups);
         self.apply_cgroups(datapath, cgroups)?;
         self.apply_addresses(datapath, addresses)?;
         self.refresh_interfaces(datapath)?;
         Ok(events)
+    }
+
+    /// A reload, first step (after `Datapath::stage`): the sources answer for `compiled` from
+    /// now on, and the addresses that verified certificates bind under its `spiffe` selectors
+    /// are written into the staged generation. Returns identity events to report once the
+    /// reload is applied. Then `Datapath::switch` and [`switched`](Self::switched), or, if the
+    /// reload fails, [`unstage`](Self::unstage).
+    pub fn stage(&mut self, compiled: Arc<Compiled>, datapath: &mut Datapath) -> Result<Vec<Value>> {
+        let previous = std::mem::replace(&mut self.compiled, compiled);
+        let (addresses, _, events) = self.certificate_bindings();
+        self.staged = Some((previous, addresses.clone()));
+        for (&addr, &identity) in &addresses {
+            datapath.stage_address(addr, identity)?;
+        }
+        Ok(events)
+    }
+
+    /// Gives up a staged reload: the previous policy's selectors apply again.
+    pub fn unstage(&mut self) {
+        if let Some((previous, _)) = self.staged.take() {
+            self.compiled = previous;
+        }
+    }
+
+    /// A reload, last step (after `Datapath::switch`): the staged addresses are those in force,
+    /// and cgroups and interfaces are bound to the identities of the new selectors.
+    pub fn switched(&mut self, datapath: &mut Datapath) -> Result<Vec<Value>> {
+        if let Some((_, addresses)) = self.staged.take() {
+            self.kernel_addresses = addresses;
+        }
+        self.refresh(datapath)
+    }
+
+    /// Address → identity and cgroup id → identity for every verified certificate, judged with
+    /// the current selectors, and the identity events of the certificates whose state changed.
+    fn certificate_bindings(&mut self) -> (BTreeMap<IpAddr, u32>, BTreeMap<u64, u32>, Vec<Value>) {
+        let (mut addresses, mut cgroups) = (BTreeMap::new(), BTreeMap::new());
+        let Some(certificates) = &mut self.certificates else {
+            return (addresses, cgroups, Vec::new());
+        };
+        let (bound, events) = certificates.rescan(&self.compiled.spiffe, SystemTime::now());
+        for b in bound {
+            addresses.extend(b.addresses.iter().map(|a| (*a, b.identity)));
+            let cgroup_id = b.cgroup.as_deref().and_then(|path| self.cgroups.as_mut()?.id_of(path));
+            if let Some(cgroup_id) = cgroup_id {
+                cgroups.insert(cgroup_id, b.identity);
+            }
+        }
+        (addresses, cgroups, events)
     }
 
     fn apply_cgroups(&mut self, datapath: &mut Datapath, wanted: BTreeMap<u64, u32>) -> Result<()> {
@@ -108,26 +159,32 @@ impl IdentitySources {
     }
 
     fn refresh_interfaces(&mut self, datapath: &mut Datapath) -> Result<()> {
-        for (name, identity) in &self.compiled.interfaces {
-            // An interface may appear, vanish, or come back with a new index after start; a
-            // stale index must not identify whatever interface reuses it.
-            let ifindex = nix::net::if_::if_nametoindex(name.as_str()).ok();
-            let bound = self.interfaces.get(name).copied();
-            if bound == ifindex {
-                continue;
-            }
-            if let Some(old) = bound {
-                datapath.unbind_interface(old)?;
-                self.interfaces.remove(name);
-                tracing::info!(interface = %name, ifindex = old, "interface gone");
-            }
-            if let Some(ifindex) = ifindex {
-                datapath.bind_interface(ifindex, *identity)?;
-                self.interfaces.insert(name.clone(), ifindex);
-                let identity = self.compiled.identities.name(*identity).unwrap_or("?");
-                tracing::info!(interface = %name, ifindex, identity, "interface identified");
+        // An interface may appear, vanish, or come back with a new index after start (a stale
+        // index must not identify whatever interface reuses it), and a reload may move or drop
+        // its selector.
+        let wanted: BTreeMap<String, (u32, u32)> = self
+            .compiled
+            .interfaces
+            .iter()
+            .filter_map(|(name, identity)| {
+                let ifindex = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
+                Some((name.clone(), (ifindex, *identity)))
+            })
+            .collect();
+        for (name, &(ifindex, identity)) in &wanted {
+            if self.interfaces.get(name) != Some(&(ifindex, identity)) {
+                datapath.bind_interface(ifindex, identity)?;
+                tracing::info!(interface = %name, ifindex, identity = self.name(identity), "interface identified");
             }
         }
+        for (name, &(ifindex, _)) in &self.interfaces {
+            let still_bound = wanted.values().any(|&(wanted_index, _)| wanted_index == ifindex);
+            if !still_bound {
+                datapath.unbind_interface(ifindex)?;
+                tracing::info!(interface = %name, ifindex, "interface no longer identified");
+            }
+        }
+        self.interfaces = wanted;
         Ok(())
     }
 

@@ -1,0 +1,370 @@
+//! Hot reload: on SIGHUP, or when a file of the policy set changes, the agent loads and compiles
+//! the set again and, if it is valid, installs it aside and switches to it atomically
+//! (`Datapath::stage` / `switch`). An invalid set is rejected with its `file:line:col` errors and
+//! changes nothing: the policy in force stays in force. Each outcome is logged, counted (`status`)
+//! and reported as a `"kind": "policy"` JSON line on stdout.
+
+use std::{
+    collections::VecDeque,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use inotify::{EventMask, Inotify, WatchMask};
+use serde_json::{json, Value};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use crate::{control::Shared, events, policy, policy::compile::Compiled, sources::IdentitySources};
+
+/// Changes to policy files closer together than this make one reload: an editor's or a
+/// deployment's burst of writes and renames is loaded once, when it is over.
+pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Compiled policies of recent generations, to name the rules and identities of flow events
+/// that were queued before a switch.
+const KEPT_GENERATIONS: usize = 8;
+
+/// The policy in force and the reload counters.
+pub struct Policies {
+    /// (generation, compiled policy) of recent generations, oldest first.
+    generations: VecDeque<(u32, Arc<Compiled>)>,
+    in_force: u32,
+    /// Reloads applied since the agent started.
+    pub reloads: u64,
+    /// Reloads rejected since the agent started.
+    pub rejected: u64,
+    /// The errors of the last rejected reload, one per line.
+    pub last_rejection: Option<String>,
+}
+
+impl Policies {
+    pub fn new(generation: u32, compiled: Arc<Compiled>) -> Self {
+        Self {
+            generations: VecDeque::from([(generation, compiled)]),
+            in_force: generation,
+            reloads: 0,
+            rejected: 0,
+            last_rejection: None,
+        }
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> &Arc<Compiled> {
+        self.find(self.in_force).expect("the generation in force is kept")
+    }
+
+    /// The policy of `generation`, or the one in force if that generation is long gone.
+    pub fn of_generation(&self, generation: u32) -> &Arc<Compiled> {
+        self.find(generation).unwrap_or_else(|| self.current())
+    }
+
+    fn find(&self, generation: u32) -> Option<&Arc<Compiled>> {
+        self.generations.iter().rev().find(|(g, _)| *g == generation).map(|(_, c)| c)
+    }
+
+    /// Announces the policy of a generation about to come into force.
+    fn announce(&mut self, generation: u32, compiled: Arc<Compiled>) {
+        self.generations.retain(|(g, _)| *g != generation);
+        self.generations.push_back((generation, compiled));
+        while self.generations.len() > KEPT_GENERATIONS && self.generations.front().is_some_and(|(g, _)| *g != self.in_force) {
+            self.generations.pop_front();
+        }
+    }
+
+    fn activate(&mut self, generation: u32) {
+        self.in_force = generation;
+        self.reloads += 1;
+    }
+
+    /// Forgets an announced generation that never came into force.
+    fn withdraw(&mut self, generation: u32) {
+        if generation != self.in_force {
+            self.generations.retain(|(g, _)| *g != generation);
+        }
+    }
+}
+
+/// What started a reload, as the `trigger` of its event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    FileChange,
+}
+
+impl Trigger {
+    fn name(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::FileChange => "file-change",
+        }
+    }
+}
+
+pub struct Reloader {
+    paths: Vec<PathBuf>,
+    node: String,
+    shared: Arc<Shared>,
+    sources: Arc<Mutex<IdentitySources>>,
+}
+
+impl Reloader {
+    pub fn new(paths: Vec<PathBuf>, node: String, shared: Arc<Shared>, sources: Arc<Mutex<IdentitySources>>) -> Self {
+        Self { paths, node, shared, sources }
+    }
+
+    /// One reload attempt, start to finish (blocking: it reads files and waits for the kernel).
+    /// Errors are only those of writing the outcome to stdout.
+    pub fn reload(&self, trigger: Trigger) -> Result<()> {
+        let compiled = policy::load_paths(&self.paths)
+            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .and_then(|set| policy::compile::compile(&set).map_err(|err| vec![err.to_string()]));
+        let outcome = match compiled {
+            Ok(compiled) => self.apply(Arc::new(compiled)),
+            Err(errors) => Err(errors),
+        };
+        match outcome {
+            Ok((generation, compiled, identity_events)) => {
+                let reloads = self.shared.policies.lock().expect("policies lock poisoned").reloads;
+                tracing::info!(
+                    generation,
+                    trigger = trigger.name(),
+                    identities = compiled.identities.len(),
+                    rules = compiled.rules.len(),
+                    entries = compiled.policy.len(),
+                    reloads,
+                    "policy reloaded"
+                );
+                self.write_event(trigger, "applied", generation, &[])?;
+                for event in identity_events {
+                    events::write_identity_event(&self.node, event)?;
+                }
+            }
+            Err(errors) => {
+                let generation = self.shared.datapath.lock().expect("datapath lock poisoned").config().map_or(0, |c| c.generation);
+                {
+                    let mut policies = self.shared.policies.lock().expect("policies lock poisoned");
+                    policies.rejected += 1;
+                    policies.last_rejection = Some(errors.join("\n"));
+                }
+                for error in &errors {
+                    tracing::error!(trigger = trigger.name(), generation, "policy reload rejected: {error}");
+                }
+                tracing::warn!(generation, "the policy in force is unchanged");
+                self.write_event(trigger, "rejected", generation, &errors)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages `compiled` and the certificate bindings under it, then switches. Returns the new
+    /// generation and the identity events, or the errors that left the old policy in force.
+    #[allow(clippy::type_complexity)]
+    fn apply(&self, compiled: Arc<Compiled>) -> Result<(u32, Arc<Compiled>, Vec<Value>), Vec<String>> {
+        let mut datapath = self.shared.datapath.lock().expect("datapath lock poisoned");
+        let mut sources = self.sources.lock().expect("sources lock poisoned");
+        let kernel_error = |err: anyhow::Error| vec![format!("{err:#}")];
+        let in_force = datapath.config().map_err(kernel_error)?.generation;
+        // The enricher must know the new generation's rules before its first event.
+        let next = in_force.wrapping_add(1).max(1);
+        self.shared.policies.lock().expect("policies lock poisoned").announce(next, compiled.clone());
+        let staged = datapath
+            .stage(&compiled)
+            .and_then(|()| sources.stage(compiled.clone(), &mut datapath))
+            .and_then(|events| Ok((datapath.switch()?, events)));
+        let (generation, mut events) = match staged {
+            Ok(switched) => switched,
+            Err(err) => {
+                sources.unstage();
+                if let Err(discard) = datapath.discard_staged() {
+                    tracing::warn!(error = %format!("{discard:#}"), "could not empty the staged slot; the next reload will");
+                }
+                self.shared.policies.lock().expect("policies lock poisoned").withdraw(next);
+                return Err(kernel_error(err.context("installing the policy in the kernel")));
+            }
+        };
+        self.shared.policies.lock().expect("policies lock poisoned").activate(generation);
+        // The new generation is in force; cgroups and interfaces follow its selectors now.
+        match sources.switched(&mut datapath) {
+            Ok(more) => events.extend(more),
+            Err(err) => tracing::error!(error = %format!("{err:#}"), "identity sources not updated after the reload; retrying on the next refresh"),
+        }
+        Ok((generation, compiled, events))
+    }
+
+    fn write_event(&self, trigger: Trigger, result: &str, generation: u32, errors: &[String]) -> Result<()> {
+        let event = json!({
+            "kind": "policy",
+            "result": result,
+            "trigger": trigger.name(),
+            "generation": generation,
+            "errors": errors,
+        });
+        events::write_identity_event(&self.node, event)
+    }
+}
+
+/// Reloads on SIGHUP and, debounced, on changes to the policy files, until an error.
+pub async fn run(reloader: Arc<Reloader>) -> Result<()> {
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (changed_tx, mut changed) = mpsc::channel(16);
+    let watcher = watch(&reloader.paths)?;
+    let mut watching = tokio::spawn(forward_changes(watcher, changed_tx));
+    loop {
+        let trigger = tokio::select! {
+            _ = hangup.recv() => Trigger::Signal,
+            Some(()) = changed.recv() => {
+                // Wait for the burst of changes to end.
+                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changed.recv()).await {}
+                Trigger::FileChange
+            }
+            result = &mut watching => {
+                return result.context("the policy file watcher panicked")?.context("watching the policy files");
+            }
+        };
+        let reloader = reloader.clone();
+        tokio::task::spawn_blocking(move || reloader.reload(trigger)).await.context("the reload panicked")??;
+    }
+}
+
+/// What to watch: the directories holding the policy set, and in each, which names matter.
+enum Watched {
+    /// A `--policy` directory: its `*.yaml` and `*.yml` files.
+    Directory,
+    /// The parent directory of a `--policy` file: that file (watched through its directory, so
+    /// a file replaced by a rename, or created later, is seen).
+    File(std::ffi::OsString),
+}
+
+struct Watcher {
+    inotify: Inotify,
+    watches: Vec<(inotify::WatchDescriptor, Watched)>,
+}
+
+fn watch(paths: &[PathBuf]) -> Result<Watcher> {
+    let inotify = Inotify::init().context("inotify_init")?;
+    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::DELETE;
+    let mut watches = Vec::new();
+    for path in paths {
+        let (dir, watched) = match path.is_dir() {
+            true => (path.clone(), Watched::Directory),
+            false => {
+                let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
+                (parent.to_owned(), Watched::File(name.to_owned()))
+            }
+        };
+        let wd = inotify.watches().add(&dir, mask).with_context(|| format!("watching {}", dir.display()))?;
+        tracing::debug!(dir = %dir.display(), "watching for policy changes");
+        watches.push((wd, watched));
+    }
+    Ok(Watcher { inotify, watches })
+}
+
+impl Watcher {
+    fn concerns(&self, wd: &inotify::WatchDescriptor, mask: EventMask, name: Option<&OsStr>) -> bool {
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            return true; // events were lost: reload to be sure
+        }
+        let Some(name) = name else { return false };
+        self.watches.iter().filter(|(w, _)| w == wd).any(|(_, watched)| match watched {
+            Watched::File(file) => name == file,
+            Watched::Directory => {
+                let ext = Path::new(name).extension().and_then(OsStr::to_str);
+                matches!(ext, Some("yaml" | "yml"))
+            }
+        })
+    }
+}
+
+async fn forward_changes(watcher: Watcher, changed: mpsc::Sender<()>) -> Result<()> {
+    // SAFETY: the watcher owns the inotify fd and keeps it open for as long as the AsyncFd lives.
+    let mut fd = unsafe { AsyncFd::register_with_interest(watcher, Interest::READABLE) }.context("polling inotify")?;
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let watcher = guard.get_inner_mut();
+        let relevant = match watcher.inotify.read_events(&mut buffer) {
+            Ok(events) => {
+                let mut relevant = false;
+                for event in events {
+                    relevant |= watcher.concerns(&event.wd, event.mask, event.name);
+                }
+                relevant
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                guard.clear_ready();
+                continue;
+            }
+            Err(err) => return Err(err).context("reading inotify events"),
+        };
+        if relevant && changed.send(()).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Watcher {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.inotify.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compiled(port: u16) -> Arc<Compiled> {
+        let text = format!(
+            "apiVersion: zt/v1\nkind: Identity\nmetadata: {{name: web}}\nspec: {{selectors: [{{cidr: 10.0.0.0/8}}]}}\n---\n\
+             apiVersion: zt/v1\nkind: Policy\nmetadata: {{name: web}}\n\
+             spec: {{subject: [web], ingress: [{{from: [any], ports: [{{protocol: tcp, port: {port}}}]}}]}}\n"
+        );
+        Arc::new(policy::compile::compile(&policy::parse_str(&text, "p.yaml").unwrap()).unwrap())
+    }
+
+    #[test]
+    fn events_are_named_by_the_policy_of_their_generation() {
+        let (first, second, third) = (compiled(1), compiled(2), compiled(3));
+        let mut policies = Policies::new(1, first.clone());
+        policies.announce(2, second.clone());
+        assert!(Arc::ptr_eq(policies.current(), &first), "announced is not in force");
+        assert!(Arc::ptr_eq(policies.of_generation(2), &second), "but its events can be named");
+        policies.activate(2);
+        assert!(Arc::ptr_eq(policies.current(), &second));
+        assert!(Arc::ptr_eq(policies.of_generation(1), &first), "events queued before the switch");
+        assert_eq!(policies.reloads, 1);
+        policies.announce(3, third);
+        policies.withdraw(3);
+        assert!(Arc::ptr_eq(policies.of_generation(3), &second), "a withdrawn generation falls back to the current");
+        for generation in 3..20 {
+            policies.announce(generation, compiled(generation as u16));
+            policies.activate(generation);
+        }
+        assert_eq!(policies.generations.len(), KEPT_GENERATIONS);
+        assert!(Arc::ptr_eq(policies.of_generation(1), policies.current()), "old generations are forgotten");
+    }
+
+    #[test]
+    fn only_changes_to_the_policy_files_concern_the_watcher() {
+        let dir = tempfile::tempdir().unwrap();
+        let policies_dir = dir.path().join("policies");
+        std::fs::create_dir(&policies_dir).unwrap();
+        let file = dir.path().join("main.yaml");
+        let watcher = watch(&[policies_dir, file]).unwrap();
+        let (in_dir, beside_file) = (&watcher.watches[0].0, &watcher.watches[1].0);
+        let concerns = |wd, name: &str| watcher.concerns(wd, EventMask::CLOSE_WRITE, Some(OsStr::new(name)));
+        assert!(concerns(in_dir, "a.yaml") && concerns(in_dir, "b.yml"));
+        assert!(!concerns(in_dir, "a.yaml.swp") && !concerns(in_dir, ".a.yaml.new") && !concerns(in_dir, "README"));
+        assert!(concerns(beside_file, "main.yaml"));
+        assert!(!concerns(beside_file, "other.yaml") && !concerns(beside_file, "main.yaml.new"));
+        assert!(!watcher.concerns(in_dir, EventMask::DELETE_SELF, None));
+        assert!(watcher.concerns(in_dir, EventMask::Q_OVERFLOW, None), "lost events: reload to be sure");
+    }
+}
