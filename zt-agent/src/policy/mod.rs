@@ -231,6 +231,19 @@ impl std::error::Error for PolicyErrors {}
 /// Loads files and directories (a directory's `*.yaml` and `*.yml` files, sorted by name, not
 /// recursively) as one policy set.
 pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    loader_for(paths).finish()
+}
+
+/// Loads `paths` and one more file, given as its text and labelled `label`, as one policy set,
+/// exactly as if that file had been passed last.
+pub fn load_paths_with(paths: &[PathBuf], label: &str, text: &str) -> Result<PolicySet, PolicyErrors> {
+    let mut loader = loader_for(paths);
+    loader.add_file(label, text);
+    loader.finish()
+}
+
+/// A loader holding every policy file of `paths` (and the errors reading them).
+fn loader_for(paths: &[PathBuf]) -> Loader {
     let mut loader = Loader::default();
     for path in paths {
         let files = match policy_files(path) {
@@ -250,7 +263,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
             }
         }
     }
-    loader.finish()
+    loader
 }
 
 /// Parses one file's text; `file` labels the errors.

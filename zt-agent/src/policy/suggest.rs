@@ -25,7 +25,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::{Map, Value};
 use zt_common::Direction;
 
-use super::{compile, file_error, name_problem, policy_files, Loader, PolicyErrors, PolicySet, Protocol, Subject};
+use super::{compile, load_paths_with, name_problem, PolicySet, Protocol, Subject};
 use crate::identity;
 
 const SUGGESTED_PREFIX: &str = "suggested-";
@@ -448,32 +448,6 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 fn paths_text(paths: &[PathBuf]) -> String {
     paths.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(", ")
-}
-
-/// Loads `paths` and one more file, given as its text and labelled `label`, as one policy set,
-/// exactly as if that file had been passed last.
-pub fn load_paths_with(paths: &[PathBuf], label: &str, text: &str) -> Result<PolicySet, PolicyErrors> {
-    let mut loader = Loader::default();
-    for path in paths {
-        let files = match policy_files(path) {
-            Ok(files) => files,
-            Err(error) => {
-                loader.errors.push(error);
-                continue;
-            }
-        };
-        for file in files {
-            match fs::read_to_string(&file) {
-                Ok(text) => loader.add_file(&file.display().to_string(), &text),
-                Err(err) => loader.errors.push(file_error(
-                    &file,
-                    format!("cannot read the file: {err}; check the path and its permissions"),
-                )),
-            }
-        }
-    }
-    loader.add_file(label, text);
-    loader.finish()
 }
 
 /// `zt-agent policy suggest --from <events> [--policy <paths>...]`: the suggestion, checked to
