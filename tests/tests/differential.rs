@@ -17,9 +17,9 @@
 //! flows under the second set.
 //!
 //! Environment:
-//! - `ZT_DIFF_CASES`: total number of flows (default 20000), 800 per policy set, so it also sets
-//!   the number of policy sets (default 25). Raise it for a longer soak, e.g.
-//!   `ZT_DIFF_CASES=400000` for 500 policy sets.
+//! - `ZT_DIFF_CASES`: total number of new flows (default 100000), 4000 per policy set, so it
+//!   also sets the number of policy sets (default 25). Raise it for a longer soak, e.g.
+//!   `ZT_DIFF_CASES=2000000` for 500 policy sets (`cargo xtask sweep`).
 //! - `ZT_DIFF_SEED`: the seed of the `fastrand` generators (decimal or `0x…` hex; default fixed).
 //!   A failure names the seed and the policy set; the same seed (with the `fastrand` version
 //!   Cargo.lock pins) replays the same policy sets and flows.
@@ -50,11 +50,11 @@ use zt_agent::{
 };
 use zt_common::{identity, mode, proto, Direction, FlowEvent, Hook, Reason, Verdict};
 
-const DEFAULT_CASES: usize = 20_000;
-/// Loading a datapath runs the verifier over three programs, about a second per load in a debug
-/// build here, while a flow costs a fraction of a millisecond: the time goes into policy sets,
-/// so each one is checked with many flows.
-const FLOWS_PER_SET: usize = 800;
+const DEFAULT_CASES: usize = 100_000;
+/// Loading a datapath runs the verifier over five programs, seconds per load in a debug build
+/// here, while a flow costs a fraction of a millisecond: the time goes into policy sets, so
+/// each one is checked with many flows (at most 15535 per datapath: see FIRST_SOURCE_PORT).
+const FLOWS_PER_SET: usize = 4_000;
 /// After the reload: admitted flows sent again, then new flows under the second policy set.
 const REPLAYS_PER_SET: usize = 200;
 const FLOWS_AFTER_RELOAD: usize = 200;

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | test | demo`.
+//! Developer tasks: `cargo xtask setup | build | test | sweep | demo`.
 
 mod demo;
 mod setup;
@@ -31,6 +31,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
+    /// The kernel-vs-reference-evaluator differential test at soak size (as root).
+    Sweep {
+        /// New flows to check, 4000 per random policy set (the test suite runs 100000).
+        #[arg(long, default_value_t = 2_000_000)]
+        cases: u64,
+        /// Seed of the random policies and flows (decimal or 0x-hex); default: the suite's.
+        #[arg(long)]
+        seed: Option<String>,
+    },
     /// A guided run: workloads in namespaces, the agent in monitor mode, then in enforce mode.
     Demo,
 }
@@ -40,6 +49,7 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Build => setup::run().and_then(|()| build_agent()),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Sweep { cases, seed } => sweep(cases, seed.as_deref()),
         Task::Demo => demo::run(),
     };
     if let Err(err) = result {
@@ -62,6 +72,16 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         .status()
         .context("spawn cargo test")?;
     std::process::exit(status.code().unwrap_or(1));
+}
+
+/// Runs only the differential test, with `cases` flows.
+fn sweep(cases: u64, seed: Option<&str>) -> Result<()> {
+    // Read by the test; set before any thread exists.
+    env::set_var("ZT_DIFF_CASES", cases.to_string());
+    if let Some(seed) = seed {
+        env::set_var("ZT_DIFF_SEED", seed);
+    }
+    test(&["--package", "zt-tests", "--test", "differential", "--", "--nocapture"].map(String::from))
 }
 
 fn build_agent() -> Result<()> {
