@@ -8,6 +8,9 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // Said on both paths: an empty object built with the variable set must be rebuilt as soon
+    // as it is unset, even in a target directory shared with the unit-test loop.
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // Unit-test loops that never load programs: embed an empty object, which the loader

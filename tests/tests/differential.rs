@@ -48,7 +48,7 @@ use zt_agent::{
         eval::{Decision, Evaluator, Flow},
     },
 };
-use zt_common::{identity, mode, proto, Direction, FlowEvent, Hook, Reason, Verdict};
+use zt_common::{event_flags, identity, mode, proto, Direction, FlowEvent, Hook, Reason, Verdict};
 
 const DEFAULT_CASES: usize = 100_000;
 /// Loading a datapath runs the verifier over five programs, seconds per load in a debug build
@@ -217,16 +217,13 @@ impl Run<'_> {
     fn replay(&mut self, rng: &mut Rng, case: &Case, g: &Generation, stats: &mut Stats) -> Result<(), String> {
         let reply = case.reply().filter(|_| rng.percent(50));
         let original = g.evaluator.evaluate(&case.flow());
-        let kept = original.verdict == Verdict::Allow;
-        let (packet, expected) = match reply {
+        let kept = original.verdict != Verdict::Deny;
+        let packet = reply.unwrap_or(*case);
+        let expected = match kept {
             // Still allowed: the entry is refreshed and the packet passes as established.
-            _ if kept => (reply.unwrap_or(*case), Answer { return_code: XDP_PASS, events: Vec::new() }),
-            // Revoked: the packet is judged as the first of a new flow.
-            None => (*case, Answer::expected(case, &original, &g.evaluator, g.generation)),
-            Some(reply) => {
-                let decision = g.evaluator.evaluate(&reply.flow());
-                (reply, Answer::expected(&reply, &decision, &g.evaluator, g.generation))
-            }
+            true => Answer { return_code: XDP_PASS, events: Vec::new() },
+            // Revoked: the packet — forward or reply — gets the flow's new verdict.
+            false => Answer::expected(&packet, &original, &g.evaluator, g.generation),
         };
         let kernel = Answer::kernel(self.dp, self.ring, &packet.frame());
         if kernel != expected {
@@ -273,6 +270,7 @@ struct Event {
     hook: u8,
     mode: u8,
     generation: u32,
+    staged: bool,
 }
 
 impl From<&FlowEvent> for Event {
@@ -293,6 +291,7 @@ impl From<&FlowEvent> for Event {
             hook: ev.hook,
             mode: ev.mode,
             generation: ev.generation,
+            staged: ev.flags & event_flags::STAGED != 0,
         }
     }
 }
@@ -312,7 +311,8 @@ impl Answer {
     }
 
     fn expected(case: &Case, decision: &Decision, evaluator: &Evaluator, generation: u32) -> Self {
-        let pass = decision.verdict == Verdict::Allow;
+        // An audit here is a staged policy's (the node enforces): the packet passes.
+        let pass = decision.verdict != Verdict::Deny;
         // The kernel reports every deny and every allow a rule took; `not-isolated` is silent.
         let events = if decision.reason == Reason::NotIsolated {
             Vec::new()
@@ -334,6 +334,7 @@ impl Answer {
                 hook: Hook::Xdp as u8,
                 mode: mode::ENFORCE as u8,
                 generation,
+                staged: decision.verdict == Verdict::Audit,
             }]
         };
         Answer { return_code: if pass { XDP_PASS } else { XDP_DROP }, events }
@@ -427,6 +428,8 @@ fn mismatch_report(
 struct Scenario {
     yaml: String,
     prefixes: Vec<Prefix>,
+    /// Ranges no identity owns, which CIDR peers name (world addresses are drawn from them too).
+    world_ranges: Vec<Prefix>,
     /// Ports the rules mention (range bounds and single ports), for boundary flows.
     ports: Vec<u16>,
     /// The declared identities.
@@ -472,36 +475,42 @@ impl Scenario {
             writeln!(yaml, "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: baseline}}\nspec: {{subject: [any], ingress: [], egress: []}}").unwrap();
         }
         let names = names.to_vec();
+        let world_ranges = Prefix::generate_world_ranges(rng, &prefixes);
+        let mut scenario = Scenario { yaml, prefixes, world_ranges, ports, names };
         let count = 1 + rng.usize(..6);
-        Self::write_policies(rng, &mut yaml, &names, &ports, "p", count);
-        Scenario { yaml, prefixes, ports, names }
+        scenario.write_policies(rng, "p", count);
+        scenario
     }
 
     /// The same identities under a policy that allows less: the same policies plus (half the
     /// time) a baseline isolating every identity both ways, and one to three more policies.
     fn tightened(&self, rng: &mut Rng) -> Scenario {
-        let mut yaml = self.yaml.clone();
+        let mut tightened = Scenario { yaml: self.yaml.clone(), world_ranges: self.world_ranges.clone(), prefixes: self.prefixes.clone(), ports: self.ports.clone(), names: self.names.clone() };
         if rng.percent(50) {
-            writeln!(yaml, "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: tightened}}\nspec: {{subject: [any], ingress: [], egress: []}}").unwrap();
+            writeln!(tightened.yaml, "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: tightened}}\nspec: {{subject: [any], ingress: [], egress: []}}").unwrap();
         }
         let count = 1 + rng.usize(..3);
-        Self::write_policies(rng, &mut yaml, &self.names, &self.ports, "t", count);
-        Scenario { yaml, prefixes: self.prefixes.clone(), ports: self.ports.clone(), names: self.names.clone() }
+        tightened.write_policies(rng, "t", count);
+        tightened
     }
 
-    /// `count` random policies named `<prefix>0`, `<prefix>1`, … over the identities `names`.
-    fn write_policies(rng: &mut Rng, yaml: &mut String, names: &[&str], ports: &[u16], prefix: &str, count: usize) {
+    /// `count` random policies named `<prefix>0`, `<prefix>1`, … over the identities; a quarter
+    /// of them staged (`mode: monitor`).
+    fn write_policies(&mut self, rng: &mut Rng, prefix: &str, count: usize) {
         let quoted = |name: &str| format!("\"{name}\"");
-        let subjects: Vec<String> = names.iter().map(|n| quoted(n)).collect();
+        let subjects: Vec<String> = self.names.iter().map(|n| quoted(n)).collect();
         let mut peers = subjects.clone();
+        peers.extend((0..1 + rng.usize(..3)).map(|_| self.cidr_peer(rng)));
         peers.extend(["any".to_owned(), "world".to_owned()]);
+        let (yaml, ports) = (&mut self.yaml, &self.ports);
         for policy in 0..count {
             let subject: Vec<String> = (0..1 + rng.usize(..2))
                 .map(|_| if rng.percent(20) { "any".to_owned() } else { rng.pick_ref(&subjects).clone() })
                 .collect();
+            let mode = if rng.percent(25) { "\n  mode: monitor" } else { "" };
             writeln!(
                 yaml,
-                "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: {prefix}{policy}}}\nspec:\n  subject: [{}]",
+                "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: {prefix}{policy}}}\nspec:{mode}\n  subject: [{}]",
                 subject.join(", ")
             )
             .unwrap();
@@ -522,6 +531,27 @@ impl Scenario {
                 }
             }
         }
+    }
+
+    /// `{cidr: R, except: [...]}`: R a world range or a family's /0, the exceptions world ranges
+    /// or declared prefixes strictly inside it.
+    fn cidr_peer(&self, rng: &mut Rng) -> String {
+        let v4 = rng.percent(60);
+        let mut candidates: Vec<Prefix> = self.world_ranges.iter().copied().filter(|p| p.v4 == v4).collect();
+        candidates.push(Prefix::new(v4, 0, 0));
+        let range = rng.pick(&candidates);
+        let inside: Vec<Prefix> = self
+            .world_ranges
+            .iter()
+            .chain(&self.prefixes)
+            .copied()
+            .filter(|p| p.v4 == v4 && p.len > range.len && range.contains(v4, p.network))
+            .collect();
+        let except: Vec<String> = match inside.is_empty() {
+            true => Vec::new(),
+            false => (0..rng.usize(..3)).map(|_| format!("\"{}\"", rng.pick(&inside))).collect(),
+        };
+        format!("{{cidr: \"{range}\", except: [{}]}}", except.join(", "))
     }
 
     fn rule(rng: &mut Rng, peer_key: &str, peers: &[String], ports: &[u16]) -> String {
@@ -655,6 +685,29 @@ impl Prefix {
         }
         rng.shuffle(&mut pool);
         pool
+    }
+
+    /// One to four ranges outside every declared prefix (v4 in 11.0.0.0/8, v6 in 2001:db8::/32,
+    /// which no declared prefix touches), nested now and then.
+    fn generate_world_ranges(rng: &mut Rng, declared: &[Prefix]) -> Vec<Prefix> {
+        let mut ranges: Vec<Prefix> = Vec::new();
+        for _ in 0..1 + rng.usize(..4) {
+            let v4 = rng.percent(60);
+            let candidate = match ranges.iter().copied().filter(|p| p.v4 == v4 && p.len < Self::width(v4)).last() {
+                Some(parent) if rng.percent(40) => {
+                    let len = (parent.len + rng.u32(1..9)).min(Self::width(v4));
+                    let host = (u128::from(rng.u64(..)) << 64 | u128::from(rng.u64(..))) & parent.host_mask();
+                    Prefix::new(v4, parent.network | host, len)
+                }
+                _ if v4 => Prefix::new(true, 0x0b00_0000 | u128::from(rng.u32(..) & 0x00ff_ffff), rng.u32(8..29)),
+                _ => Prefix::new(false, (0x2001_0db8u128 << 96) | (u128::from(rng.u64(..)) << 32), rng.u32(32..97)),
+            };
+            debug_assert!(!declared.iter().any(|d| d.v4 == candidate.v4 && d.contains(candidate.v4, candidate.network)));
+            if !ranges.contains(&candidate) {
+                ranges.push(candidate);
+            }
+        }
+        ranges
     }
 
     fn contains(&self, v4: bool, addr: u128) -> bool {
@@ -791,6 +844,15 @@ impl Case {
                 prefix.network | (u128::from(rng.u32(..)) & prefix.host_mask())
             };
             (0xffffu128 << 32) | inner
+        } else if roll < 92 && scenario.world_ranges.iter().any(|p| p.v4 == v4) {
+            // Inside a range a CIDR peer may name (none is inside a declared prefix).
+            let ranges: Vec<Prefix> = scenario.world_ranges.iter().copied().filter(|p| p.v4 == v4).collect();
+            let range = rng.pick(&ranges);
+            match rng.usize(..10) {
+                0 => range.network,
+                1 => range.last(),
+                _ => range.network | (random(rng) & range.host_mask()),
+            }
         } else {
             // World: outside every declared prefix.
             loop {
@@ -971,8 +1033,14 @@ impl Stats {
         if src == identity::WORLD || dst == identity::WORLD {
             feature("a world end");
         }
-        if src >= identity::FIRST_USER && dst >= identity::FIRST_USER {
+        if identity::is_declared(src) && identity::is_declared(dst) {
             feature("two declared ends");
+        }
+        if src >= identity::FIRST_CIDR || dst >= identity::FIRST_CIDR {
+            feature("an end in a CIDR peer's range");
+        }
+        if decision.verdict == Verdict::Audit {
+            feature("a staged policy's audit");
         }
         if case.vlan {
             feature("vlan");
@@ -993,7 +1061,18 @@ impl Stats {
             let n = self.outcomes.get(&outcome).copied().unwrap_or(0);
             assert!(n >= minimum, "only {n} cases of {outcome} (want {minimum}): the generator is too narrow\n{self}");
         }
-        for feature in ["ipv4", "ipv6", "tcp", "udp", "sctp", "icmp echo request", "icmp other type", "a world end"] {
+        for feature in [
+            "ipv4",
+            "ipv6",
+            "tcp",
+            "udp",
+            "sctp",
+            "icmp echo request",
+            "icmp other type",
+            "a world end",
+            "an end in a CIDR peer's range",
+            "a staged policy's audit",
+        ] {
             let n = self.features.get(feature).copied().unwrap_or(0);
             assert!(n >= minimum, "only {n} cases with {feature} (want {minimum})\n{self}");
         }

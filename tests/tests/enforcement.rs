@@ -246,3 +246,37 @@ fn a_malformed_policy_is_rejected_before_anything_is_attached() {
     let _servers = servers(&t);
     assert!(tcp(&t, "intruder", "db", 5432, Family::V4, WAIT));
 }
+
+#[test]
+fn a_staged_policy_reports_what_it_would_deny_and_changes_nothing_that_passes() {
+    let t = topology();
+    let _servers = servers(&t);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(policy(), dir.path().join("topology.yaml")).unwrap();
+    // Staged: would deny api → db, which the policy in force allows. (Rules add up across
+    // policies, so only a deny can take away what another policy allows.)
+    let staged = "apiVersion: zt/v1\nkind: Policy\nmetadata: {name: db-lockdown}\nspec:\n  subject: [db]\n  mode: monitor\n  ingress: [{from: [api], action: deny}]\n";
+    std::fs::write(dir.path().join("staged.yaml"), staged).unwrap();
+    let agent = Agent::start_on(t.node(), dir.path(), "enforce").unwrap();
+    for family in [Family::V4, Family::V6] {
+        assert!(tcp(&t, "api", "db", 5432, family, WAIT), "{family:?} api→db passes while the lockdown is staged");
+        assert!(!tcp(&t, "intruder", "db", 5432, family, BLOCKED), "{family:?} what was denied stays denied");
+    }
+    let audit = wait_for(
+        &agent,
+        &[
+            ("verdict", "audit".into()),
+            ("staged", true.into()),
+            ("mode", "enforce".into()),
+            ("reason", "policy-deny".into()),
+            ("direction", "ingress".into()),
+            ("src.identity", "api".into()),
+            ("dst.identity", "db".into()),
+            ("dst.port", 5432.into()),
+        ],
+    );
+    assert_eq!((&audit["policy"], &audit["rule"]), (&"db-lockdown".into(), &"db-lockdown/ingress/0".into()), "{audit:#}");
+    // The intruder's denial is the enforced one: a deny, not a staged audit.
+    let denied = wait_for(&agent, &[("verdict", "deny".into()), ("src.identity", "intruder".into()), ("dst.identity", "db".into())]);
+    assert!(denied.get("staged").is_none(), "{denied:#}");
+}

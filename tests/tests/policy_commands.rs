@@ -144,6 +144,29 @@ fn policy_test_in_the_kernel_gives_the_reference_evaluators_results() {
     }
 }
 
+/// `policies/rollout.yaml` on the demo's identities: CIDR peers with exceptions and a staged
+/// policy, judged by the loaded program on an enforcing datapath, and by the reference evaluator.
+#[test]
+fn cidr_peers_and_staged_policies_in_the_kernel_as_documented() {
+    ensure_root().unwrap();
+    let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let (demo, rollout) = (policies.join("demo.yaml"), policies.join("rollout.yaml"));
+    let cases = fixture("rollout-cases.yaml");
+    let args = |offline: bool| {
+        let mut args = vec!["policy", "test", path_str(&cases), "--policy", path_str(&demo), "--policy", path_str(&rollout)];
+        if offline {
+            args.push("--offline");
+        }
+        run(&args)
+    };
+    let (kernel, offline) = (args(false), args(true));
+    assert!(kernel.status.success(), "{}{}", stdout(&kernel), stderr(&kernel));
+    assert!(offline.status.success(), "{}{}", stdout(&offline), stderr(&offline));
+    assert!(stdout(&kernel).contains("in the kernel datapath"), "{}", stdout(&kernel));
+    assert_eq!(results(&kernel), results(&offline));
+    assert!(stdout(&kernel).contains("7 passed, 0 failed"), "{}", stdout(&kernel));
+}
+
 // ---------------------------------------------------------------------------------------------
 // suggest
 

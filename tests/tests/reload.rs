@@ -276,13 +276,13 @@ fn an_invalid_policy_is_rejected_and_the_running_policy_keeps_enforcing() {
     assert!(tcp(&t, 8081, WAIT), "the fixed policy allows 8081");
     assert!(!tcp(&t, 8080, BLOCKED), "and no longer 8080");
 
-    // SIGHUP reloads the same files again.
+    // SIGHUP reads the files again; the same policy switches nothing.
     agent.request_reload().unwrap();
-    let applied = wait_for_policy_event(&agent, "applied", 3);
-    assert_eq!(applied["trigger"], "sighup");
+    let unchanged = wait_for_policy_event(&agent, "unchanged", 2);
+    assert_eq!(unchanged["trigger"], "sighup");
     assert!(tcp(&t, 8081, WAIT));
     let status = agent.status().unwrap();
-    assert_eq!((status["generation"].as_u64(), status["reloads"].as_u64()), (Some(3), Some(2)), "{status:#}");
+    assert_eq!((status["generation"].as_u64(), status["reloads"].as_u64()), (Some(2), Some(1)), "{status:#}");
     assert_eq!(status["reloads_rejected"], 1, "{status:#}");
     for event in agent.events().iter().filter(|e| e["kind"] == "policy") {
         assert_eq!(event["node"], t.node().name(), "{event:#}");
@@ -349,6 +349,40 @@ impl Drop for LongLived {
             let _ = thread.join();
         }
     }
+}
+
+/// A Kubernetes ConfigMap volume as kubelet writes it: each version in its own `..<timestamp>`
+/// directory, `..data` a symlink to the current one, and the visible files symlinks through
+/// `..data`. An update renames a new `..data` over the old one — no visible name changes.
+fn configmap_version(dir: &Path, version: &str, policy: &str) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir(&versioned).unwrap();
+    std::fs::write(versioned.join("policy.yaml"), policy).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let visible = dir.join("policy.yaml");
+    if visible.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink("..data/policy.yaml", visible).unwrap();
+    }
+}
+
+#[test]
+fn a_configmap_update_is_applied_like_any_file_change() {
+    let _serial = serial();
+    let t = topology();
+    let _servers = servers(&t, &[8080, 8081]);
+    let dir = tempfile::tempdir().unwrap();
+    configmap_version(dir.path(), "2026_11_26_01", &policy_allowing(&[8080]));
+    let agent = start(&t, dir.path());
+    assert!(tcp(&t, 8080, WAIT));
+    assert!(!tcp(&t, 8081, BLOCKED));
+
+    configmap_version(dir.path(), "2026_11_26_02", &policy_allowing(&[8081]));
+    let applied = wait_for_policy_event(&agent, "applied", 2);
+    assert_eq!(applied["trigger"], "file-change");
+    assert!(tcp(&t, 8081, WAIT), "the new version allows 8081");
+    assert!(!tcp(&t, 8080, BLOCKED), "and no longer 8080");
 }
 
 #[test]

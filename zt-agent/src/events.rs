@@ -84,7 +84,7 @@ impl Enricher {
         let source = match by {
             event_flags::SRC_CGROUP | event_flags::DST_CGROUP => Some("cgroup"),
             event_flags::SRC_INTERFACE | event_flags::DST_INTERFACE => Some("interface"),
-            _ if identity < identity::FIRST_USER => None,
+            _ if !identity::is_declared(identity) => None,
             _ if ip.is_some_and(|ip| sources.bound_by_certificate(ip)) => Some("certificate"),
             _ => Some("cidr"),
         };
@@ -97,6 +97,10 @@ impl Enricher {
         });
         if source == Some("cgroup") {
             end["cgroup"] = sources.cgroup_path(ev.cgroup_id).map_or_else(|| ev.cgroup_id.to_string(), str::to_owned).into();
+        }
+        // A world address inside a range a CIDR peer names: which range classified it.
+        if let Some(range) = compiled.range(identity) {
+            end["range"] = range.to_string().into();
         }
         end
     }
@@ -130,6 +134,10 @@ impl Enricher {
             "rule": rule.map(|r| format!("{}/{}/{}", r.policy, direction_name(r.direction as u8), r.index)),
             "generation": ev.generation,
         });
+        if ev.flags & event_flags::STAGED != 0 {
+            // The policies in force passed the flow; a `mode: monitor` policy would not.
+            line["staged"] = true.into();
+        }
         if is_icmp {
             line["icmp"] = json!({ "type": ev.dst_port, "id": ev.src_port });
         }

@@ -86,8 +86,12 @@ impl IdentityTable {
         }
     }
 
-    /// The name of a declared or reserved identity.
+    /// The name of a declared or reserved identity; a world range a CIDR peer carved out of
+    /// world is `world`.
     pub fn name(&self, id: u32) -> Option<&str> {
+        if id >= identity::FIRST_CIDR {
+            return Some("world");
+        }
         match RESERVED_NAMES.iter().find(|(_, reserved)| *reserved == id) {
             Some((name, _)) => Some(name),
             None => self.by_id.get(&id).map(String::as_str),

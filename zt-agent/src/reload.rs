@@ -125,6 +125,13 @@ impl Reloader {
         let compiled = policy::load_paths(&self.paths)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())
             .and_then(|set| policy::compile::compile(&set).map_err(|err| vec![err.to_string()]));
+        let in_force = self.shared.policies.lock().expect("policies lock poisoned").current().clone();
+        if compiled.as_ref().is_ok_and(|compiled| *compiled == *in_force) {
+            // Nothing to switch: editors and config managers rewrite files with the same content.
+            let generation = self.shared.datapath.lock().expect("datapath lock poisoned").config().map_or(0, |c| c.generation);
+            tracing::info!(generation, trigger = trigger.name(), "policy unchanged; nothing to reload");
+            return self.write_event(trigger, "unchanged", generation, &[]);
+        }
         let outcome = match compiled {
             Ok(compiled) => self.apply(Arc::new(compiled)),
             Err(errors) => Err(errors),
@@ -273,6 +280,11 @@ impl Watcher {
             return true; // events were lost: reload to be sure
         }
         let Some(name) = name else { return false };
+        // A Kubernetes ConfigMap volume swaps all its files at once by renaming its `..data`
+        // symlink; the file names themselves are symlinks through it and never change.
+        if name == "..data" {
+            return self.watches.iter().any(|(w, _)| w == wd);
+        }
         self.watches.iter().filter(|(w, _)| w == wd).any(|(_, watched)| match watched {
             Watched::File(file) => name == file,
             Watched::Directory => {

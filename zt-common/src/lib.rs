@@ -53,6 +53,15 @@ pub mod identity {
     pub const HOST: u32 = 3;
     /// First identity the agent may assign to a declared workload identity.
     pub const FIRST_USER: u32 = 256;
+    /// First identity of a world address range a policy names as a CIDR peer (up to 2^24 - 1:
+    /// declared identities). Such ranges are carved out of `WORLD` in the ipcache so rules can
+    /// tell them apart; like `WORLD`, they are never isolated.
+    pub const FIRST_CIDR: u32 = 1 << 24;
+
+    /// Whether `id` is a declared workload identity (which `ANY` subjects cover).
+    pub const fn is_declared(id: u32) -> bool {
+        id >= FIRST_USER && id < FIRST_CIDR
+    }
 }
 
 /// Global mode in [`Config::mode`]. Enforce is zero so that a config never written (a zeroed
@@ -81,10 +90,22 @@ pub struct Config {
 
 /// Isolation flags in `ZT_ISOLATION` (identity → flags). A direction listed by a policy for a
 /// subject makes that subject default-deny in that direction. Key [`identity::ANY`] applies to
-/// every user identity.
+/// every declared identity.
+///
+/// Policies are judged in two views at once: the *enforced* view (policies in force) decides
+/// the packet's fate; the *staged* view (policies in force plus those with `mode: monitor`)
+/// decides what would happen once the staged policies are enforced, and a difference is
+/// reported as an audit. Each view has its own flags.
 pub mod isolation {
     pub const INGRESS: u32 = 1;
     pub const EGRESS: u32 = 2;
+    pub const STAGED_INGRESS: u32 = 4;
+    pub const STAGED_EGRESS: u32 = 8;
+    /// The staged view's flags shifted onto the enforced view's.
+    pub const STAGED_SHIFT: u32 = 2;
+    /// A staged policy names this subject, so its staged view may differ from its enforced one
+    /// (the staged view is judged only then).
+    pub const STAGED_RULES: u32 = 16;
 }
 
 /// Direction of a policy check, from the subject's point of view.
@@ -287,18 +308,27 @@ impl PolicyKey {
 
 /// What a policy rule does.
 pub mod action {
+    /// No rule of this view matches here (the other view's does).
+    pub const NONE: u8 = 0;
     pub const ALLOW: u8 = 1;
     pub const DENY: u8 = 2;
 }
 
-/// Value of the `ZT_POLICY` trie.
+/// Value of the `ZT_POLICY` trie: the winning rule at this prefix in each view (see
+/// [`isolation`]). A prefix exists where either view's decision differs from the shorter
+/// prefixes', so the longest match is exact for both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
-    /// The deciding rule (index into the agent's rule table, starting at 1).
+    /// The enforced view's rule (index into the agent's rule table, starting at 1).
     pub rule_id: u32,
+    /// The staged view's rule.
+    pub staged_rule_id: u32,
+    /// [`action`] of `rule_id`, or `NONE`.
     pub action: u8,
-    pub _pad: [u8; 3],
+    /// [`action`] of `staged_rule_id`, or `NONE`.
+    pub staged_action: u8,
+    pub _pad: [u8; 2],
 }
 
 /// `rule_id` meaning "no rule": default deny, or no policy consulted.
@@ -380,6 +410,10 @@ pub mod event_flags {
     pub const DST_CGROUP: u8 = 2;
     pub const SRC_INTERFACE: u8 = 4;
     pub const DST_INTERFACE: u8 = 8;
+    /// An audit raised by a staged (`mode: monitor`) policy: the policies in force let the
+    /// packet through, the staged ones would not; reason, direction and rule are the staged
+    /// view's.
+    pub const STAGED: u8 = 16;
 }
 
 macro_rules! assert_layout {
@@ -392,7 +426,7 @@ assert_layout!(Slotted<IpKey>, 17, 1);
 assert_layout!(PolicyKey, 12, 1);
 assert_layout!(Slotted<PolicyKey>, 13, 1);
 assert_layout!(IsolationKey, 8, 4);
-assert_layout!(PolicyValue, 8, 4);
+assert_layout!(PolicyValue, 12, 4);
 assert_layout!(CtKey, 40, 2);
 assert_layout!(CtValue, 24, 8);
 assert_layout!(FlowEvent, 80, 8);

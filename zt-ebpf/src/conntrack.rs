@@ -9,8 +9,10 @@ use crate::{
     parse::{Packet, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST},
 };
 
+/// The key of `pkt`'s own direction. The pipeline keeps one key on its stack (which has room
+/// for few) and every function here rewrites it in place.
 #[inline(always)]
-fn forward_key(pkt: &Packet) -> CtKey {
+pub fn key_of(pkt: &Packet) -> CtKey {
     CtKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -21,34 +23,51 @@ fn forward_key(pkt: &Packet) -> CtKey {
     }
 }
 
-/// The entry that admits the replies of `pkt`'s flow. ICMP has replies only for echo requests;
-/// the reply keeps the identifier and carries the echo-reply type.
 #[inline(always)]
-fn reverse_key(pkt: &Packet) -> Option<CtKey> {
-    let (src_port, dst_port) = match (pkt.protocol, pkt.dst_port as u8) {
-        (proto::ICMP, ICMP_ECHO_REQUEST) => (pkt.src_port, ICMP_ECHO_REPLY as u16),
-        (proto::ICMPV6, ICMPV6_ECHO_REQUEST) => (pkt.src_port, ICMPV6_ECHO_REPLY as u16),
-        (proto::ICMP | proto::ICMPV6, _) => return None,
-        _ => (pkt.dst_port, pkt.src_port),
-    };
-    Some(CtKey { src: pkt.dst, dst: pkt.src, src_port, dst_port, protocol: pkt.protocol, _pad: [0; 3] })
+fn forward(key: &mut CtKey, pkt: &Packet) {
+    key.src = pkt.src;
+    key.dst = pkt.dst;
+    key.src_port = pkt.src_port;
+    key.dst_port = pkt.dst_port;
 }
 
-/// The key of the forward entry of the flow whose reply `pkt` is, `port` being the flow's
-/// destination port (ICMP: the echo request type). The inverse of [`reverse_key`].
+/// The ports of the entry that admits the replies of `pkt`'s flow (its addresses are swapped).
+/// ICMP has replies only for echo requests; the reply keeps the identifier and carries the
+/// echo-reply type.
 #[inline(always)]
-fn original_key(pkt: &Packet, port: u16) -> CtKey {
+fn reply_ports(pkt: &Packet) -> Option<(u16, u16)> {
+    match (pkt.protocol, pkt.dst_port as u8) {
+        (proto::ICMP, ICMP_ECHO_REQUEST) => Some((pkt.src_port, ICMP_ECHO_REPLY as u16)),
+        (proto::ICMPV6, ICMPV6_ECHO_REQUEST) => Some((pkt.src_port, ICMPV6_ECHO_REPLY as u16)),
+        (proto::ICMP | proto::ICMPV6, _) => None,
+        _ => Some((pkt.dst_port, pkt.src_port)),
+    }
+}
+
+/// The ports of the forward entry of the flow whose reply `pkt` is, `port` being the flow's
+/// destination port (ICMP: the echo request type). The inverse of [`reply_ports`].
+#[inline(always)]
+fn original_ports(pkt: &Packet, port: u16) -> (u16, u16) {
     // ICMP keys keep the echo identifier in both directions.
     let src_port = if matches!(pkt.protocol, proto::ICMP | proto::ICMPV6) { pkt.src_port } else { pkt.dst_port };
-    CtKey { src: pkt.dst, dst: pkt.src, src_port, dst_port: port, protocol: pkt.protocol, _pad: [0; 3] }
+    (src_port, port)
+}
+
+/// Turns `key` into the other direction's key of `pkt`'s flow.
+#[inline(always)]
+fn reverse(key: &mut CtKey, pkt: &Packet, (src_port, dst_port): (u16, u16)) {
+    key.src = pkt.dst;
+    key.dst = pkt.src;
+    key.src_port = src_port;
+    key.dst_port = dst_port;
 }
 
 /// The live entry `pkt` belongs to (either direction of an admitted flow), whatever its
 /// generation: not idle past its timeout, and not a monitor-mode admission while the node
 /// enforces (such a flow is judged again once the node enforces).
 #[inline(always)]
-pub fn lookup(pkt: &Packet, node_mode: u32, now: u64) -> Option<&'static mut CtValue> {
-    let entry = unsafe { &mut *ZT_CONNTRACK.get_ptr_mut(forward_key(pkt))? };
+pub fn lookup(key: &CtKey, pkt: &Packet, node_mode: u32, now: u64) -> Option<&'static mut CtValue> {
+    let entry = unsafe { &mut *ZT_CONNTRACK.get_ptr_mut(key)? };
     let timeout = if pkt.protocol == proto::TCP { ct::TCP_TIMEOUT_NS } else { ct::OTHER_TIMEOUT_NS };
     if now.saturating_sub(entry.last_seen_ns) > timeout {
         return None;
@@ -61,22 +80,27 @@ pub fn lookup(pkt: &Packet, node_mode: u32, now: u64) -> Option<&'static mut CtV
 
 /// Records an admitted flow, and the direction its replies take.
 #[inline(always)]
-pub fn admit(pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64) {
-    let value = CtValue { last_seen_ns: now, rule_id, generation, flags, port: pkt.dst_port, _pad: 0 };
+pub fn admit(key: &mut CtKey, pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64) {
+    let mut value = CtValue { last_seen_ns: now, rule_id, generation, flags, port: pkt.dst_port, _pad: 0 };
+    forward(key, pkt);
     // A full LRU evicts; an insert failure only costs a policy lookup on the next packet.
-    let _ = ZT_CONNTRACK.insert(forward_key(pkt), value, 0);
-    if let Some(reverse) = reverse_key(pkt) {
-        let _ = ZT_CONNTRACK.insert(reverse, CtValue { flags: flags | ct::REPLY, ..value }, 0);
+    let _ = ZT_CONNTRACK.insert(&*key, &value, 0);
+    if let Some(ports) = reply_ports(pkt) {
+        reverse(key, pkt, ports);
+        value.flags |= ct::REPLY;
+        let _ = ZT_CONNTRACK.insert(&*key, &value, 0);
     }
 }
 
 /// Removes the entry `pkt` belongs to and the other direction's: the reply entry of a forward
 /// entry, the forward entry of a reply entry. `flags` and `port` are the entry's.
 #[inline(always)]
-pub fn forget(pkt: &Packet, flags: u32, port: u16) {
-    let _ = ZT_CONNTRACK.remove(forward_key(pkt));
-    let other = if flags & ct::REPLY != 0 { Some(original_key(pkt, port)) } else { reverse_key(pkt) };
-    if let Some(other) = other {
-        let _ = ZT_CONNTRACK.remove(other);
+pub fn forget(key: &mut CtKey, pkt: &Packet, flags: u32, port: u16) {
+    forward(key, pkt);
+    let _ = ZT_CONNTRACK.remove(&*key);
+    let other = if flags & ct::REPLY != 0 { Some(original_ports(pkt, port)) } else { reply_ports(pkt) };
+    if let Some(ports) = other {
+        reverse(key, pkt, ports);
+        let _ = ZT_CONNTRACK.remove(&*key);
     }
 }

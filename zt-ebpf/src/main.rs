@@ -16,10 +16,10 @@ use aya_ebpf::{
     macros::{cgroup_skb, classifier, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
-use zt_common::{ct, identity, mode, Config, Direction, Hook, Reason, Verdict, NO_RULE};
+use zt_common::{ct, event_flags, identity, mode, Config, Direction, Hook, Reason, Verdict, NO_RULE};
 
 use crate::{
-    maps::ZT_CONFIG,
+    maps::{ZT_CONFIG, ZT_SCRATCH},
     parse::{Packet, Parsed},
     policy::At,
     verdict::Report,
@@ -28,7 +28,7 @@ use crate::{
 /// Bytes made linear before a TC program parses: the deepest headers the parser reads fit.
 const TC_PULL_BYTES: u32 = 256;
 
-/// Judges one parsed packet; true = let it through.
+/// Judges one parsed packet and records the verdict; true = let it through.
 #[inline(always)]
 fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
     // Read once: mode, generation and slot belong together. Never written, it reads as enforce.
@@ -46,24 +46,30 @@ fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
         mode: config.mode,
         generation: config.generation,
     };
+    let pass = verdict_of(pkt, parsed, at, &config, &mut report);
+    // One place records, so the event is built on the stack once.
+    verdict::record(&report);
+    pass
+}
+
+/// The pipeline after parsing: fills in `report` and says whether the packet passes.
+#[inline(always)]
+fn verdict_of(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At, config: &Config, report: &mut Report) -> bool {
     match parsed {
-        Ok(Parsed::ControlPlane) => {
-            verdict::record(&report);
-            return true;
-        }
+        Ok(Parsed::ControlPlane) => return true,
         Ok(Parsed::Ip) => {}
         Err(reason) => {
             report.reason = reason;
-            return deny(&mut report);
+            return deny(report);
         }
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut entry = conntrack::lookup(pkt, config.mode, now);
+    let mut key = conntrack::key_of(pkt);
+    let mut entry = conntrack::lookup(&key, pkt, config.mode, now);
     if let Some(entry) = entry.as_mut() {
         if entry.generation == config.generation {
             entry.last_seen_ns = now;
             report.reason = Reason::Established;
-            verdict::record(&report);
             return true;
         }
     }
@@ -71,49 +77,66 @@ fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
     report.src_identity = ends.src;
     report.dst_identity = ends.dst;
     report.flags = ends.flags;
+    // A flow admitted under another generation is judged again with the policy in force, as
+    // the flow it was made for: the reverse of this packet when the entry admits replies. One
+    // decision serves both cases, so the verifier walks the policy code once.
+    let (src, dst, port) = match entry.as_ref() {
+        Some(entry) if entry.flags & ct::REPLY != 0 => (ends.dst, ends.src, entry.port),
+        _ => (ends.src, ends.dst, pkt.dst_port),
+    };
+    let decision = policy::decide(config.slot, src, dst, pkt.protocol, port);
     if let Some(entry) = entry {
-        // Admitted under another generation: judge the flow it was made for (the reverse of
-        // this packet, if the entry admits replies) with the policy in force.
-        let (src, dst) = if entry.flags & ct::REPLY != 0 { (ends.dst, ends.src) } else { (ends.src, ends.dst) };
-        let again = policy::decide(config.slot, src, dst, pkt.protocol, entry.port);
-        if again.allow {
+        if decision.allow {
             // Still allowed: the flow carries on, admitted by this generation (and no longer
             // only by monitor mode). The other direction's entry is refreshed on its own hit.
             entry.generation = config.generation;
-            entry.rule_id = again.rule_id;
+            entry.rule_id = decision.rule_id;
             entry.flags &= ct::REPLY;
             entry.last_seen_ns = now;
             report.reason = Reason::Established;
-            verdict::record(&report);
             return true;
         }
-        // Revoked: forget both directions; this packet is judged as the start of a new flow.
-        conntrack::forget(pkt, entry.flags, entry.port);
+        // Revoked: forget both directions. The packet gets the flow's new verdict — a reply
+        // included, so a cut connection cannot carry on in the other direction.
+        conntrack::forget(&mut key, pkt, entry.flags, entry.port);
     }
-    let decision = policy::decide(config.slot, ends.src, ends.dst, pkt.protocol, pkt.dst_port);
     report.reason = decision.reason;
     report.direction = decision.direction;
     report.rule_id = decision.rule_id;
-    if decision.allow {
-        conntrack::admit(pkt, decision.rule_id, config.generation, 0, now);
-        verdict::record(&report);
-        return true;
-    }
-    let pass = deny(&mut report);
+    let (pass, admitted) = if decision.allow {
+        if decision.staged {
+            // Reported once, when the flow starts; its later packets are established.
+            report.verdict = Verdict::Audit;
+            report.flags |= event_flags::STAGED;
+        }
+        (true, 0)
+    } else {
+        // Monitor mode passes a denial: remember the flow so it is reported once, not once
+        // per packet (and judged again once the node enforces).
+        (deny(report), ct::AUDIT)
+    };
     if pass {
-        // Monitor mode: remember the flow so it is reported once, not once per packet.
-        conntrack::admit(pkt, decision.rule_id, config.generation, ct::AUDIT, now);
+        conntrack::admit(&mut key, pkt, decision.rule_id, config.generation, admitted, now);
     }
     pass
 }
 
-/// Records a denial; in monitor mode it becomes an audit and the packet passes.
+/// A denial; in monitor mode it becomes an audit and the packet passes.
 #[inline(always)]
 fn deny(report: &mut Report) -> bool {
     let enforce = report.mode == mode::ENFORCE;
     report.verdict = if enforce { Verdict::Deny } else { Verdict::Audit };
-    verdict::record(report);
     !enforce
+}
+
+/// This CPU's packet record, cleared. Programs run to completion on one CPU without
+/// preemption by another zt program on it, so nothing else uses it meanwhile. (The lookup
+/// cannot fail: the array has its one element on every CPU; the callers deny if it did.)
+#[inline(always)]
+fn scratch_packet() -> Option<&'static mut Packet> {
+    let pkt = unsafe { &mut *ZT_SCRATCH.get_ptr_mut(0)? };
+    *pkt = Packet::default();
+    Some(pkt)
 }
 
 #[inline(always)]
@@ -122,10 +145,10 @@ fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     // Headers may sit in paged data; a failed pull leaves them unreadable and the parser denies.
     let _ = ctx.pull_data(if len < TC_PULL_BYTES { len } else { TC_PULL_BYTES });
     let at = At { hook, ifindex: unsafe { (*ctx.skb.skb).ifindex }, cgroup_id: 0 };
-    let mut pkt = Packet::default();
-    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), &mut pkt);
+    let Some(pkt) = scratch_packet() else { return TC_ACT_SHOT };
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt);
     // UNSPEC hands the packet on to the next program in the chain instead of ending it.
-    if judge(&pkt, parsed, at) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
+    if judge(pkt, parsed, at) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
 }
 
 /// Host-side veth ingress: traffic leaving a workload.
@@ -144,9 +167,9 @@ pub fn zt_tc_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn zt_xdp(ctx: XdpContext) -> u32 {
     let at = At { hook: Hook::Xdp, ifindex: unsafe { (*ctx.ctx).ingress_ifindex }, cgroup_id: 0 };
-    let mut pkt = Packet::default();
-    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), &mut pkt);
-    if judge(&pkt, parsed, at) { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
+    let Some(pkt) = scratch_packet() else { return xdp_action::XDP_DROP };
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt);
+    if judge(pkt, parsed, at) { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
 }
 
 /// cgroup hooks see packets from their IP header on, and know the local socket's cgroup.
@@ -156,9 +179,9 @@ fn cgroup(ctx: &SkBuffContext, hook: Hook) -> i32 {
     let (data, end, protocol, ifindex) =
         unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).protocol, (*skb).ifindex) };
     let at = At { hook, ifindex, cgroup_id: unsafe { bpf_skb_cgroup_id(skb) } };
-    let mut pkt = Packet::default();
-    let parsed = parse::parse_packet(data, end, u16::from_be(protocol as u16), &mut pkt);
-    if judge(&pkt, parsed, at) { 1 } else { 0 }
+    let Some(pkt) = scratch_packet() else { return 0 };
+    let parsed = parse::parse_packet(data, end, u16::from_be(protocol as u16), pkt);
+    if judge(pkt, parsed, at) { 1 } else { 0 }
 }
 
 /// Traffic delivered to a process in an attached cgroup.

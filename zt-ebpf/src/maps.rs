@@ -5,6 +5,8 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
+
+use crate::parse::Packet;
 use zt_common::{
     maps::{
         CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, INTERFACES_CAPACITY, IPCACHE_CAPACITY,
@@ -51,3 +53,7 @@ pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER
 
 #[map]
 pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// The packet being judged, one per CPU: kernel-internal scratch space, off the 512-byte stack.
+#[map]
+pub static ZT_SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);

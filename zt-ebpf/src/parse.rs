@@ -36,7 +36,22 @@ pub const ICMPV6_ECHO_REPLY: u8 = 129;
 const NDP_FIRST: u8 = 133;
 const NDP_LAST: u8 = 137;
 
+#[inline(always)]
+fn mapped_v4(addr: [u8; 4]) -> IpKey {
+    let mut key = [0u8; 16];
+    key[10] = 0xff;
+    key[11] = 0xff;
+    key[12] = addr[0];
+    key[13] = addr[1];
+    key[14] = addr[2];
+    key[15] = addr[3];
+    key
+}
+
 /// What the pipeline needs to know about a packet. Addresses are IPv6 or IPv4-mapped.
+///
+/// It lives in a per-CPU scratch map (`ZT_SCRATCH`), not on the stack: there the compiler would
+/// keep each byte of the addresses in a register of its own and spill them all.
 #[derive(Clone, Copy, Default)]
 pub struct Packet {
     pub src: IpKey,
@@ -64,17 +79,6 @@ fn ptr_at<T>(data: usize, end: usize, offset: usize) -> Result<*const T, Reason>
     Ok((data + offset) as *const T)
 }
 
-#[inline(always)]
-fn mapped_v4(addr: [u8; 4]) -> IpKey {
-    let mut key = [0u8; 16];
-    key[10] = 0xff;
-    key[11] = 0xff;
-    key[12] = addr[0];
-    key[13] = addr[1];
-    key[14] = addr[2];
-    key[15] = addr[3];
-    key
-}
 
 /// Parses the Ethernet frame in `[data, end)` into `pkt`. On `Err`, `pkt` holds what was parsed
 /// so far (addresses of a fragment, for example) so the verdict can still name them.

@@ -3,7 +3,8 @@
 //! The flow src → dst needs the consent of both ends: the source's egress rules if the source is
 //! egress-isolated, the destination's ingress rules if it is ingress-isolated. Each check is four
 //! longest-prefix lookups — (subject, peer), (subject, any), (any, peer), (any, any) — and an
-//! explicit deny anywhere beats every allow. The agent's reference evaluator mirrors this file.
+//! explicit deny anywhere beats every allow. The same lookups answer for the enforced and the
+//! staged view (`zt_common::isolation`). The agent's reference evaluator mirrors this file.
 //!
 //! Every address, policy and isolation lookup is made in the slot of the generation in force
 //! (`Config::slot`), which the caller read once for the packet.
@@ -55,92 +56,165 @@ pub fn identify(slot: u32, pkt: &Packet, at: At) -> Ends {
         Hook::CgroupIngress => unsafe { ZT_CGROUPS.get(at.cgroup_id) }.map(|id| (*id, event_flags::DST_CGROUP)),
         Hook::Xdp => None,
     };
-    match local {
-        Some((id, flag @ (event_flags::SRC_INTERFACE | event_flags::SRC_CGROUP))) => {
-            Ends { src: id, dst: by_address(slot, &pkt.dst), flags: flag }
-        }
-        Some((id, flag)) => Ends { src: by_address(slot, &pkt.src), dst: id, flags: flag },
-        None => Ends { src: by_address(slot, &pkt.src), dst: by_address(slot, &pkt.dst), flags: 0 },
-    }
+    // The end the hook does not know is found by its address: one lookup site, not one per case.
+    let (local_id, flags, local_is_src) = match local {
+        Some((id, flag)) => (id, flag, flag & (event_flags::SRC_INTERFACE | event_flags::SRC_CGROUP) != 0),
+        None => (identity::UNKNOWN, 0, false),
+    };
+    let src = if local.is_some() && local_is_src { local_id } else { by_address(slot, &pkt.src) };
+    let dst = if local.is_some() && !local_is_src { local_id } else { by_address(slot, &pkt.dst) };
+    Ends { src, dst, flags }
 }
 
 #[inline(always)]
 fn isolation_of(slot: u32, id: u32) -> u32 {
     let own = unsafe { ZT_ISOLATION.get(IsolationKey { slot, identity: id }) }.copied().unwrap_or(0);
-    if id >= identity::FIRST_USER {
+    if identity::is_declared(id) {
         own | unsafe { ZT_ISOLATION.get(IsolationKey { slot, identity: identity::ANY }) }.copied().unwrap_or(0)
     } else {
         own
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Check {
-    NotIsolated,
-    Allow(u32),
-    Deny(u32),
-    DefaultDeny,
+/// One end's outcome in one view. A plain struct, every field always written: the verifier
+/// rejects the undefined payload bytes an enum would carry between its variants.
+#[derive(Clone, Copy)]
+struct Check {
+    outcome: u8,
+    /// The deciding rule, or `NO_RULE`.
+    rule: u32,
 }
 
-#[inline(always)]
-fn lookup(slot: u32, subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Option<(u8, u32)> {
-    let key = Key::new(
-        SLOT_BITS + PolicyKey::FULL_BITS,
-        Slotted::new(slot, PolicyKey::new(subject, peer, direction, protocol, port)),
-    );
-    ZT_POLICY.get(key).map(|v| (v.action, v.rule_id))
+const NOT_ISOLATED: u8 = 0;
+const ALLOWS: u8 = 1;
+const DENIES: u8 = 2;
+const DEFAULT_DENY: u8 = 3;
+
+/// The first deny and the first allow one view's lookups found.
+#[derive(Clone, Copy)]
+struct Found {
+    deny: u32,
+    allow: u32,
 }
 
-#[inline(always)]
-fn check(slot: u32, subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Check {
-    let mut allow = NO_RULE;
-    for (s, p) in [
-        (subject, peer),
-        (subject, identity::ANY),
-        (identity::ANY, peer),
-        (identity::ANY, identity::ANY),
-    ] {
-        match lookup(slot, s, p, direction, protocol, port) {
-            Some((action::DENY, rule)) => return Check::Deny(rule),
-            Some((_, rule)) if allow == NO_RULE => allow = rule,
-            _ => {}
+impl Found {
+    const NOTHING: Found = Found { deny: NO_RULE, allow: NO_RULE };
+
+    #[inline(always)]
+    fn note(&mut self, action: u8, rule: u32) {
+        if action == action::DENY && self.deny == NO_RULE {
+            self.deny = rule;
+        } else if action == action::ALLOW && self.allow == NO_RULE {
+            self.allow = rule;
         }
     }
-    if allow == NO_RULE {
-        Check::DefaultDeny
-    } else {
-        Check::Allow(allow)
+
+    /// An explicit deny anywhere beats every allow; no rule at all is a default deny.
+    #[inline(always)]
+    fn check(self, isolated: bool) -> Check {
+        if !isolated {
+            Check { outcome: NOT_ISOLATED, rule: NO_RULE }
+        } else if self.deny != NO_RULE {
+            Check { outcome: DENIES, rule: self.deny }
+        } else if self.allow != NO_RULE {
+            Check { outcome: ALLOWS, rule: self.allow }
+        } else {
+            Check { outcome: DEFAULT_DENY, rule: NO_RULE }
+        }
     }
+}
+
+/// One end's check in one view (`STAGED`: the staged view's fields of each entry). `isolated`:
+/// the end is isolated for `direction` in that view. `key` holds the slot, protocol and port;
+/// every check rewrites the rest of it in place, because the stack has room for one key.
+#[inline(always)]
+fn check<const STAGED: bool>(
+    key: &mut Key<Slotted<PolicyKey>>,
+    subject: u32,
+    peer: u32,
+    direction: Direction,
+    isolated: bool,
+) -> Check {
+    let mut found = Found::NOTHING;
+    if isolated {
+        key.data.key.direction = direction as u8;
+        for (s, p) in [
+            (subject, peer),
+            (subject, identity::ANY),
+            (identity::ANY, peer),
+            (identity::ANY, identity::ANY),
+        ] {
+            key.data.key.subject = s.to_be_bytes();
+            key.data.key.peer = p.to_be_bytes();
+            if let Some(value) = ZT_POLICY.get(&*key) {
+                if STAGED {
+                    found.note(value.staged_action, value.staged_rule_id);
+                } else {
+                    found.note(value.action, value.rule_id);
+                }
+            }
+        }
+    }
+    found.check(isolated)
 }
 
 pub struct Decision {
     pub allow: bool,
+    /// The enforced view allows but the staged view denies: the packet passes, and reason,
+    /// direction and rule are the staged view's (an audit).
+    pub staged: bool,
     pub reason: Reason,
     pub direction: Direction,
     pub rule_id: u32,
 }
 
+/// Both ends must consent; an explicit deny is reported before a default deny, and when both
+/// ends allow, the destination's rule is named.
+#[inline(always)]
+fn verdict(egress: Check, ingress: Check) -> Decision {
+    let (allow, reason, direction, rule_id) = if egress.outcome == DENIES {
+        (false, Reason::PolicyDeny, Direction::Egress, egress.rule)
+    } else if ingress.outcome == DENIES {
+        (false, Reason::PolicyDeny, Direction::Ingress, ingress.rule)
+    } else if egress.outcome == DEFAULT_DENY {
+        (false, Reason::DefaultDeny, Direction::Egress, NO_RULE)
+    } else if ingress.outcome == DEFAULT_DENY {
+        (false, Reason::DefaultDeny, Direction::Ingress, NO_RULE)
+    } else if ingress.outcome == ALLOWS {
+        (true, Reason::PolicyAllow, Direction::Ingress, ingress.rule)
+    } else if egress.outcome == ALLOWS {
+        (true, Reason::PolicyAllow, Direction::Egress, egress.rule)
+    } else {
+        (true, Reason::NotIsolated, Direction::None, NO_RULE)
+    };
+    Decision { allow, staged: false, reason, direction, rule_id }
+}
+
+/// The enforced view decides; where it allows and a staged policy concerns either end, the
+/// staged view is judged too (a second, separate pass: the verifier then adds the two passes'
+/// paths instead of multiplying them).
 #[inline(always)]
 pub fn decide(slot: u32, src_id: u32, dst_id: u32, protocol: u8, port: u16) -> Decision {
-    let egress = if isolation_of(slot, src_id) & isolation::EGRESS != 0 {
-        check(slot, src_id, dst_id, Direction::Egress, protocol, port)
+    let src_flags = isolation_of(slot, src_id);
+    let dst_flags = isolation_of(slot, dst_id);
+    let mut key = Key::new(
+        SLOT_BITS + PolicyKey::FULL_BITS,
+        Slotted::new(slot, PolicyKey::new(identity::ANY, identity::ANY, Direction::None, protocol, port)),
+    );
+    let enforced = verdict(
+        check::<false>(&mut key, src_id, dst_id, Direction::Egress, src_flags & isolation::EGRESS != 0),
+        check::<false>(&mut key, dst_id, src_id, Direction::Ingress, dst_flags & isolation::INGRESS != 0),
+    );
+    if !enforced.allow || (src_flags | dst_flags) & isolation::STAGED_RULES == 0 {
+        return enforced;
+    }
+    let staged = verdict(
+        check::<true>(&mut key, src_id, dst_id, Direction::Egress, src_flags & isolation::STAGED_EGRESS != 0),
+        check::<true>(&mut key, dst_id, src_id, Direction::Ingress, dst_flags & isolation::STAGED_INGRESS != 0),
+    );
+    if staged.allow {
+        enforced
     } else {
-        Check::NotIsolated
-    };
-    let ingress = if isolation_of(slot, dst_id) & isolation::INGRESS != 0 {
-        check(slot, dst_id, src_id, Direction::Ingress, protocol, port)
-    } else {
-        Check::NotIsolated
-    };
-    let deny = |reason, direction, rule_id| Decision { allow: false, reason, direction, rule_id };
-    let allow = |reason, direction, rule_id| Decision { allow: true, reason, direction, rule_id };
-    match (egress, ingress) {
-        (Check::Deny(rule), _) => deny(Reason::PolicyDeny, Direction::Egress, rule),
-        (_, Check::Deny(rule)) => deny(Reason::PolicyDeny, Direction::Ingress, rule),
-        (Check::DefaultDeny, _) => deny(Reason::DefaultDeny, Direction::Egress, NO_RULE),
-        (_, Check::DefaultDeny) => deny(Reason::DefaultDeny, Direction::Ingress, NO_RULE),
-        (_, Check::Allow(rule)) => allow(Reason::PolicyAllow, Direction::Ingress, rule),
-        (Check::Allow(rule), _) => allow(Reason::PolicyAllow, Direction::Egress, rule),
-        _ => allow(Reason::NotIsolated, Direction::None, NO_RULE),
+        Decision { allow: true, staged: true, ..staged }
     }
 }

@@ -8,7 +8,7 @@
 //!     dst: 10.20.2.2
 //!     protocol: tcp           # tcp|udp|sctp|icmp|icmpv6
 //!     port: 8080              # dst port, or `type:` for icmp
-//!     expect: allow           # allow|deny
+//!     expect: allow           # allow|deny|audit (passes, but a staged policy would deny)
 //!     reason: policy-allow    # optional
 //!     rule: api/ingress/0     # optional: the deciding rule, default-deny, or none
 //! ```
@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Deserialize;
-use zt_common::{proto, Direction, Reason, Verdict, NO_RULE};
+use zt_common::{event_flags, proto, Direction, Reason, Verdict, NO_RULE};
 
 use super::{
     compile::{self, Compiled},
@@ -94,6 +94,7 @@ struct CaseSpec {
 enum ExpectSpec {
     Allow,
     Deny,
+    Audit,
 }
 
 /// The reasons a new flow's first packet can be given.
@@ -199,6 +200,7 @@ pub fn parse_cases(text: &str, file: &str) -> Result<Vec<Case>, PolicyErrors> {
         let verdict = match spec.expect {
             ExpectSpec::Allow => Verdict::Allow,
             ExpectSpec::Deny => Verdict::Deny,
+            ExpectSpec::Audit => Verdict::Audit,
         };
         if let (Some(src), Some(dst), Some(port)) = (src, dst, port) {
             let location = format!("{file}:{}", positions.value(&path).line);
@@ -520,6 +522,9 @@ pub mod kernel {
             match flow_events.as_slice() {
                 [event] => {
                     let reported = Verdict::from_u8(event.verdict);
+                    // In enforce mode an audit is a staged policy's: the packet passed.
+                    let staged = event.flags & event_flags::STAGED != 0;
+                    let verdict = if verdict == Verdict::Allow && staged { Verdict::Audit } else { verdict };
                     if reported != Some(verdict) {
                         bail!("the XDP program returned {verdict:?} but its event says {reported:?}");
                     }

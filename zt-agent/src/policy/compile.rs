@@ -6,20 +6,30 @@
 //! "deny beats allow, then the lowest rule id", for every (protocol, port) point. Across the four
 //! groups a check consults, the kernel itself applies the order
 //! (subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY) — see `eval`.
+//!
+//! Every entry answers for two views (`zt_common::isolation`): the enforced view holds the rules
+//! of policies in force, the staged view those plus the rules of `mode: monitor` policies.
+//!
+//! CIDR peers name world address ranges. Each range (and each `except`) that no declared prefix
+//! contains gets its own number from [`FIRST_CIDR`] on and its own ipcache entry, carved out of
+//! `world`: an address then resolves to the longest such range containing it, and a CIDR peer is
+//! the set of ranges inside its prefix and outside its exceptions — exact, because every prefix
+//! the peer mentions is in the ipcache itself.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ipnet::IpNet;
 use thiserror::Error;
 use zt_common::{
-    identity::{ANY, WORLD},
+    action,
+    identity::{ANY, FIRST_CIDR, WORLD},
     isolation, maps, Direction, IpKey, PolicyKey, PolicyValue,
 };
 
-use super::{Action, Peer, PolicySet, PortRange, Protocol, Subject};
+use super::{Action, Peer, PolicyMode, PolicySet, PortRange, Protocol, Subject};
 use crate::identity::{IdentityError, IdentityTable};
 pub use super::selectors::{CgroupMatcher, SpiffeMatcher};
 
@@ -27,8 +37,11 @@ pub use super::selectors::{CgroupMatcher, SpiffeMatcher};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compiled {
     pub identities: IdentityTable,
-    /// Every declared `cidr` selector, plus `0.0.0.0/0` and `::/0` as world.
+    /// Every declared `cidr` selector, the world ranges of CIDR peers, and `0.0.0.0/0` and
+    /// `::/0` (as world unless a CIDR peer names them).
     pub ipcache: Vec<(IpNet, u32)>,
+    /// The world ranges of CIDR peers and their numbers (from `FIRST_CIDR` on), sorted.
+    pub ranges: Vec<(IpNet, u32)>,
     /// The `cgroup` selectors: which identity a cgroup (by path relative to the cgroup v2
     /// root) belongs to, inheriting from its nearest matching ancestor. Resolved by the agent.
     pub cgroups: CgroupMatcher,
@@ -57,6 +70,11 @@ impl Compiled {
         let index = self.interfaces.binary_search_by(|(interface, _)| interface.as_str().cmp(name)).ok()?;
         Some(self.interfaces[index].1)
     }
+
+    /// The world range a CIDR-range identity stands for.
+    pub fn range(&self, id: u32) -> Option<IpNet> {
+        self.ranges.iter().find(|(_, range_id)| *range_id == id).map(|(net, _)| *net)
+    }
 }
 
 /// Where a rule id comes from, to explain verdicts.
@@ -67,6 +85,8 @@ pub struct RuleInfo {
     /// Position in the policy's ingress or egress list.
     pub index: usize,
     pub action: Action,
+    /// The rule's policy is staged (`mode: monitor`).
+    pub staged: bool,
 }
 
 #[derive(Debug, Error)]
@@ -122,9 +142,26 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
         .flat_map(|identity| identity.interfaces.iter().map(|name| (name.clone(), id_of(&identity.name))))
         .collect();
     interfaces.sort();
+    let ranges = world_ranges(set);
     for everything in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
-        ipcache.push((IpNet::new(everything, 0).expect("/0 is valid"), WORLD));
+        let net = IpNet::new(everything, 0).expect("/0 is valid");
+        if !ranges.iter().any(|(range, _)| *range == net) {
+            ipcache.push((net, WORLD));
+        }
     }
+    ipcache.extend(ranges.iter().copied());
+    let peer_ids = |peer: &Peer| -> Vec<u32> {
+        match peer {
+            Peer::Any => vec![ANY],
+            Peer::World => std::iter::once(WORLD).chain(ranges.iter().map(|(_, id)| *id)).collect(),
+            Peer::Identity(name) => vec![id_of(name)],
+            Peer::Cidr { net, except } => ranges
+                .iter()
+                .filter(|(range, _)| net.contains(range) && !except.iter().any(|e| e.contains(range)))
+                .map(|(_, id)| *id)
+                .collect(),
+        }
+    };
 
     let mut rules = Vec::new();
     let mut isolation_flags: BTreeMap<u32, u32> = BTreeMap::new();
@@ -139,21 +176,20 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
                 Subject::Identity(name) => id_of(name),
             })
             .collect();
+        let staged = policy.mode == PolicyMode::Monitor;
         for (direction, flag) in [(Direction::Ingress, isolation::INGRESS), (Direction::Egress, isolation::EGRESS)] {
             let Some(policy_rules) = policy.rules(direction) else { continue };
+            // The staged view holds every policy; the enforced view only those in force.
+            let flags = if staged { isolation::STAGED_RULES } else { flag } | flag << isolation::STAGED_SHIFT;
             for &subject in &subjects {
-                *isolation_flags.entry(subject).or_default() |= flag;
+                *isolation_flags.entry(subject).or_default() |= flags;
             }
             for (index, rule) in policy_rules.iter().enumerate() {
-                rules.push(RuleInfo { policy: policy.name.clone(), direction, index, action: rule.action });
-                let outcome = Outcome { action: rule.action, rule_id: rules.len() as u32 };
+                rules.push(RuleInfo { policy: policy.name.clone(), direction, index, action: rule.action, staged });
+                let outcome = Outcome { action: rule.action, rule_id: rules.len() as u32, staged };
+                let peers: BTreeSet<u32> = rule.peers.iter().flat_map(peer_ids).collect();
                 for &subject in &subjects {
-                    for peer in &rule.peers {
-                        let peer = match peer {
-                            Peer::Any => ANY,
-                            Peer::World => WORLD,
-                            Peer::Identity(name) => id_of(name),
-                        };
+                    for &peer in &peers {
                         let group = groups.entry(PolicyKey::new(subject, peer, direction, 0, 0)).or_default();
                         match &rule.ports {
                             None => group.any_protocol.push(outcome),
@@ -174,7 +210,27 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
     check_capacity(maps::IPCACHE, ipcache.len(), maps::IPCACHE_CAPACITY)?;
     check_capacity(maps::ISOLATION, isolation.len(), maps::ISOLATION_CAPACITY)?;
     check_capacity(maps::POLICY, policy.len(), maps::POLICY_CAPACITY)?;
-    Ok(Compiled { identities, ipcache, cgroups, spiffe, interfaces, isolation, policy, rules })
+    Ok(Compiled { identities, ipcache, ranges, cgroups, spiffe, interfaces, isolation, policy, rules })
+}
+
+/// The prefixes CIDR peers name (ranges and exceptions) that no declared prefix contains, with
+/// their numbers: `FIRST_CIDR` + position in sorted order.
+fn world_ranges(set: &PolicySet) -> Vec<(IpNet, u32)> {
+    let owned: Vec<IpNet> = set.identities().iter().flat_map(|identity| identity.cidrs.iter().copied()).collect();
+    let named: BTreeSet<IpNet> = set
+        .policies()
+        .iter()
+        .flat_map(|policy| [Direction::Ingress, Direction::Egress].map(|direction| policy.rules(direction)))
+        .flatten()
+        .flatten()
+        .flat_map(|rule| &rule.peers)
+        .flat_map(|peer| match peer {
+            Peer::Cidr { net, except } => std::iter::once(*net).chain(except.iter().copied()).collect(),
+            _ => Vec::new(),
+        })
+        .filter(|net| !owned.iter().any(|prefix| prefix.contains(net)))
+        .collect();
+    named.into_iter().zip(FIRST_CIDR..).collect()
 }
 
 fn check_capacity(map: &'static str, count: usize, capacity: u32) -> Result<(), CompileError> {
@@ -189,18 +245,32 @@ fn check_capacity(map: &'static str, count: usize, capacity: u32) -> Result<(), 
 struct Outcome {
     action: Action,
     rule_id: u32,
+    /// Only in the staged view.
+    staged: bool,
 }
 
-impl Outcome {
-    fn value(self) -> PolicyValue {
-        PolicyValue { rule_id: self.rule_id, action: self.action.code(), _pad: [0; 3] }
+/// The winning rule at a point in the enforced view and in the staged view.
+type Views = (Option<Outcome>, Option<Outcome>);
+
+fn value((enforced, staged): Views) -> PolicyValue {
+    let code = |outcome: Option<Outcome>| outcome.map_or(action::NONE, |o| o.action.code());
+    let rule = |outcome: Option<Outcome>| outcome.map_or(zt_common::NO_RULE, |o| o.rule_id);
+    PolicyValue {
+        rule_id: rule(enforced),
+        staged_rule_id: rule(staged),
+        action: code(enforced),
+        staged_action: code(staged),
+        _pad: [0; 2],
     }
 }
 
-/// The winner among the outcomes of the rules matching one point: deny beats allow, then the
-/// lowest rule id.
-fn decide(outcomes: impl IntoIterator<Item = Outcome>) -> Option<Outcome> {
-    outcomes.into_iter().min_by_key(|outcome| (outcome.action != Action::Deny, outcome.rule_id))
+/// The winner among the outcomes of the rules matching one point, in each view: deny beats
+/// allow, then the lowest rule id.
+fn decide(outcomes: impl IntoIterator<Item = Outcome> + Clone) -> Views {
+    let winner = |outcomes: &mut dyn Iterator<Item = Outcome>| {
+        outcomes.min_by_key(|outcome| (outcome.action != Action::Deny, outcome.rule_id))
+    };
+    (winner(&mut outcomes.clone().into_iter().filter(|o| !o.staged)), winner(&mut outcomes.into_iter()))
 }
 
 /// The rules of one (subject, peer, direction).
@@ -219,20 +289,20 @@ impl Group {
     fn entries(&self, base: PolicyKey) -> Vec<(u32, PolicyKey, PolicyValue)> {
         let fallback = decide(self.any_protocol.iter().copied());
         let mut entries = Vec::new();
-        if let Some(outcome) = fallback {
-            entries.push((PolicyKey::ANY_PROTOCOL_BITS, base, outcome.value()));
+        if fallback != (None, None) {
+            entries.push((PolicyKey::ANY_PROTOCOL_BITS, base, value(fallback)));
         }
         for (protocol, items) in &self.by_protocol {
             let key = PolicyKey { protocol: protocol.number(), ..base };
             let full = protocol.full_range();
-            for (first, last, outcome) in runs(items, fallback) {
+            for (first, last, views) in runs(items, &self.any_protocol, fallback) {
                 if (first, last) == (full.first, full.last) {
-                    entries.push((PolicyKey::ANY_PORT_BITS, key, outcome.value()));
+                    entries.push((PolicyKey::ANY_PORT_BITS, key, value(views)));
                     continue;
                 }
                 for (port, bits) in port_prefixes(first, last) {
                     let key = PolicyKey { port: port.to_be_bytes(), ..key };
-                    entries.push((PolicyKey::ANY_PORT_BITS + bits, key, outcome.value()));
+                    entries.push((PolicyKey::ANY_PORT_BITS + bits, key, value(views)));
                 }
             }
         }
@@ -240,16 +310,16 @@ impl Group {
     }
 }
 
-/// Maximal runs of ports (inclusive) with the same decision that differs from `fallback`,
-/// over the ports some item covers. The decision at a port includes the `fallback` rules,
-/// which match every port.
-fn runs(items: &[(PortRange, Outcome)], fallback: Option<Outcome>) -> Vec<(u16, u16, Outcome)> {
+/// Maximal runs of ports (inclusive) with the same decisions that differ from `fallback`
+/// (the decisions of the `any_protocol` rules alone), over the ports some item covers. The
+/// decisions at a port include the `any_protocol` rules, which match every port.
+fn runs(items: &[(PortRange, Outcome)], any_protocol: &[Outcome], fallback: Views) -> Vec<(u16, u16, Views)> {
     // Elementary intervals start at each item's first port and just past each item's last.
     let mut cuts: Vec<u32> =
         items.iter().flat_map(|(range, _)| [u32::from(range.first), u32::from(range.last) + 1]).collect();
     cuts.sort_unstable();
     cuts.dedup();
-    let mut runs: Vec<(u16, u16, Outcome)> = Vec::new();
+    let mut runs: Vec<(u16, u16, Views)> = Vec::new();
     for window in cuts.windows(2) {
         // Both fit: a cut is at most 65536 and an interval ends one below the next cut.
         let (first, last) = (window[0] as u16, (window[1] - 1) as u16);
@@ -257,8 +327,9 @@ fn runs(items: &[(PortRange, Outcome)], fallback: Option<Outcome>) -> Vec<(u16, 
         if covering.peek().is_none() {
             continue;
         }
-        let outcome = decide(covering.map(|(_, outcome)| *outcome).chain(fallback)).expect("at least one item covers");
-        if Some(outcome) == fallback {
+        let covering: Vec<Outcome> = covering.map(|(_, outcome)| *outcome).chain(any_protocol.iter().copied()).collect();
+        let outcome = decide(covering);
+        if outcome == fallback {
             continue;
         }
         match runs.last_mut() {
@@ -347,7 +418,7 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
             vec![(
                 96,
                 PolicyKey::new(web, api, Direction::Egress, TCP, 443),
-                PolicyValue { rule_id: 1, action: ALLOW, _pad: [0; 3] }
+                PolicyValue { rule_id: 1, staged_rule_id: 1, action: ALLOW, staged_action: ALLOW, _pad: [0; 2] }
             )]
         );
     }
@@ -448,7 +519,13 @@ spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp,
         assert_eq!(entries(&compiled), vec![(96, TCP, 80, DENY, 2)]);
         assert_eq!(
             compiled.rule(2),
-            Some(&RuleInfo { policy: "second".into(), direction: Direction::Egress, index: 0, action: Action::Deny })
+            Some(&RuleInfo {
+                policy: "second".into(),
+                direction: Direction::Egress,
+                index: 0,
+                action: Action::Deny,
+                staged: false
+            })
         );
         assert_eq!(compiled.rule(0), None);
         assert_eq!(compiled.rule(3), None);
@@ -469,6 +546,10 @@ spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp,
             (id("billing"), isolation::EGRESS),
             (id("backup"), isolation::EGRESS),
         ];
+        // Every policy is in force, so the staged view's flags are the same.
+        for (_, flags) in &mut expected {
+            *flags |= *flags << isolation::STAGED_SHIFT;
+        }
         expected.sort();
         assert_eq!(compiled.isolation, expected);
         assert_eq!(compiled.ipcache.len(), 5 * 2 + 2);
@@ -531,11 +612,90 @@ spec: {subject: [pg], ingress: [{from: [api]}]}
         // Only CIDRs reach the ipcache; an identity without any is still isolated by its policy.
         assert_eq!(compiled.ipcache.len(), 1 + 2);
         assert!(compiled.ipcache.contains(&("10.20.2.0/24".parse().unwrap(), id("api"))));
-        assert_eq!(compiled.isolation, vec![(id("pg"), isolation::INGRESS)]);
+        assert_eq!(compiled.isolation, vec![(id("pg"), isolation::INGRESS | isolation::STAGED_INGRESS)]);
         assert_eq!(compiled.policy.len(), 1);
         // A set without such selectors has empty matchers.
         let plain = compile_egress(&[]);
         assert!(plain.cgroups.is_empty() && plain.spiffe.is_empty() && plain.interfaces.is_empty());
+    }
+
+    #[test]
+    fn cidr_peers_carve_world_ranges_out_of_world() {
+        let text = format!(
+            "{IDENTITIES}---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: p}}
+spec:
+  subject: [web]
+  egress:
+    - to: [{{cidr: 0.0.0.0/0, except: [10.0.0.0/8, 10.20.2.128/25]}}]
+    - to: [world]
+      ports: [{{protocol: udp, port: 53}}]
+      action: deny
+"
+        );
+        let compiled = compile(&parse_str(&text, "test.yaml").unwrap()).unwrap();
+        let (v4_world, private): (IpNet, IpNet) = ("0.0.0.0/0".parse().unwrap(), "10.0.0.0/8".parse().unwrap());
+        // 10.20.2.128/25 is inside api's prefix: api's addresses stay api's, so it is no range.
+        assert_eq!(compiled.ranges, vec![(v4_world, FIRST_CIDR), (private, FIRST_CIDR + 1)]);
+        assert!(compiled.ipcache.contains(&(v4_world, FIRST_CIDR)), "the IPv4 /0 is a range now, not world");
+        assert!(!compiled.ipcache.contains(&(v4_world, WORLD)));
+        assert!(compiled.ipcache.contains(&("::/0".parse().unwrap(), WORLD)));
+        assert!(compiled.ipcache.contains(&(private, FIRST_CIDR + 1)));
+        assert_eq!(compiled.range(FIRST_CIDR + 1), Some(private));
+        assert_eq!(compiled.identities.name(FIRST_CIDR + 1), Some("world"));
+        let peers = |rule_id: u32| -> BTreeSet<u32> {
+            let entries = compiled.policy.iter().filter(|(_, _, value)| value.rule_id == rule_id);
+            entries.map(|(_, key, _)| u32::from_be_bytes(key.peer)).collect()
+        };
+        // The CIDR peer: the IPv4 range minus the private one.
+        assert_eq!(peers(1), BTreeSet::from([FIRST_CIDR]));
+        // `world`: every world address, whatever range it falls in (a deny, so that no allow of a
+        // lower rule id hides its entries).
+        assert_eq!(peers(2), BTreeSet::from([WORLD, FIRST_CIDR, FIRST_CIDR + 1]));
+        let evaluator = super::super::eval::Evaluator::new(&compiled);
+        assert_eq!(evaluator.identity("1.1.1.1".parse().unwrap()), FIRST_CIDR);
+        assert_eq!(evaluator.identity("10.9.9.9".parse().unwrap()), FIRST_CIDR + 1);
+        assert_eq!(evaluator.identity("10.20.2.200".parse().unwrap()), compiled.identities.id("api").unwrap());
+        assert_eq!(evaluator.identity("2001:db8::1".parse().unwrap()), WORLD);
+    }
+
+    #[test]
+    fn staged_policies_fill_only_the_staged_view() {
+        let text = format!(
+            "{IDENTITIES}---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: live}}
+spec: {{subject: [web], egress: [{{to: [api], ports: [{{protocol: tcp, port: 443}}]}}]}}
+---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: staged}}
+spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol: tcp, port: '440-447'}}], action: deny}}]}}
+"
+        );
+        let compiled = compile(&parse_str(&text, "test.yaml").unwrap()).unwrap();
+        let web = compiled.identities.id("web").unwrap();
+        let flags = isolation::EGRESS | isolation::STAGED_EGRESS | isolation::STAGED_RULES;
+        assert_eq!(compiled.isolation, vec![(web, flags)]);
+        assert!(compiled.rule(2).unwrap().staged && !compiled.rule(1).unwrap().staged);
+        // 443: allowed in force, denied staged; the rest of 440-447: nothing in force, denied staged.
+        let views: Vec<(u32, u16, u8, u32, u8, u32)> = compiled
+            .policy
+            .iter()
+            .map(|(bits, key, v)| (*bits, u16::from_be_bytes(key.port), v.action, v.rule_id, v.staged_action, v.staged_rule_id))
+            .collect();
+        assert_eq!(
+            views,
+            vec![
+                (95, 440, action::NONE, 0, DENY, 2),
+                (96, 442, action::NONE, 0, DENY, 2),
+                (96, 443, ALLOW, 1, DENY, 2),
+                (94, 444, action::NONE, 0, DENY, 2)
+            ]
+        );
     }
 
     #[test]

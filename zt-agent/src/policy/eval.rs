@@ -5,8 +5,8 @@ use std::{collections::HashMap, net::IpAddr};
 
 use zt_common::{
     action,
-    identity::{ANY, FIRST_USER, UNKNOWN},
-    isolation, Direction, PolicyKey, PolicyValue, Reason, Verdict,
+    identity::{self, ANY, UNKNOWN},
+    isolation, Direction, PolicyKey, PolicyValue, Reason, Verdict, NO_RULE,
 };
 
 use super::compile::{ip_key, ipcache_prefix, Compiled};
@@ -23,7 +23,9 @@ pub struct Flow {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
-    /// `Allow` or `Deny`.
+    /// `Allow` or `Deny` as the policies in force decide; `Audit` when they allow but a staged
+    /// (`mode: monitor`) policy would deny — the flow passes, and reason, direction and rule
+    /// are the staged view's.
     pub verdict: Verdict,
     pub reason: Reason,
     /// Whose rules decided; `None` when neither end is isolated.
@@ -73,46 +75,63 @@ impl Evaluator {
 
     pub fn evaluate(&self, flow: &Flow) -> Decision {
         let (src, dst) = (self.identity(flow.src), self.identity(flow.dst));
-        let egress =
-            (self.isolation(src) & isolation::EGRESS != 0).then(|| self.check(src, dst, Direction::Egress, flow));
-        let ingress =
-            (self.isolation(dst) & isolation::INGRESS != 0).then(|| self.check(dst, src, Direction::Ingress, flow));
-        let (verdict, reason, direction, rule_id) = match (egress, ingress) {
-            (Some(Check::Deny(rule)), _) => (Verdict::Deny, Reason::PolicyDeny, Direction::Egress, rule),
-            (_, Some(Check::Deny(rule))) => (Verdict::Deny, Reason::PolicyDeny, Direction::Ingress, rule),
-            (Some(Check::DefaultDeny), _) => {
-                (Verdict::Deny, Reason::DefaultDeny, Direction::Egress, zt_common::NO_RULE)
-            }
-            (_, Some(Check::DefaultDeny)) => {
-                (Verdict::Deny, Reason::DefaultDeny, Direction::Ingress, zt_common::NO_RULE)
-            }
-            (_, Some(Check::Allow(rule))) => (Verdict::Allow, Reason::PolicyAllow, Direction::Ingress, rule),
-            (Some(Check::Allow(rule)), _) => (Verdict::Allow, Reason::PolicyAllow, Direction::Egress, rule),
-            (None, None) => (Verdict::Allow, Reason::NotIsolated, Direction::None, zt_common::NO_RULE),
+        let (src_flags, dst_flags) = (self.isolation(src), self.isolation(dst));
+        let egress = self.check(src, dst, Direction::Egress, flow);
+        let ingress = self.check(dst, src, Direction::Ingress, flow);
+        let view = |shift: u32, pick: fn((Check, Check)) -> Check| {
+            let egress = (src_flags & isolation::EGRESS << shift != 0).then(|| pick(egress));
+            let ingress = (dst_flags & isolation::INGRESS << shift != 0).then(|| pick(ingress));
+            verdict(egress, ingress)
         };
-        Decision { verdict, reason, direction, rule_id }
+        let enforced = view(0, |(enforced, _)| enforced);
+        let staged = view(isolation::STAGED_SHIFT, |(_, staged)| staged);
+        match (enforced.verdict, staged.verdict) {
+            (Verdict::Allow, Verdict::Deny) => Decision { verdict: Verdict::Audit, ..staged },
+            _ => enforced,
+        }
     }
 
-    /// An identity's own flags, plus the ANY flags, which apply to user identities only.
+    /// An identity's own flags, plus the ANY flags, which apply to declared identities only.
     fn isolation(&self, id: u32) -> u32 {
         let flags = |id| self.isolation.get(&id).copied().unwrap_or(0);
-        flags(id) | if id >= FIRST_USER { flags(ANY) } else { 0 }
+        flags(id) | if identity::is_declared(id) { flags(ANY) } else { 0 }
     }
 
-    /// The first deny, else the first allow, of the four groups in order of specificity.
-    fn check(&self, subject: u32, peer: u32, direction: Direction, flow: &Flow) -> Check {
+    /// In each view, the first deny, else the first allow, of the four groups in order of
+    /// specificity.
+    fn check(&self, subject: u32, peer: u32, direction: Direction, flow: &Flow) -> (Check, Check) {
         let groups = [(subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY)];
         let found = groups.map(|(subject, peer)| {
             let key = PolicyKey::new(subject, peer, direction, flow.protocol, flow.dst_port);
             self.policy.lookup(policy_key_bits(&key))
         });
-        let first = |wanted| found.iter().flatten().find(|value| value.action == wanted).map(|value| value.rule_id);
-        match (first(action::DENY), first(action::ALLOW)) {
-            (Some(rule), _) => Check::Deny(rule),
-            (None, Some(rule)) => Check::Allow(rule),
-            (None, None) => Check::DefaultDeny,
-        }
+        let enforced = found.iter().flatten().map(|value| (value.action, value.rule_id));
+        let staged = found.iter().flatten().map(|value| (value.staged_action, value.staged_rule_id));
+        (first_deny_else_allow(enforced), first_deny_else_allow(staged))
     }
+}
+
+fn first_deny_else_allow(found: impl Iterator<Item = (u8, u32)> + Clone) -> Check {
+    let first = |wanted| found.clone().find(|(action, _)| *action == wanted).map(|(_, rule)| rule);
+    match (first(action::DENY), first(action::ALLOW)) {
+        (Some(rule), _) => Check::Deny(rule),
+        (None, Some(rule)) => Check::Allow(rule),
+        (None, None) => Check::DefaultDeny,
+    }
+}
+
+/// Both ends must consent (`None`: the end is not isolated in that direction).
+fn verdict(egress: Option<Check>, ingress: Option<Check>) -> Decision {
+    let (verdict, reason, direction, rule_id) = match (egress, ingress) {
+        (Some(Check::Deny(rule)), _) => (Verdict::Deny, Reason::PolicyDeny, Direction::Egress, rule),
+        (_, Some(Check::Deny(rule))) => (Verdict::Deny, Reason::PolicyDeny, Direction::Ingress, rule),
+        (Some(Check::DefaultDeny), _) => (Verdict::Deny, Reason::DefaultDeny, Direction::Egress, NO_RULE),
+        (_, Some(Check::DefaultDeny)) => (Verdict::Deny, Reason::DefaultDeny, Direction::Ingress, NO_RULE),
+        (_, Some(Check::Allow(rule))) => (Verdict::Allow, Reason::PolicyAllow, Direction::Ingress, rule),
+        (Some(Check::Allow(rule)), _) => (Verdict::Allow, Reason::PolicyAllow, Direction::Egress, rule),
+        (None, None) => (Verdict::Allow, Reason::NotIsolated, Direction::None, NO_RULE),
+    };
+    Decision { verdict, reason, direction, rule_id }
 }
 
 /// The key's 96 bits, in trie order, left-aligned in a u128.
@@ -164,7 +183,9 @@ mod tests {
     use zt_common::{identity::WORLD, proto};
 
     use super::*;
-    use crate::policy::{compile::compile, parse_str, Action, Peer, PolicySet, Subject};
+    use ipnet::IpNet;
+
+    use crate::policy::{compile::compile, parse_str, Action, Peer, Policy, PolicyMode, PolicySet, Subject};
 
     fn flow(src: &str, dst: &str, protocol: u8, dst_port: u16) -> Flow {
         Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, dst_port }
@@ -235,6 +256,8 @@ mod tests {
     /// `any`, then peer named before `any` — then the lowest rule id.
     struct Naive<'a> {
         set: &'a PolicySet,
+        /// Judge `mode: monitor` policies too (the staged view), else only those in force.
+        staged: bool,
     }
 
     enum NaiveCheck {
@@ -262,15 +285,27 @@ mod tests {
             }
         }
 
+        fn judged(&self, policy: &Policy) -> bool {
+            self.staged || policy.mode == PolicyMode::Enforce
+        }
+
         fn isolated(&self, name: Option<&str>, direction: Direction) -> bool {
             let Some(name) = name else { return false };
             self.set.policies().iter().any(|policy| {
-                policy.rules(direction).is_some()
+                self.judged(policy)
+                    && policy.rules(direction).is_some()
                     && policy.subjects.iter().any(|s| Self::subject_is_any(s, name).is_some())
             })
         }
 
-        fn check(&self, subject: &str, peer: Option<&str>, direction: Direction, flow: &Flow) -> NaiveCheck {
+        /// `peer` is the other end's identity (None: world) and `peer_addr` its address.
+        fn check(
+            &self,
+            subject: &str,
+            (peer, peer_addr): (Option<&str>, IpAddr),
+            direction: Direction,
+            flow: &Flow,
+        ) -> NaiveCheck {
             let mut rule_id = 0;
             // (subject is `any`, peer is `any`, rule id): smallest is best.
             type Candidate = (bool, bool, u32);
@@ -285,7 +320,7 @@ mod tests {
                                     && (port.range.first..=port.range.last).contains(&flow.dst_port)
                             })
                         });
-                        if rules_direction != direction || !ports_match {
+                        if rules_direction != direction || !ports_match || !self.judged(policy) {
                             continue;
                         }
                         for subject_ref in &policy.subjects {
@@ -293,8 +328,8 @@ mod tests {
                             for peer_ref in &rule.peers {
                                 let peer_any = match (peer_ref, peer) {
                                     (Peer::Any, _) => true,
-                                    (Peer::World, None) => false,
                                     (Peer::Identity(name), Some(peer)) if name == peer => false,
+                                    (_, None) if peer_ref.matches_world_address(peer_addr) => false,
                                     _ => continue,
                                 };
                                 let candidate = Some((subject_any, peer_any, rule_id));
@@ -317,14 +352,14 @@ mod tests {
         /// Both ends must consent: any explicit deny first (the sender's before the
         /// receiver's), then a missing allow on an isolated end (sender first), and an allow is
         /// credited to the receiver when both allow.
-        fn evaluate(&self, flow: &Flow) -> Decision {
+        fn evaluate_view(&self, flow: &Flow) -> Decision {
             let (src, dst) = (self.identity(flow.src), self.identity(flow.dst));
             let mut sides = Vec::new();
             if self.isolated(src, Direction::Egress) {
-                sides.push((Direction::Egress, self.check(src.unwrap(), dst, Direction::Egress, flow)));
+                sides.push((Direction::Egress, self.check(src.unwrap(), (dst, flow.dst), Direction::Egress, flow)));
             }
             if self.isolated(dst, Direction::Ingress) {
-                sides.push((Direction::Ingress, self.check(dst.unwrap(), src, Direction::Ingress, flow)));
+                sides.push((Direction::Ingress, self.check(dst.unwrap(), (src, flow.src), Direction::Ingress, flow)));
             }
             for (direction, check) in &sides {
                 if let NaiveCheck::Deny(rule) = check {
@@ -342,6 +377,17 @@ mod tests {
             }) {
                 Some((direction, rule)) => decision(Verdict::Allow, Reason::PolicyAllow, direction, rule),
                 None => decision(Verdict::Allow, Reason::NotIsolated, Direction::None, 0),
+            }
+        }
+
+        /// The policies in force decide; where they allow and the staged view denies, the
+        /// staged denial is the audit.
+        fn evaluate(set: &PolicySet, flow: &Flow) -> Decision {
+            let enforced = Naive { set, staged: false }.evaluate_view(flow);
+            let staged = Naive { set, staged: true }.evaluate_view(flow);
+            match (enforced.verdict, staged.verdict) {
+                (Verdict::Allow, Verdict::Deny) => Decision { verdict: Verdict::Audit, ..staged },
+                _ => enforced,
             }
         }
     }
@@ -389,6 +435,10 @@ mod tests {
         "172.16.0.1",
     ];
     const V6_ADDRESSES: [&str; 5] = ["fd00:1:2::5", "fd00:1:9::5", "fd00:2::1", "fd00:9::1", "2001:db8::1"];
+    /// Ranges CIDR peers name besides `PREFIXES` (which are world when no identity declares
+    /// them): whole families, and ranges around the world addresses above.
+    const WORLD_PREFIXES: [&str; 8] =
+        ["0.0.0.0/0", "8.0.0.0/8", "8.8.8.0/24", "172.16.0.0/12", "::/0", "2001:db8::/32", "2001:db8::/64", "fd00:9::/32"];
     const PORTS: [u16; 8] = [1, 79, 80, 81, 443, 8080, 8081, 65535];
     const ICMP_TYPES: [u16; 4] = [0, 3, 8, 11];
     const NAMES: [&str; 4] = ["a", "b", "c", "d"];
@@ -399,19 +449,24 @@ mod tests {
         let mut prefixes = PREFIXES;
         rng.shuffle(&mut prefixes);
         let mut prefixes = prefixes.into_iter();
+        let mut declared: Vec<IpNet> = Vec::new();
         for name in names {
-            let selectors: Vec<String> =
-                prefixes.by_ref().take(1 + rng.usize(..2)).map(|cidr| format!("{{cidr: '{cidr}'}}")).collect();
+            let mine: Vec<&str> = prefixes.by_ref().take(1 + rng.usize(..2)).collect();
+            declared.extend(mine.iter().map(|cidr| cidr.parse::<IpNet>().unwrap()));
+            let selectors: Vec<String> = mine.iter().map(|cidr| format!("{{cidr: '{cidr}'}}")).collect();
             let selectors = selectors.join(", ");
             writeln!(yaml, "---\napiVersion: zt/v1\nkind: Identity\nmetadata: {{name: {name}}}\nspec: {{selectors: [{selectors}]}}").unwrap();
         }
         let subjects: Vec<&str> = names.iter().copied().chain(["any"]).collect();
-        let peers: Vec<&str> = names.iter().copied().chain(["any", "world"]).collect();
+        let mut peers: Vec<String> = names.iter().copied().chain(["any", "world"]).map(str::to_owned).collect();
+        peers.extend((0..1 + rng.usize(..3)).filter_map(|_| random_cidr_peer(rng, &declared)));
+        let peers: Vec<&str> = peers.iter().map(String::as_str).collect();
         for policy in 0..1 + rng.usize(..4) {
             let subject: Vec<&str> = (0..1 + rng.usize(..2)).map(|_| rng.pick(&subjects)).collect();
+            let mode = if rng.percent(30) { "\n  mode: monitor" } else { "" };
             writeln!(
                 yaml,
-                "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: p{policy}}}\nspec:\n  subject: [{}]",
+                "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: p{policy}}}\nspec:{mode}\n  subject: [{}]",
                 subject.join(", ")
             )
             .unwrap();
@@ -425,6 +480,23 @@ mod tests {
             }
         }
         yaml
+    }
+
+    /// `{cidr: …, except: […]}` over a range no declared prefix contains (else it is an error),
+    /// with up to two exceptions strictly inside it.
+    fn random_cidr_peer(rng: &mut Rng, declared: &[IpNet]) -> Option<String> {
+        let all: Vec<IpNet> = PREFIXES.iter().chain(&WORLD_PREFIXES).map(|p| p.parse().unwrap()).collect();
+        let net = rng.pick(&all);
+        if declared.iter().any(|owned| owned.contains(&net)) {
+            return None;
+        }
+        let inside: Vec<IpNet> =
+            all.iter().copied().filter(|p| net.contains(p) && p.prefix_len() > net.prefix_len()).collect();
+        let except: Vec<String> = match inside.is_empty() {
+            true => Vec::new(),
+            false => (0..rng.usize(..3)).map(|_| format!("'{}'", rng.pick(&inside))).collect(),
+        };
+        Some(format!("{{cidr: '{net}', except: [{}]}}", except.join(", ")))
     }
 
     fn random_rule(rng: &mut Rng, peer_key: &str, peers: &[&str]) -> String {
@@ -491,10 +563,10 @@ mod tests {
                 compiled.policy.len(),
                 "case {case} (ZT_POLICY_SEED={seed:#x}): duplicate entries\n{yaml}"
             );
-            let (evaluator, naive) = (Evaluator::new(&compiled), Naive { set: &set });
+            let evaluator = Evaluator::new(&compiled);
             for _ in 0..FLOWS_PER_SET {
                 let flow = random_flow(&mut rng);
-                let expected = naive.evaluate(&flow);
+                let expected = Naive::evaluate(&set, &flow);
                 assert_eq!(
                     evaluator.evaluate(&flow),
                     expected,
@@ -502,6 +574,9 @@ mod tests {
                     compiled.policy
                 );
                 *seen.entry(outcome_name(expected.reason, expected.direction)).or_default() += 1;
+                if expected.verdict == Verdict::Audit {
+                    *seen.entry("staged-audit".to_owned()).or_default() += 1;
+                }
             }
         }
         // The generator must reach every outcome, or agreement would prove little.
@@ -511,7 +586,9 @@ mod tests {
                 assert!(count >= 100, "only {count} cases of {reason:?} on {direction:?} (seed {seed:#x}): {seen:?}");
             }
         }
-        assert!(seen.get(&outcome_name(Reason::NotIsolated, Direction::None)).copied().unwrap_or(0) >= 100, "{seen:?}");
+        for outcome in [outcome_name(Reason::NotIsolated, Direction::None), "staged-audit".to_owned()] {
+            assert!(seen.get(&outcome).copied().unwrap_or(0) >= 100, "{outcome}: {seen:?}");
+        }
     }
 
     /// The seed in `name` (decimal or `0x…` hex, `_` allowed), else `default`: the generator's

@@ -29,7 +29,7 @@ use zt_common::Direction;
 
 use crate::identity;
 use locate::{Position, Positions, YamlPath};
-use schema::{Document, Header, IdentitySpec, PolicySpec, PortItem, PortSpec, Selector};
+use schema::{CidrPeer, Document, Header, IdentitySpec, PeerItem, PolicySpec, PortItem, PortSpec, Selector};
 pub use selectors::{CgroupSelector, SpiffeSelector};
 
 pub const API_VERSION: &str = "zt/v1";
@@ -75,6 +75,9 @@ pub struct Identity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
+    /// `Monitor` stages the policy: its isolation and rules are judged, and what they would deny
+    /// is reported as an audit, but they never change what passes.
+    pub mode: PolicyMode,
     pub subjects: Vec<Subject>,
     /// `Some` (even empty) makes the subjects default-deny for ingress.
     pub ingress: Option<Vec<Rule>>,
@@ -90,6 +93,14 @@ impl Policy {
             Direction::None => None,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    Monitor,
 }
 
 /// Whom a policy protects.
@@ -108,6 +119,20 @@ pub enum Peer {
     /// Every address no declared identity owns.
     World,
     Identity(String),
+    /// The addresses of `net`, outside every `except` prefix, that no declared identity owns.
+    /// `except` prefixes lie strictly inside `net`.
+    Cidr { net: IpNet, except: Vec<IpNet> },
+}
+
+impl Peer {
+    /// Whether an address that no declared identity owns matches (the `world` part of a peer).
+    pub fn matches_world_address(&self, addr: IpAddr) -> bool {
+        match self {
+            Peer::Any | Peer::World => true,
+            Peer::Identity(_) => false,
+            Peer::Cidr { net, except } => net.contains(&addr) && !except.iter().any(|e| e.contains(&addr)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -594,7 +619,7 @@ impl Loader {
             rules.map(|(i, rule)| self.rule(&doc, &path.index(i), "to", rule.to, rule.ports, rule.action)).collect()
         });
         if let Some(name) = name {
-            let policy = Policy { name, subjects, ingress, egress };
+            let policy = Policy { name, mode: spec.mode, subjects, ingress, egress };
             self.policies.push(DeclaredPolicy { policy, doc });
         }
     }
@@ -605,7 +630,7 @@ impl Loader {
         doc: &Doc,
         path: &YamlPath,
         peer_key: &'static str,
-        peers: Vec<String>,
+        peers: Vec<PeerItem>,
         ports: Option<Vec<PortItem>>,
         action: Action,
     ) -> Rule {
@@ -616,10 +641,14 @@ impl Loader {
         }
         let peers = peers
             .into_iter()
-            .map(|name| match name.as_str() {
-                "any" => Peer::Any,
-                "world" => Peer::World,
-                _ => Peer::Identity(name),
+            .enumerate()
+            .filter_map(|(index, peer)| match peer {
+                PeerItem::Name(name) => Some(match name.as_str() {
+                    "any" => Peer::Any,
+                    "world" => Peer::World,
+                    _ => Peer::Identity(name),
+                }),
+                PeerItem::Cidr(cidr) => self.cidr_peer(doc, &peers_path.index(index), cidr),
             })
             .collect();
         let ports_path = path.key("ports");
@@ -632,6 +661,35 @@ impl Loader {
             items.filter_map(|(i, item)| self.port_match(doc, &ports_path.index(i), item)).collect()
         });
         Rule { peers, ports, action }
+    }
+
+    /// `{cidr: PREFIX, except: [PREFIX, ...]}`: canonical prefixes, `/0` allowed, each `except`
+    /// strictly inside `cidr`.
+    fn cidr_peer(&mut self, doc: &Doc, path: &YamlPath, peer: CidrPeer) -> Option<Peer> {
+        let net = match parse_prefix(&peer.cidr) {
+            Ok(net) => net,
+            Err(message) => {
+                self.errors.push(doc.error_at_value(&path.key("cidr"), message));
+                return None;
+            }
+        };
+        let mut except = Vec::new();
+        for (index, text) in peer.except.iter().enumerate() {
+            let inside = parse_prefix(text).and_then(|inner| {
+                if net.contains(&inner) && inner.prefix_len() > net.prefix_len() {
+                    Ok(inner)
+                } else {
+                    Err(format!(
+                        "except {inner} is not inside {net}; list only narrower ranges within cidr that the rule should leave out"
+                    ))
+                }
+            });
+            match inside {
+                Ok(inner) => except.push(inner),
+                Err(message) => self.errors.push(doc.error_at_value(&path.key("except").index(index), message)),
+            }
+        }
+        (except.len() == peer.except.len()).then_some(Peer::Cidr { net, except })
     }
 
     fn port_match(&mut self, doc: &Doc, path: &YamlPath, item: PortItem) -> Option<PortMatch> {
@@ -748,6 +806,11 @@ impl Loader {
 
     fn check_references(&mut self) {
         let known: BTreeSet<&str> = self.identities.iter().map(|declared| declared.name.as_str()).collect();
+        let owned: Vec<(IpNet, &str)> = self
+            .identities
+            .iter()
+            .flat_map(|declared| declared.cidrs.iter().map(|(net, _)| (*net, declared.name.as_str())))
+            .collect();
         for DeclaredPolicy { policy, doc } in &self.policies {
             let subject_path = spec_path().key("subject");
             for (index, subject) in policy.subjects.iter().enumerate() {
@@ -772,10 +835,19 @@ impl Loader {
                 for (rule_index, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
                     let peers_path = rules_path.index(rule_index).key(peer_key);
                     for (index, peer) in rule.peers.iter().enumerate() {
-                        let Peer::Identity(name) = peer else { continue };
-                        let usable = "a declared identity, world, or any";
-                        if let Some(message) = reference_problem(name, &peers_path, &known, usable) {
-                            self.errors.push(doc.error_at_value(&peers_path.index(index), message));
+                        let problem = match peer {
+                            Peer::Identity(name) => {
+                                reference_problem(name, &peers_path, &known, "a declared identity, world, or any")
+                            }
+                            Peer::Cidr { net, .. } => owned_range_problem(net, &owned),
+                            Peer::Any | Peer::World => None,
+                        };
+                        if let Some(message) = problem {
+                            let at = match peer {
+                                Peer::Cidr { .. } => peers_path.index(index).key("cidr"),
+                                _ => peers_path.index(index),
+                            };
+                            self.errors.push(doc.error_at_value(&at, message));
                         }
                     }
                 }
@@ -843,6 +915,16 @@ fn reference_problem(name: &str, list: &YamlPath, known: &BTreeSet<&str>, usable
     Some(format!("unknown identity \"{name}\" in {list}; declare it with kind: Identity (known: {listed})"))
 }
 
+/// A CIDR peer matches only addresses no identity owns: one inside a declared prefix matches
+/// nothing, which is a mistake worth an error.
+fn owned_range_problem(net: &IpNet, owned: &[(IpNet, &str)]) -> Option<String> {
+    let (prefix, owner) = owned.iter().find(|(prefix, _)| prefix.contains(net))?;
+    Some(format!(
+        "cidr {net} lies inside {prefix}, which identity \"{owner}\" owns, so it matches no address (a cidr peer \
+         matches only addresses no identity owns); name \"{owner}\" instead"
+    ))
+}
+
 fn quoted_or_unnamed(name: &Option<String>) -> String {
     name.as_ref().map_or_else(|| "(unnamed)".to_owned(), |name| format!("\"{name}\""))
 }
@@ -865,7 +947,18 @@ fn name_problem(name: &str) -> Option<String> {
     }
 }
 
+/// A `cidr` selector: a canonical prefix of part of an address family.
 fn parse_selector(text: &str) -> Result<IpNet, String> {
+    let net = parse_prefix(text)?;
+    if net.prefix_len() == 0 {
+        return Err(format!("{net} is every address, which zt calls world; use world in from/to instead"));
+    }
+    Ok(net)
+}
+
+/// A canonical prefix, not IPv4-mapped (the kernel keys IPv4 as IPv4-mapped IPv6, so such a
+/// prefix would alias an IPv4 one).
+fn parse_prefix(text: &str) -> Result<IpNet, String> {
     let net: IpNet = match text.trim().parse() {
         Ok(net) => net,
         Err(_) => {
@@ -879,10 +972,6 @@ fn parse_selector(text: &str) -> Result<IpNet, String> {
     if net != net.trunc() {
         return Err(format!("CIDR {net} has host bits set; did you mean {}?", net.trunc()));
     }
-    if net.prefix_len() == 0 {
-        return Err(format!("{net} is every address, which zt calls world; use world in from/to instead"));
-    }
-    // The kernel keys IPv4 as IPv4-mapped IPv6, so such a prefix would alias an IPv4 one.
     if let IpNet::V6(v6) = net {
         if let (Some(v4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96) {
             let as_v4 = IpNet::new(v4.into(), v6.prefix_len() - 96).expect("96..=128 minus 96 is a valid IPv4 length");

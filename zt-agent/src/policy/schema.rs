@@ -8,7 +8,7 @@ use serde::{
     Deserialize, Deserializer,
 };
 
-use super::{Action, Protocol};
+use super::{Action, PolicyMode, Protocol};
 
 /// What every document must say first; read leniently to pick the schema of the rest.
 #[derive(Deserialize)]
@@ -59,6 +59,8 @@ pub(super) struct Selector {
 #[serde(deny_unknown_fields)]
 pub(super) struct PolicySpec {
     pub subject: Vec<String>,
+    #[serde(default)]
+    pub mode: PolicyMode,
     #[serde(default, deserialize_with = "present")]
     pub ingress: Option<Vec<IngressRule>>,
     #[serde(default, deserialize_with = "present")]
@@ -78,7 +80,7 @@ where
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct IngressRule {
-    pub from: Vec<String>,
+    pub from: Vec<PeerItem>,
     pub ports: Option<Vec<PortItem>>,
     #[serde(default)]
     pub action: Action,
@@ -87,10 +89,48 @@ pub(super) struct IngressRule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EgressRule {
-    pub to: Vec<String>,
+    pub to: Vec<PeerItem>,
     pub ports: Option<Vec<PortItem>>,
     #[serde(default)]
     pub action: Action,
+}
+
+/// A peer: a name (`web`, `world`, `any`) or an address range `{cidr: …, except: […]}`.
+pub(super) enum PeerItem {
+    Name(String),
+    Cidr(CidrPeer),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CidrPeer {
+    pub cidr: String,
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for PeerItem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PeerVisitor;
+
+        impl<'de> de::Visitor<'de> for PeerVisitor {
+            type Value = PeerItem;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an identity name, world, any, or {cidr: PREFIX, except: [PREFIX, ...]}")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PeerItem, E> {
+                Ok(PeerItem::Name(v.to_owned()))
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<PeerItem, A::Error> {
+                CidrPeer::deserialize(de::value::MapAccessDeserializer::new(map)).map(PeerItem::Cidr)
+            }
+        }
+
+        deserializer.deserialize_any(PeerVisitor)
+    }
 }
 
 #[derive(Deserialize)]

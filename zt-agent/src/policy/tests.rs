@@ -162,7 +162,7 @@ fn unknown_fields_are_rejected_with_the_expected_ones() {
     let text = with_policy_spec("  subject: [db]\n  egres: []\n");
     assert_eq!(
         single_error(&text),
-        "t.yaml:31:3: spec: unknown field `egres`; expected one of `subject`, `ingress`, `egress`"
+        "t.yaml:31:3: spec: unknown field `egres`; expected one of `subject`, `mode`, `ingress`, `egress`"
     );
     let text = with_policy_spec("  subject: [db]\n  egress:\n    - to: [db]\n      port: 80\n");
     let error = single_error(&text);
@@ -594,4 +594,69 @@ fn example_identities_check_alone_and_with_the_demo() {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
     let both = load_paths(&[dir]).unwrap_or_else(|errors| panic!("{errors}"));
     assert_eq!(both.identities().len(), identities.len() + 7);
+}
+
+#[test]
+fn cidr_peers_and_staged_mode_parse() {
+    let text = with_policy_spec(
+        "  subject: [web]
+  mode: monitor
+  egress:
+    - to: [{cidr: 0.0.0.0/0, except: [10.0.0.0/8, 192.168.0.0/16]}, db]
+    - to: [{cidr: '2001:db8::/32'}]
+",
+    );
+    let set = parse_str(&text, "t.yaml").unwrap();
+    let policy = &set.policies()[0];
+    assert_eq!(policy.mode, PolicyMode::Monitor);
+    let egress = policy.egress.as_deref().unwrap();
+    assert_eq!(
+        egress[0].peers,
+        [
+            Peer::Cidr {
+                net: "0.0.0.0/0".parse().unwrap(),
+                except: vec!["10.0.0.0/8".parse().unwrap(), "192.168.0.0/16".parse().unwrap()],
+            },
+            Peer::Identity("db".into()),
+        ]
+    );
+    assert_eq!(egress[1].peers, [Peer::Cidr { net: "2001:db8::/32".parse().unwrap(), except: vec![] }]);
+    // Without `mode`, a policy is enforced.
+    let set = parse_str(&with_policy_spec("  subject: [web]\n  egress: []\n"), "t.yaml").unwrap();
+    assert_eq!(set.policies()[0].mode, PolicyMode::Enforce);
+}
+
+#[test]
+fn cidr_peer_mistakes_are_explained_where_they_are() {
+    let cases = [
+        ("[{cidr: 10.9.0.1/16}]", "t.yaml:32:19: CIDR 10.9.0.1/16 has host bits set; did you mean 10.9.0.0/16?"),
+        (
+            "[{cidr: 10.9.0.0/16, except: [10.8.0.0/24]}]",
+            "t.yaml:32:41: except 10.8.0.0/24 is not inside 10.9.0.0/16; list only narrower ranges within cidr that \
+             the rule should leave out",
+        ),
+        (
+            "[{cidr: 10.9.0.0/16, except: [10.9.0.0/16]}]",
+            "t.yaml:32:41: except 10.9.0.0/16 is not inside 10.9.0.0/16; list only narrower ranges within cidr that \
+             the rule should leave out",
+        ),
+        (
+            "[{cidr: 10.20.2.128/25}]",
+            "t.yaml:32:19: cidr 10.20.2.128/25 lies inside 10.20.2.0/24, which identity \"api\" owns, so it matches \
+             no address (a cidr peer matches only addresses no identity owns); name \"api\" instead",
+        ),
+        (
+            "[{cidr: 10.9.0.0/16, exclude: [10.9.1.0/24]}]",
+            "t.yaml:32:32: spec.egress[0].to[0]: unknown field `exclude`; expected `cidr` or `except`",
+        ),
+        ("[{except: [10.9.1.0/24]}]", "t.yaml:32:12: spec.egress[0].to[0]: missing field `cidr`; add it"),
+    ];
+    for (peers, expected) in cases {
+        let text = with_policy_spec(&format!("  subject: [web]\n  egress:\n    - to: {peers}\n"));
+        let error = single_error(&text);
+        assert!(error.starts_with(expected), "{peers}:\n{error}\nexpected:\n{expected}");
+    }
+    let text = with_policy_spec("  subject: [web]\n  mode: audit\n  egress: []\n");
+    let error = single_error(&text);
+    assert!(error.starts_with("t.yaml:31:9: spec.mode: unknown variant `audit`; expected `enforce` or `monitor`"), "{error}");
 }

@@ -114,7 +114,7 @@ fn structural_errors_point_into_the_file() {
     );
     let bad_expect = "cases:\n  - {name: x, src: 10.0.0.1, dst: 10.0.0.2, protocol: tcp, port: 80, expect: pass}\n";
     assert!(
-        errors(bad_expect)[0].contains("unknown variant `pass`; expected `allow` or `deny`"),
+        errors(bad_expect)[0].contains("unknown variant `pass`; expected one of `allow`, `deny`, `audit`"),
         "{:?}",
         errors(bad_expect)
     );
