@@ -129,6 +129,7 @@ impl Enricher {
             "policy": policy,
             "rule": rule.map(|r| format!("{}/{}/{}", r.policy, direction_name(r.direction as u8), r.index)),
             "generation": ev.generation,
+            "suppressed": ev.suppressed,
         });
         if is_icmp {
             line["icmp"] = json!({ "type": ev.dst_port, "id": ev.src_port });

@@ -36,18 +36,9 @@ pub const ICMPV6_ECHO_REPLY: u8 = 129;
 const NDP_FIRST: u8 = 133;
 const NDP_LAST: u8 = 137;
 
-/// What the pipeline needs to know about a packet. Addresses are IPv6 or IPv4-mapped.
-#[derive(Clone, Copy, Default)]
-pub struct Packet {
-    pub src: IpKey,
-    pub dst: IpKey,
-    /// For ICMP echo: the echo identifier.
-    pub src_port: u16,
-    /// For ICMP: the message type.
-    pub dst_port: u16,
-    pub protocol: u8,
-    pub family: u8,
-}
+/// What the pipeline needs to know about a packet. Addresses are IPv6 or IPv4-mapped. The
+/// layout is shared with the agent: it is also the key of the event window's flow map.
+pub type Packet = zt_common::EventFlowKey;
 
 pub enum Parsed {
     /// ARP or neighbour discovery: always passes.
