@@ -13,6 +13,8 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
+        // Without this, the next build without AYA_BUILD_SKIP would keep the empty object.
+        println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         // Unit-test loops that never load programs: embed an empty object, which the loader
         // rejects with a message saying how the binary was built.
         fs::write(out_dir.join("zt-ebpf"), [])?;

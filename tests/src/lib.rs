@@ -15,7 +15,7 @@ pub use agent::{agent_bin, run_agent_command, Agent, AgentOptions};
 pub use cgroup::Cgroup;
 pub use netns::Netns;
 pub use topology::{Node, Topology, TopologySpec, Workload};
-pub use traffic::{ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
+pub use traffic::{http_get, ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
 
 /// Stops the agents, deletes the namespaces and removes the cgroups this process still holds.
 /// Concurrent calls return once the first has finished, so any caller may exit right after.

@@ -165,3 +165,15 @@ fn remaining(deadline: Instant) -> Result<Duration> {
     }
     Ok(left)
 }
+
+/// `GET http://{addr}{path}` with curl from inside `ns` (within 10 s): the status and the body.
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let url = format!("http://{addr}{path}");
+    let output = ns.exec("curl", ["-sS", "--max-time", "10", "-w", "\n%{http_code}", &url]);
+    if !output.status.success() {
+        bail!("curl {url} in {ns} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let text = String::from_utf8(output.stdout).context("the response is not UTF-8")?;
+    let (body, status) = text.rsplit_once('\n').context("curl printed no status")?;
+    Ok((status.parse().with_context(|| format!("curl printed the status {status:?}"))?, body.to_owned()))
+}

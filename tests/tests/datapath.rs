@@ -1,13 +1,21 @@
 //! The loaded kernel programs, driven by BPF_PROG_TEST_RUN with crafted frames: what passes, what
 //! is dropped, and under which reason. Needs root (loading BPF programs); fails, never skips.
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use std::time::{Duration, Instant};
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{CgroupSkb, SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
 use etherparse::PacketBuilder;
 use zt_agent::{
+    counters::EventCounts,
     datapath::{Datapath, Mode},
+    event_limits::EventLimitSettings,
+    events,
     policy::{self, compile::Compiled},
 };
-use zt_common::{counter_index, programs, Reason, Verdict};
+use zt_common::{programs, Direction, FlowEvent, Hook, Reason, Verdict};
 
 const POLICY: &str = r#"
 apiVersion: zt/v1
@@ -115,10 +123,9 @@ fn judge_on(dp: &mut Datapath, frame: &[u8], hooks: &[&str]) -> Outcome {
 
 /// Runs `frame`, returning its outcome and how often each hook counted it under (verdict, reason).
 fn judge_counted(dp: &mut Datapath, frame: &[u8], verdict: Verdict, reason: Reason) -> (Outcome, u64) {
-    let index = counter_index(verdict, reason) as usize;
-    let before = dp.counters().unwrap()[index];
+    let before = dp.counters().unwrap().by_verdict_reason(verdict, reason);
     let outcome = judge(dp, frame);
-    (outcome, dp.counters().unwrap()[index] - before)
+    (outcome, dp.counters().unwrap().by_verdict_reason(verdict, reason) - before)
 }
 
 fn write(builder: PacketBuilderStep, payload: &[u8]) -> Vec<u8> {
@@ -237,11 +244,11 @@ fn truncated_and_inconsistent_headers_are_denied_as_malformed() {
         ("IPv4 ethertype, version 5", bad_version, &all),
         ("extension header cut", tcp6_with_extensions(&[0, 60], 8080)[..14 + 40 + 4].to_vec(), &all),
     ];
-    let index = counter_index(Verdict::Deny, Reason::Malformed) as usize;
+    let malformed = |dp: &Datapath| dp.counters().unwrap().by_verdict_reason(Verdict::Deny, Reason::Malformed);
     for (what, frame, hooks) in cases {
-        let before = dp.counters().unwrap()[index];
+        let before = malformed(&dp);
         assert_eq!(judge_on(&mut dp, &frame, hooks), Outcome::Drop, "{what}");
-        assert_eq!(dp.counters().unwrap()[index] - before, hooks.len() as u64, "{what} counted as malformed");
+        assert_eq!(malformed(&dp) - before, hooks.len() as u64, "{what} counted as malformed");
     }
 }
 
@@ -374,4 +381,150 @@ fn monitor_mode_reports_what_a_reload_would_cut_and_lets_it_pass() {
     assert_eq!((outcome, n), (Outcome::Pass, 1), "audited once under generation 2, then remembered");
     dp.set_mode(Mode::Enforce).unwrap();
     assert_eq!(judge(&mut dp, &flow), Outcome::Drop, "enforcing, the audited flow is cut");
+}
+
+// Counters by direction and hook, and the bounds on flow events (`zt_common::EventLimits`).
+
+/// Runs `frame` `times` times through one hook (BPF_PROG_TEST_RUN repeats it in the kernel).
+fn run_on(dp: &mut Datapath, hook: &str, frame: &[u8], times: u32) {
+    let options = TestRunOptions { data_in: Some(frame), repeat: times, ..Default::default() };
+    match hook {
+        programs::XDP => dp.program::<Xdp>(hook).unwrap().test_run(options),
+        programs::CGROUP_INGRESS | programs::CGROUP_EGRESS => dp.program::<CgroupSkb>(hook).unwrap().test_run(options),
+        _ => dp.program::<SchedClassifier>(hook).unwrap().test_run(options),
+    }
+    .unwrap_or_else(|e| panic!("{hook}: {e}"));
+}
+
+/// Every event waiting on the ring buffer.
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
+    std::iter::from_fn(|| ring.next().map(|record| events::decode(&record).expect("a whole FlowEvent"))).collect()
+}
+
+fn limits(window: Duration, rate: u64, burst: u64) -> EventLimitSettings {
+    EventLimitSettings { window, rate, burst }
+}
+
+const WORLD: [u8; 4] = [192, 0, 2, 7];
+
+#[test]
+fn counters_are_exact_by_verdict_reason_direction_and_hook() {
+    let mut dp = datapath(Mode::Enforce);
+    let before = dp.counters().unwrap();
+    // The intruder's own egress refuses; an unknown sender meets api's ingress; web → api passes
+    // on its first hook and is established on the others.
+    let intruder = tcp4(INTRUDER, API, 40000, 8080);
+    let stranger = tcp4(WORLD, API, 40000, 8080);
+    let allowed = tcp4(WEB, API, 40000, 8080);
+    let runs: [(&[u8], &str, u32); 9] = [
+        (&intruder, programs::TC_INGRESS, 2),
+        (&intruder, programs::TC_EGRESS, 3),
+        (&intruder, programs::XDP, 4),
+        (&intruder, programs::CGROUP_EGRESS, 5),
+        (&stranger, programs::XDP, 6),
+        (&stranger, programs::CGROUP_INGRESS, 7),
+        (&allowed, programs::TC_INGRESS, 1),
+        (&allowed, programs::TC_EGRESS, 8),
+        (&allowed, programs::XDP, 9),
+    ];
+    for (frame, hook, times) in runs {
+        run_on(&mut dp, hook, frame, times);
+    }
+    let counted = dp.counters().unwrap().since(&before);
+    let mut got: Vec<_> = counted.nonzero().map(|c| (c.verdict, c.reason, c.direction, c.hook, c.packets)).collect();
+    let (deny, allow) = (Verdict::Deny, Verdict::Allow);
+    let mut expected = vec![
+        (deny, Reason::DefaultDeny, Direction::Egress, Hook::TcIngress, 2),
+        (deny, Reason::DefaultDeny, Direction::Egress, Hook::TcEgress, 3),
+        (deny, Reason::DefaultDeny, Direction::Egress, Hook::Xdp, 4),
+        (deny, Reason::DefaultDeny, Direction::Egress, Hook::CgroupEgress, 5),
+        (deny, Reason::DefaultDeny, Direction::Ingress, Hook::Xdp, 6),
+        (deny, Reason::DefaultDeny, Direction::Ingress, Hook::CgroupIngress, 7),
+        (allow, Reason::PolicyAllow, Direction::Ingress, Hook::TcIngress, 1),
+        (allow, Reason::Established, Direction::None, Hook::TcEgress, 8),
+        (allow, Reason::Established, Direction::None, Hook::Xdp, 9),
+    ];
+    got.sort_by_key(|c| format!("{c:?}"));
+    expected.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(got, expected);
+    // Unlimited (never configured): every reported verdict became an event.
+    assert_eq!(counted.events(), EventCounts { emitted: 2 + 3 + 4 + 5 + 6 + 7 + 1, suppressed: 0, lost: 0 });
+}
+
+#[test]
+fn a_flows_repeats_within_the_window_raise_one_event_and_the_next_says_how_many_were_suppressed() {
+    let mut dp = datapath(Mode::Enforce);
+    let mut ring = dp.take_events().unwrap();
+    dp.set_event_limits(&limits(Duration::from_secs(3600), 0, 0)).unwrap();
+    let flood = tcp4(INTRUDER, API, 40000, 8080);
+    run_on(&mut dp, programs::XDP, &flood, 50);
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "one event for 50 denials within the window");
+    assert_eq!((events[0].suppressed, events[0].src_port), (0, 40000));
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters.events(), EventCounts { emitted: 1, suppressed: 49, lost: 0 });
+
+    // Another flow has its own window.
+    run_on(&mut dp, programs::XDP, &tcp4(INTRUDER, API, 40001, 8080), 3);
+    assert_eq!(drain(&mut ring).iter().map(|e| e.src_port).collect::<Vec<_>>(), [40001]);
+
+    // The window ends (shortened to a nanosecond): the flow's next event carries the count.
+    dp.set_event_limits(&limits(Duration::from_nanos(1), 0, 0)).unwrap();
+    run_on(&mut dp, programs::XDP, &flood, 1);
+    let events = drain(&mut ring);
+    assert_eq!(events.iter().map(|e| (e.src_port, e.suppressed)).collect::<Vec<_>>(), [(40000, 49)]);
+
+    // Within a new window, another verdict for the same flow is reported at once.
+    dp.set_event_limits(&limits(Duration::from_secs(3600), 0, 0)).unwrap();
+    dp.set_mode(Mode::Monitor).unwrap();
+    run_on(&mut dp, programs::XDP, &flood, 1);
+    let events = drain(&mut ring);
+    assert_eq!(events.iter().map(|e| (e.verdict, e.suppressed)).collect::<Vec<_>>(), [(Verdict::Audit as u8, 0)]);
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters.events().total(), counters.reported_packets(), "every reported packet is accounted for");
+}
+
+#[test]
+fn the_token_bucket_caps_events_across_flows_and_every_suppressed_one_is_counted() {
+    // One CPU's bucket: the test thread stays on CPU 0, where BPF_PROG_TEST_RUN runs the program.
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
+    let mut dp = datapath(Mode::Enforce);
+    let mut ring = dp.take_events().unwrap();
+    let settings = limits(Duration::ZERO, 1, 16);
+    let cpus = aya::util::online_cpus().unwrap().len() as u32;
+    let per_cpu = settings.per_cpu(cpus);
+    dp.set_event_limits(&settings).unwrap();
+
+    const FLOWS: u16 = 400;
+    let started = Instant::now();
+    for port in 0..FLOWS {
+        run_on(&mut dp, programs::XDP, &tcp4(INTRUDER, API, 20000 + port, 8080), 1);
+    }
+    let elapsed = started.elapsed();
+    let emitted = drain(&mut ring);
+    let counters = dp.counters().unwrap();
+    let events = counters.events();
+    assert_eq!(events.emitted, emitted.len() as u64);
+    assert_eq!(events.total(), u64::from(FLOWS), "emitted + suppressed + lost == denied packets: {events:?}");
+    assert_eq!(counters.reported_packets(), u64::from(FLOWS));
+    // The burst passes, then one event per interval (measured, not assumed).
+    let refills = elapsed.as_nanos() as u64 / per_cpu.interval_ns + 1;
+    assert!(
+        events.emitted >= per_cpu.burst && events.emitted <= per_cpu.burst + refills,
+        "{events:?} with a burst of {} and {refills} refills in {elapsed:?}",
+        per_cpu.burst
+    );
+
+    // Without a rate, each flow's next event says how many of its own were held back.
+    dp.set_event_limits(&EventLimitSettings::UNLIMITED).unwrap();
+    for port in 0..FLOWS {
+        run_on(&mut dp, programs::XDP, &tcp4(INTRUDER, API, 20000 + port, 8080), 1);
+    }
+    let next = drain(&mut ring);
+    assert_eq!(next.len(), usize::from(FLOWS));
+    let carried: u64 = next.iter().map(|e| e.suppressed).sum();
+    assert_eq!(carried, events.suppressed, "the suppressed events are carried by their flows' next events");
+    assert!(next.iter().all(|e| e.suppressed <= 1));
 }

@@ -14,8 +14,9 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 const PINNED_COMMIT_DATE: &str = "commit-date: 2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// iproute2 builds the topologies, iputils-ping probes ICMP, ethtool shows veth offloads when
-/// debugging XDP on veths.
-const DEBIAN_PACKAGES: [&str; 3] = ["iproute2", "iputils-ping", "ethtool"];
+/// debugging XDP on veths, curl scrapes the metrics endpoint and prometheus brings `promtool`,
+/// which checks what it serves.
+const DEBIAN_PACKAGES: [&str; 5] = ["iproute2", "iputils-ping", "ethtool", "curl", "prometheus"];
 const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn run() -> Result<()> {

@@ -1,7 +1,12 @@
 //! `zt-agent run`: policy → maps → attach → stream events and reload the policy on SIGHUP or
 //! when its files change, until SIGINT/SIGTERM.
 
-use std::{path::PathBuf, sync::{Arc, Mutex}};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
@@ -9,7 +14,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     control,
     datapath::{Datapath, Mode},
+    event_limits::EventLimitSettings,
     events::{self, Enricher},
+    metrics::{self, server::Endpoint},
     policy,
     reload::{self, Policies, Reloader},
     sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
@@ -27,12 +34,18 @@ pub struct RunOptions {
     pub certificates: Option<(PathBuf, PathBuf)>,
     pub socket: PathBuf,
     pub node_name: String,
+    /// How many flow events the kernel may raise.
+    pub event_limits: EventLimitSettings,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     // Everything that can be wrong with the policy is reported before the kernel is touched.
+    let started = Instant::now();
     let set = policy::load_paths(&options.policy)?;
     let compiled = Arc::new(policy::compile::compile(&set)?);
+    let compiled_in = started.elapsed();
     tracing::info!(
         identities = compiled.identities.len(),
         rules = compiled.rules.len(),
@@ -55,9 +68,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
 
+    // Bound early, so that probes hear "not ready" while the programs load.
+    let endpoint = Endpoint::default();
+    let metrics_listener = metrics::server::bind(options.metrics_addr).await?;
+    let mut metrics_server = tokio::spawn(metrics::server::serve(metrics_listener, endpoint.clone()));
+
     let mut datapath = Datapath::load()?;
     datapath.set_mode(options.mode)?;
+    datapath.set_event_limits(&options.event_limits)?;
+    let installing = Instant::now();
     let generation = datapath.install(&compiled)?;
+    // Reading and compiling, then installing; not the verifier's time in between.
+    let applied_in = compiled_in + installing.elapsed();
     // Identities from cgroups and interfaces are in the maps before any program sees a packet.
     let cgroups = cgroup_root.map(|root| CgroupSource::new(root, cgroup_scopes.clone()));
     let mut identity_sources = IdentitySources::new(compiled.clone(), cgroups, certificates);
@@ -74,10 +96,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let ring = datapath.take_events()?;
 
     let identity_sources = Arc::new(Mutex::new(identity_sources));
-    let policies = Arc::new(Mutex::new(Policies::new(generation, compiled.clone())));
+    let mut policies = Policies::new(generation, compiled.clone());
+    policies.last_apply = Some(applied_in);
+    let policies = Arc::new(Mutex::new(policies));
     let enricher = Enricher::new(options.node_name.clone(), policies.clone(), identity_sources.clone());
     let mut events = tokio::spawn(events::stream_to_stdout(ring, enricher));
 
+    let probe = datapath.probe()?;
+    let attachments = datapath.attachments().len();
+    endpoint.ready(metrics::Sources { probe, policies: policies.clone(), sinks: None }, attachments);
     let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), policies });
     for event in first_events {
         events::write_identity_event(&options.node_name, event)?;
@@ -94,6 +121,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         attached = ?options.attach,
         uplinks = ?options.uplink,
         socket = %options.socket.display(),
+        metrics = %options.metrics_addr,
         "zt-agent running"
     );
 
@@ -105,12 +133,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         result = &mut events => result.context("event reader panicked")?.context("event stream failed"),
         result = &mut refresher => result.context("identity refresh panicked")?.context("identity sources failed"),
         result = &mut reloads => result.context("policy reloads panicked")?.context("policy reloads failed"),
+        result = &mut metrics_server => result.context("the metrics endpoint panicked")?.context("the metrics endpoint failed"),
     };
     // Awaiting an aborted task drops its future, and with it its share of the datapath. (One the
     // select above already awaited to completion must not be awaited again.)
     server.abort();
     let _ = server.await;
-    for task in [events, refresher, reloads] {
+    for task in [events, refresher, reloads, metrics_server] {
         task.abort();
         if !task.is_finished() {
             let _ = task.await;

@@ -15,9 +15,10 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
     net::UnixListener,
 };
-use zt_common::{counter_index, Reason, Verdict, EVENTS_LOST_INDEX};
+use zt_common::{Reason, Verdict};
 
 use crate::{
+    counters::EventCounts,
     datapath::{Attachment, Datapath, Mode},
     reload::Policies,
 };
@@ -46,10 +47,22 @@ pub struct Status {
     pub identities: BTreeMap<String, u32>,
     pub rules: usize,
     pub attachments: Vec<AttachmentStatus>,
-    /// Packets by "verdict/reason", summed over CPUs; zero counters are left out.
+    /// Packets by "verdict/reason", summed over CPUs, directions and hooks; zero counters are
+    /// left out.
     pub packets: BTreeMap<String, u64>,
-    /// Flow events the kernel could not queue because the ring buffer was full.
-    pub events_lost: u64,
+    /// The same packets by direction and hook: the non-zero counters, as the kernel keeps them.
+    pub packets_by_hook: Vec<PacketStatus>,
+    /// What became of the flow events the kernel had to report: emitted, suppressed, lost.
+    pub events: EventCounts,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PacketStatus {
+    pub verdict: String,
+    pub reason: String,
+    pub direction: String,
+    pub hook: String,
+    pub packets: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,14 +90,24 @@ fn status(shared: &Shared) -> Result<Status> {
     let config = datapath.config()?;
     let counters = datapath.counters()?;
     let mut packets = BTreeMap::new();
-    for verdict in [Verdict::Allow, Verdict::Deny, Verdict::Audit] {
+    for verdict in Verdict::ALL {
         for reason in Reason::ALL {
-            let n = counters[counter_index(verdict, reason) as usize];
+            let n = counters.by_verdict_reason(verdict, reason);
             if n > 0 {
-                packets.insert(format!("{}/{}", crate::events::verdict_name(verdict as u8), reason.name()), n);
+                packets.insert(format!("{}/{}", verdict.name(), reason.name()), n);
             }
         }
     }
+    let packets_by_hook = counters
+        .nonzero()
+        .map(|c| PacketStatus {
+            verdict: c.verdict.name().to_owned(),
+            reason: c.reason.name().to_owned(),
+            direction: c.direction.name().to_owned(),
+            hook: c.hook.name().to_owned(),
+            packets: c.packets,
+        })
+        .collect();
     let policies = shared.policies.lock().expect("policies lock poisoned");
     let compiled = policies.current();
     Ok(Status {
@@ -101,7 +124,8 @@ fn status(shared: &Shared) -> Result<Status> {
             .map(|Attachment { interface, hook }| AttachmentStatus { interface: interface.clone(), hook: hook.to_string() })
             .collect(),
         packets,
-        events_lost: counters[EVENTS_LOST_INDEX as usize],
+        packets_by_hook,
+        events: counters.events(),
     })
 }
 

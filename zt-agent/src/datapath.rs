@@ -18,16 +18,21 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, Xdp, XdpMode},
     util::KernelVersion,
     Ebpf,
 };
 use zt_common::{
-    maps, programs, Config, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted, COUNTER_COUNT, SLOT_BITS,
+    maps, programs, Config, EventLimits, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted, SLOT_BITS,
 };
 
-use crate::policy::compile::{ipcache_prefix, Compiled};
+use crate::{
+    counters::{self, Counters},
+    event_limits::EventLimitSettings,
+    policy::compile::{ipcache_prefix, Compiled},
+    probe::{self, Probe},
+};
 
 /// The eBPF object, built from `zt-ebpf` by this crate's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt-ebpf"));
@@ -76,6 +81,7 @@ pub struct Datapath {
     cgroups: HashMap<MapData, u64, u32>,
     interfaces: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
+    event_limits: Array<MapData, EventLimits>,
     attachments: Vec<Attachment>,
     grace_period: GracePeriod,
 }
@@ -110,6 +116,7 @@ impl Datapath {
             cgroups: take_map(&mut ebpf, maps::CGROUPS)?,
             interfaces: take_map(&mut ebpf, maps::INTERFACES)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            event_limits: take_map(&mut ebpf, maps::EVENT_LIMITS)?,
             ebpf,
             attachments: Vec::new(),
             grace_period: GracePeriod::new()?,
@@ -345,11 +352,33 @@ impl Datapath {
         take_map(&mut self.ebpf, maps::EVENTS)
     }
 
-    /// Counters summed over CPUs, indexed as in `zt_common::counter_index`.
-    pub fn counters(&self) -> Result<Vec<u64>> {
-        (0..COUNTER_COUNT)
-            .map(|i| Ok(self.counters.get(&i, 0)?.iter().sum()))
-            .collect()
+    /// Packet and event counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        counters::read(&self.counters)
+    }
+
+    /// Bounds the kernel's flow events ([`EventLimitSettings`], split over the online CPUs).
+    /// A datapath never given limits emits every event.
+    pub fn set_event_limits(&mut self, settings: &EventLimitSettings) -> Result<()> {
+        let cpus = aya::util::online_cpus().map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?.len();
+        self.event_limits.set(0, settings.per_cpu(cpus as u32), 0).context("writing the event limits")
+    }
+
+    /// Read-only handles on the maps, for metrics: reading them takes no lock on the datapath.
+    pub fn probe(&self) -> Result<Probe> {
+        let conntrack = self.ebpf.map(maps::CONNTRACK).context("eBPF object has no conntrack map")?;
+        let event_flows = self.ebpf.map(maps::EVENT_FLOWS).context("eBPF object has no event flow map")?;
+        Probe::open(&probe::Ids {
+            config: self.config.map().info()?.id(),
+            counters: self.counters.map().info()?.id(),
+            ipcache: self.ipcache.map().info()?.id(),
+            policy: self.policy.map().info()?.id(),
+            isolation: self.isolation.map().info()?.id(),
+            cgroups: self.cgroups.map().info()?.id(),
+            interfaces: self.interfaces.map().info()?.id(),
+            conntrack: probe::map_id(conntrack)?,
+            event_flows: probe::map_id(event_flows)?,
+        })
     }
 
     /// A loaded program, for BPF_PROG_TEST_RUN.

@@ -133,6 +133,7 @@ impl Enricher {
             "policy": policy,
             "rule": rule.map(|r| format!("{}/{}/{}", r.policy, direction_name(r.direction as u8), r.index)),
             "generation": ev.generation,
+            "suppressed": ev.suppressed,
         });
         if ev.flags & event_flags::STAGED != 0 {
             // The policies in force passed the flow; a `mode: monitor` policy would not.

@@ -2,10 +2,14 @@
 //! streams its verdicts.
 pub mod agent;
 pub mod control;
+pub mod counters;
 pub mod datapath;
+pub mod event_limits;
 pub mod events;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod reload;
 pub mod sources;
 pub mod svid;

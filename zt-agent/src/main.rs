@@ -1,11 +1,12 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use zt_agent::{
     agent::{self, RunOptions},
     control::{self, Request, Status, DEFAULT_SOCKET},
     datapath::Mode,
-    policy,
+    event_limits::{self, EventLimitSettings},
+    metrics, policy,
 };
 
 /// zt: kernel-level microsegmentation. Every flow between workloads is checked against the
@@ -51,6 +52,20 @@ enum Command {
         /// Node name in events (default: the host name).
         #[arg(long)]
         node_name: Option<String>,
+        /// After a flow's event, suppress its further events (same 5-tuple, verdict and reason)
+        /// for this long and count them; its next event says how many. 0: no window.
+        #[arg(long, default_value = "1s", value_parser = event_limits::parse_window)]
+        event_window: Duration,
+        /// Sustained flow events per second, node-wide (`N/s`, `N/m`, or 0 for no limit); events
+        /// over it are suppressed and counted.
+        #[arg(long, default_value = "5000/s", value_parser = event_limits::parse_rate)]
+        event_rate: u64,
+        /// Flow events allowed back to back before --event-rate applies, node-wide.
+        #[arg(long, default_value_t = 10_000)]
+        event_burst: u64,
+        /// Where to serve /metrics (Prometheus), /healthz and /readyz.
+        #[arg(long, default_value = metrics::server::DEFAULT_ADDR)]
+        metrics_addr: SocketAddr,
     },
     /// Switch the running agent between monitor and enforce, without reloading anything.
     Mode {
@@ -128,7 +143,13 @@ fn print_status(status: &Status) {
     for (key, n) in &status.packets {
         println!("  {key:<36} {n}");
     }
-    println!("events lost: {}", status.events_lost);
+    println!("packets by direction and hook:");
+    for p in &status.packets_by_hook {
+        let key = format!("{}/{}", p.verdict, p.reason);
+        println!("  {key:<36} {:<8} {:<15} {}", p.direction, p.hook, p.packets);
+    }
+    let events = &status.events;
+    println!("events:      {} emitted, {} suppressed, {} lost", events.emitted, events.suppressed, events.lost);
 }
 
 fn main() -> ExitCode {
@@ -139,12 +160,38 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Run { policy, mode, attach, uplink, cgroup, svid_dir, trust_bundle, socket, node_name } => {
+        Command::Run {
+            policy,
+            mode,
+            attach,
+            uplink,
+            cgroup,
+            svid_dir,
+            trust_bundle,
+            socket,
+            node_name,
+            event_window,
+            event_rate,
+            event_burst,
+            metrics_addr,
+        } => {
             let node_name = node_name.unwrap_or_else(|| {
                 nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
             });
             let certificates = svid_dir.zip(trust_bundle);
-            let options = RunOptions { policy, mode, attach, uplink, cgroup, certificates, socket, node_name };
+            let event_limits = EventLimitSettings { window: event_window, rate: event_rate, burst: event_burst };
+            let options = RunOptions {
+                policy,
+                mode,
+                attach,
+                uplink,
+                cgroup,
+                certificates,
+                socket,
+                node_name,
+                event_limits,
+                metrics_addr,
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -9,7 +9,7 @@ use std::{
     ffi::OsStr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -42,6 +42,8 @@ pub struct Policies {
     pub rejected: u64,
     /// The errors of the last rejected reload, one per line.
     pub last_rejection: Option<String>,
+    /// How long the policy in force took from reading its files to being in force.
+    pub last_apply: Option<Duration>,
 }
 
 impl Policies {
@@ -52,6 +54,7 @@ impl Policies {
             reloads: 0,
             rejected: 0,
             last_rejection: None,
+            last_apply: None,
         }
     }
 
@@ -122,6 +125,7 @@ impl Reloader {
     /// One reload attempt, start to finish (blocking: it reads files and waits for the kernel).
     /// Errors are only those of writing the outcome to stdout.
     pub fn reload(&self, trigger: Trigger) -> Result<()> {
+        let started = Instant::now();
         let compiled = policy::load_paths(&self.paths)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())
             .and_then(|set| policy::compile::compile(&set).map_err(|err| vec![err.to_string()]));
@@ -138,7 +142,11 @@ impl Reloader {
         };
         match outcome {
             Ok((generation, compiled, identity_events)) => {
-                let reloads = self.shared.policies.lock().expect("policies lock poisoned").reloads;
+                let reloads = {
+                    let mut policies = self.shared.policies.lock().expect("policies lock poisoned");
+                    policies.last_apply = Some(started.elapsed());
+                    policies.reloads
+                };
                 tracing::info!(
                     generation,
                     trigger = trigger.name(),

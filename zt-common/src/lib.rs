@@ -18,6 +18,9 @@ pub mod maps {
     pub const EVENTS: &str = "ZT_EVENTS";
     pub const CGROUPS: &str = "ZT_CGROUPS";
     pub const INTERFACES: &str = "ZT_INTERFACES";
+    pub const EVENT_LIMITS: &str = "ZT_EVENT_LIMITS";
+    pub const EVENT_FLOWS: &str = "ZT_EVENT_FLOWS";
+    pub const EVENT_BUCKET: &str = "ZT_EVENT_BUCKET";
 
     /// Generations the policy-derived maps hold at once: the one in force and the next one,
     /// built aside (see [`super::Config::slot`]). Their capacities below are per generation.
@@ -29,6 +32,8 @@ pub mod maps {
     pub const EVENTS_BYTES: u32 = 1 << 22;
     pub const CGROUPS_CAPACITY: u32 = 65_536;
     pub const INTERFACES_CAPACITY: u32 = 4_096;
+    /// Flows whose last event the per-flow suppression window remembers (LRU).
+    pub const EVENT_FLOWS_CAPACITY: u32 = 65_536;
 }
 
 /// Program names, as exported by `zt-ebpf`.
@@ -119,6 +124,7 @@ pub enum Direction {
     /// No policy was consulted (conntrack, control plane, malformed packet).
     None = 2,
 }
+pub const DIRECTION_COUNT: u32 = 3;
 
 /// Where a verdict was taken.
 #[repr(u8)]
@@ -135,6 +141,7 @@ pub enum Hook {
     /// cgroup_skb egress: traffic sent by a local process.
     CgroupEgress = 4,
 }
+pub const HOOK_COUNT: u32 = 5;
 
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,13 +181,68 @@ pub enum Reason {
 pub const REASON_COUNT: u32 = 10;
 
 impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [Self::Allow, Self::Deny, Self::Audit];
+
     pub const fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::Allow,
-            1 => Self::Deny,
-            2 => Self::Audit,
-            _ => return None,
-        })
+        if (v as u32) < VERDICT_COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The stable name used in events and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+impl Direction {
+    pub const ALL: [Direction; DIRECTION_COUNT as usize] = [Self::Ingress, Self::Egress, Self::None];
+
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        if (v as u32) < DIRECTION_COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The stable name used in events and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+            Self::None => "none",
+        }
+    }
+}
+
+impl Hook {
+    pub const ALL: [Hook; HOOK_COUNT as usize] =
+        [Self::TcIngress, Self::TcEgress, Self::Xdp, Self::CgroupIngress, Self::CgroupEgress];
+
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        if (v as u32) < HOOK_COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The stable name used in events and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TcIngress => "tc-ingress",
+            Self::TcEgress => "tc-egress",
+            Self::Xdp => "xdp",
+            Self::CgroupIngress => "cgroup-ingress",
+            Self::CgroupEgress => "cgroup-egress",
+        }
     }
 }
 
@@ -223,14 +285,89 @@ impl Reason {
     }
 }
 
-/// Index of a (verdict, reason) counter in the per-CPU `ZT_COUNTERS` array.
-pub const fn counter_index(verdict: Verdict, reason: Reason) -> u32 {
-    verdict as u32 * REASON_COUNT + reason as u32
+/// The per-CPU `ZT_COUNTERS` array: one packet counter per (verdict, reason, direction, hook),
+/// then the flow-event counters. Every judged packet is counted exactly once, whatever the event
+/// limits; every packet that matters for an event is counted once more as emitted, suppressed
+/// or lost.
+pub mod counters {
+    use super::{Direction, Hook, Reason, Verdict, DIRECTION_COUNT, HOOK_COUNT, REASON_COUNT, VERDICT_COUNT};
+
+    /// Index of the packet counter of (verdict, reason, direction, hook).
+    pub const fn packet_index(verdict: Verdict, reason: Reason, direction: Direction, hook: Hook) -> u32 {
+        ((verdict as u32 * REASON_COUNT + reason as u32) * DIRECTION_COUNT + direction as u32) * HOOK_COUNT
+            + hook as u32
+    }
+    /// Packet counters, the first entries of the array.
+    pub const PACKET_COUNT: u32 = VERDICT_COUNT * REASON_COUNT * DIRECTION_COUNT * HOOK_COUNT;
+    /// Flow events queued on the ring buffer.
+    pub const EVENTS_EMITTED: u32 = PACKET_COUNT;
+    /// Flow events not sent because of the per-flow window or the rate limit ([`super::EventLimits`]).
+    pub const EVENTS_SUPPRESSED: u32 = PACKET_COUNT + 1;
+    /// Flow events the ring buffer had no room for.
+    pub const EVENTS_LOST: u32 = PACKET_COUNT + 2;
+    /// Entries in `ZT_COUNTERS`.
+    pub const COUNT: u32 = PACKET_COUNT + 3;
 }
-/// Slot after the (verdict, reason) counters: flow events the ring buffer had no room for.
-pub const EVENTS_LOST_INDEX: u32 = VERDICT_COUNT * REASON_COUNT;
-/// Entries in `ZT_COUNTERS`.
-pub const COUNTER_COUNT: u32 = EVENTS_LOST_INDEX + 1;
+
+/// Whether a verdict is reported as a flow event: a rule newly allowed a flow, or anything was
+/// denied or audited. Everything else (established, control plane, not isolated) is only counted.
+pub const fn is_reported(verdict: Verdict, reason: Reason) -> bool {
+    !matches!(verdict, Verdict::Allow) || matches!(reason, Reason::PolicyAllow)
+}
+
+/// The single entry of `ZT_EVENT_LIMITS` (key 0), written by the agent; all zeros (never written)
+/// means no limit. How the kernel bounds its flow events, in this order:
+///
+/// 1. **Per-flow window.** After a flow (its 5-tuple) raised an event, its further events with
+///    the same verdict and reason within `window_ns` are suppressed; the flow's next event after
+///    the window, or with another verdict or reason, carries how many were
+///    ([`FlowEvent::suppressed`]). Flows are remembered in the LRU `ZT_EVENT_FLOWS`.
+/// 2. **Token bucket, per CPU.** Each CPU may emit `burst` events back to back and then one every
+///    `interval_ns` (lock-free: each CPU has its own bucket in `ZT_EVENT_BUCKET`). The agent
+///    splits the node-wide rate and burst evenly over the CPUs. Events over the rate are
+///    suppressed and counted by their flow's next event as well.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventLimits {
+    /// Per-flow suppression window in nanoseconds; 0: no window.
+    pub window_ns: u64,
+    /// Per CPU, nanoseconds between events at the sustained rate; 0: no rate limit.
+    pub interval_ns: u64,
+    /// Per CPU, events that may follow each other without spacing (at least 1 with a rate).
+    pub burst: u64,
+}
+
+/// A packet's flow as the kernel's parser reads it, and as is the key of `ZT_EVENT_FLOWS` (so
+/// the window needs no key built on the BPF stack, which the pipeline fills).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventFlowKey {
+    /// IPv6, or IPv4 mapped (see [`IpKey`]); zero when the frame is not IP.
+    pub src: IpKey,
+    pub dst: IpKey,
+    /// For ICMP echo: the echo identifier.
+    pub src_port: u16,
+    /// For ICMP: the message type.
+    pub dst_port: u16,
+    pub protocol: u8,
+    /// 4, 6, or 0 when the frame is not IP.
+    pub family: u8,
+}
+
+/// Value of `ZT_EVENT_FLOWS`: a flow's last event, and what was suppressed since.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventFlowState {
+    /// When the flow's last event was emitted (`bpf_ktime_get_ns`); 0: none yet.
+    pub last_event_ns: u64,
+    /// Events suppressed since then, reported by the flow's next event.
+    pub suppressed: u64,
+    /// Verdict and reason of the last event: the window holds back only repeats of them, so a
+    /// flow whose verdict changes (a revoked allow, say) is reported at once.
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: [u8; 6],
+}
 
 /// IP protocol numbers zt parses.
 pub mod proto {
@@ -402,6 +539,8 @@ pub struct FlowEvent {
     pub flags: u8,
     /// The local process's cgroup id on cgroup hooks, else 0.
     pub cgroup_id: u64,
+    /// Events of this flow suppressed since its previous event ([`EventLimits`]).
+    pub suppressed: u64,
 }
 
 /// [`FlowEvent::flags`]: an end not flagged was identified by its address (the ipcache).
@@ -429,7 +568,10 @@ assert_layout!(IsolationKey, 8, 4);
 assert_layout!(PolicyValue, 12, 4);
 assert_layout!(CtKey, 40, 2);
 assert_layout!(CtValue, 24, 8);
-assert_layout!(FlowEvent, 80, 8);
+assert_layout!(FlowEvent, 88, 8);
+assert_layout!(EventLimits, 24, 8);
+assert_layout!(EventFlowKey, 38, 2);
+assert_layout!(EventFlowState, 24, 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -443,4 +585,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::EventLimits {}
+    unsafe impl aya::Pod for super::EventFlowKey {}
+    unsafe impl aya::Pod for super::EventFlowState {}
 }

@@ -3,6 +3,9 @@
 //! processes.
 #![no_std]
 #![no_main]
+// The atomic add of `verdict` (the BPF target has no `fetch_add`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod conntrack;
 mod maps;

@@ -3,16 +3,18 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{lpm_trie::LpmTrie, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 use crate::parse::Packet;
 use zt_common::{
+    counters,
     maps::{
-        CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, INTERFACES_CAPACITY, IPCACHE_CAPACITY,
-        ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
+        CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, EVENT_FLOWS_CAPACITY, INTERFACES_CAPACITY,
+        IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
     },
-    Config, CtKey, CtValue, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted, COUNTER_COUNT,
+    Config, CtKey, CtValue, EventFlowKey, EventFlowState, EventLimits, IpKey, IsolationKey, PolicyKey, PolicyValue,
+    Slotted,
 };
 
 /// Key 0 → the node's mode, generation and slot. A hash map without preallocation rather than
@@ -48,8 +50,9 @@ pub static ZT_ISOLATION: HashMap<IsolationKey, u32> = HashMap::with_max_entries(
 pub static ZT_CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_CAPACITY, 0);
 
+/// Packet and event counters, laid out by `zt_common::counters`.
 #[map]
-pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
 
 #[map]
 pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -57,3 +60,17 @@ pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// The packet being judged, one per CPU: kernel-internal scratch space, off the 512-byte stack.
 #[map]
 pub static ZT_SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// Key 0 → the event limits. An array: a reader racing an update may mix old and new fields,
+/// which at worst applies one limit a packet early.
+#[map]
+pub static ZT_EVENT_LIMITS: Array<EventLimits> = Array::with_max_entries(1, 0);
+
+/// Flow → when it last raised an event and how many of its events were suppressed since.
+#[map]
+pub static ZT_EVENT_FLOWS: LruHashMap<EventFlowKey, EventFlowState> =
+    LruHashMap::with_max_entries(EVENT_FLOWS_CAPACITY, 0);
+
+/// Key 0 → each CPU's token bucket, as the time its budget is spent until (GCRA).
+#[map]
+pub static ZT_EVENT_BUCKET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

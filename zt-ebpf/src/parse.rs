@@ -36,6 +36,13 @@ pub const ICMPV6_ECHO_REPLY: u8 = 129;
 const NDP_FIRST: u8 = 133;
 const NDP_LAST: u8 = 137;
 
+/// What the pipeline needs to know about a packet. Addresses are IPv6 or IPv4-mapped. The
+/// layout is shared with the agent: it is also the key of the event window's flow map.
+///
+/// It lives in a per-CPU scratch map (`ZT_SCRATCH`), not on the stack: there the compiler would
+/// keep each byte of the addresses in a register of its own and spill them all.
+pub type Packet = zt_common::EventFlowKey;
+
 #[inline(always)]
 fn mapped_v4(addr: [u8; 4]) -> IpKey {
     let mut key = [0u8; 16];
@@ -46,22 +53,6 @@ fn mapped_v4(addr: [u8; 4]) -> IpKey {
     key[14] = addr[2];
     key[15] = addr[3];
     key
-}
-
-/// What the pipeline needs to know about a packet. Addresses are IPv6 or IPv4-mapped.
-///
-/// It lives in a per-CPU scratch map (`ZT_SCRATCH`), not on the stack: there the compiler would
-/// keep each byte of the addresses in a register of its own and spill them all.
-#[derive(Clone, Copy, Default)]
-pub struct Packet {
-    pub src: IpKey,
-    pub dst: IpKey,
-    /// For ICMP echo: the echo identifier.
-    pub src_port: u16,
-    /// For ICMP: the message type.
-    pub dst_port: u16,
-    pub protocol: u8,
-    pub family: u8,
 }
 
 pub enum Parsed {

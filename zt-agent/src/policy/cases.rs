@@ -423,10 +423,11 @@ pub mod kernel {
         programs::{TestRun as _, TestRunOptions, Xdp},
     };
     use etherparse::{IpNumber, PacketBuilder};
-    use zt_common::{counter_index, programs, IpKey, VERDICT_COUNT};
+    use zt_common::{programs, IpKey};
 
     use super::*;
     use crate::{
+        counters::Counters,
         datapath::{Datapath, Mode},
         events,
         policy::compile::ip_key,
@@ -465,7 +466,7 @@ pub mod kernel {
             Ok(Self { compiled, dp, ring, unique, next: 0, held: HashSet::new() })
         }
 
-        fn counters(&self) -> Result<Vec<u64>> {
+        fn counters(&self) -> Result<Counters> {
             self.dp.counters()
         }
     }
@@ -551,18 +552,9 @@ pub mod kernel {
     }
 
     /// The one (verdict, reason) counter that went up by one.
-    fn counted(before: &[u64], after: &[u64]) -> Result<(Verdict, Reason)> {
-        let mut found = Vec::new();
-        for verdict_raw in 0..VERDICT_COUNT as u8 {
-            let Some(verdict) = Verdict::from_u8(verdict_raw) else { continue };
-            for reason in Reason::ALL {
-                let index = counter_index(verdict, reason) as usize;
-                let delta = after.get(index).zip(before.get(index)).map_or(0, |(a, b)| a.wrapping_sub(*b));
-                if delta != 0 {
-                    found.push((verdict, reason, delta));
-                }
-            }
-        }
+    fn counted(before: &Counters, after: &Counters) -> Result<(Verdict, Reason)> {
+        let delta = after.since(before);
+        let found: Vec<_> = delta.nonzero().map(|c| (c.verdict, c.reason, c.packets)).collect();
         match found.as_slice() {
             [(verdict, reason, 1)] => Ok((*verdict, *reason)),
             other => bail!("expected one verdict counter to count the frame, got {other:?}"),

@@ -1,0 +1,122 @@
+//! Read-only handles on the datapath's maps, opened again by map id, so that a metrics scrape
+//! reads the kernel without taking the datapath lock (which a reload holds for as long as it
+//! stages and switches a policy).
+
+
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    Pod,
+};
+use zt_common::{Config, CtKey, CtValue, EventFlowKey, EventFlowState, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted};
+
+use crate::counters::{self, Counters};
+
+/// Kernel ids of the maps a [`Probe`] watches.
+pub struct Ids {
+    pub config: u32,
+    pub counters: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub isolation: u32,
+    pub cgroups: u32,
+    pub interfaces: u32,
+    pub conntrack: u32,
+    pub event_flows: u32,
+}
+
+/// The id of a map still held by the loaded object.
+pub fn map_id(map: &Map) -> Result<u32> {
+    let data = match map {
+        Map::HashMap(data) | Map::LruHashMap(data) | Map::LpmTrie(data) | Map::Array(data) | Map::PerCpuArray(data) => {
+            data
+        }
+        _ => anyhow::bail!("unexpected map type"),
+    };
+    Ok(data.info()?.id())
+}
+
+/// How full one map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    /// Short name: `ipcache`, `policy`, `isolation`, `conntrack`, `cgroups`, `interfaces`, `event_flows`.
+    pub name: &'static str,
+    pub entries: u64,
+    /// The map's `max_entries` (both policy slots for the slotted maps).
+    pub capacity: u64,
+}
+
+pub struct Probe {
+    config: HashMap<MapData, u32, Config>,
+    counters: PerCpuArray<MapData, u64>,
+    ipcache: LpmTrie<MapData, Slotted<IpKey>, u32>,
+    policy: LpmTrie<MapData, Slotted<PolicyKey>, PolicyValue>,
+    isolation: HashMap<MapData, IsolationKey, u32>,
+    cgroups: HashMap<MapData, u64, u32>,
+    interfaces: HashMap<MapData, u32, u32>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    event_flows: HashMap<MapData, EventFlowKey, EventFlowState>,
+}
+
+fn open<T: TryFrom<Map, Error = MapError>>(id: u32, wrap: fn(MapData) -> Map) -> Result<T> {
+    let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
+    T::try_from(wrap(data)).with_context(|| format!("map id {id} has an unexpected type"))
+}
+
+impl Probe {
+    pub fn open(ids: &Ids) -> Result<Self> {
+        Ok(Self {
+            config: open(ids.config, Map::HashMap)?,
+            counters: open(ids.counters, Map::PerCpuArray)?,
+            ipcache: open(ids.ipcache, Map::LpmTrie)?,
+            policy: open(ids.policy, Map::LpmTrie)?,
+            isolation: open(ids.isolation, Map::HashMap)?,
+            cgroups: open(ids.cgroups, Map::HashMap)?,
+            interfaces: open(ids.interfaces, Map::HashMap)?,
+            conntrack: open(ids.conntrack, Map::LruHashMap)?,
+            event_flows: open(ids.event_flows, Map::LruHashMap)?,
+        })
+    }
+
+    /// The config in force (the default if none was written, as the kernel reads it).
+    pub fn config(&self) -> Result<Config> {
+        match self.config.get(&0, 0) {
+            Err(MapError::KeyNotFound) => Ok(Config::default()),
+            other => Ok(other?),
+        }
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        counters::read(&self.counters)
+    }
+
+    /// Entries and capacity of every map that fills up. Costs one syscall per entry (the
+    /// kernel's key walk), so a full conntrack takes a fraction of a second.
+    pub fn map_usage(&self) -> Result<Vec<MapUsage>> {
+        Ok(vec![
+            usage("ipcache", self.ipcache.map(), self.ipcache.keys())?,
+            usage("policy", self.policy.map(), self.policy.keys())?,
+            usage("isolation", self.isolation.map(), self.isolation.keys())?,
+            usage("conntrack", self.conntrack.map(), self.conntrack.keys())?,
+            usage("cgroups", self.cgroups.map(), self.cgroups.keys())?,
+            usage("interfaces", self.interfaces.map(), self.interfaces.keys())?,
+            usage("event_flows", self.event_flows.map(), self.event_flows.keys())?,
+        ])
+    }
+}
+
+/// Counts the keys a walk of the map yields. The kernel restarts a walk whose last key was
+/// removed meanwhile, so under churn the count is capped at the capacity.
+fn usage<K: Pod>(
+    name: &'static str,
+    map: &MapData,
+    keys: impl Iterator<Item = Result<K, MapError>>,
+) -> Result<MapUsage> {
+    let capacity = u64::from(map.info()?.max_entries());
+    let mut entries = 0;
+    for key in keys.take(capacity as usize) {
+        key.with_context(|| format!("walking the {name} map"))?;
+        entries += 1;
+    }
+    Ok(MapUsage { name, entries, capacity })
+}
