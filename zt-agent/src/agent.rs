@@ -10,11 +10,16 @@ use crate::{
     control,
     datapath::{Datapath, Mode},
     events::{self, Enricher},
+    fanout::Sinks,
     policy,
     reload::{self, Policies, Reloader},
+    sinks::SinkSpec,
     sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
     svid::TrustBundle,
 };
+
+/// How long the sinks get, at exit, to write what they still hold.
+const SINK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct RunOptions {
     pub policy: Vec<PathBuf>,
@@ -27,6 +32,8 @@ pub struct RunOptions {
     pub certificates: Option<(PathBuf, PathBuf)>,
     pub socket: PathBuf,
     pub node_name: String,
+    /// Where events go; checked together by `sinks::spec::validate`.
+    pub sinks: Vec<SinkSpec>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -55,6 +62,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
 
+    // Sinks start before the kernel is touched: a file that cannot be opened or a CA file that
+    // cannot be read stops the agent here.
+    let sinks = Sinks::start(options.sinks.clone())?;
+
     let mut datapath = Datapath::load()?;
     datapath.set_mode(options.mode)?;
     let generation = datapath.install(&compiled)?;
@@ -76,11 +87,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let identity_sources = Arc::new(Mutex::new(identity_sources));
     let policies = Arc::new(Mutex::new(Policies::new(generation, compiled.clone())));
     let enricher = Enricher::new(options.node_name.clone(), policies.clone(), identity_sources.clone());
-    let mut events = tokio::spawn(events::stream_to_stdout(ring, enricher));
+    let mut events = tokio::spawn(events::stream(ring, enricher, sinks.clone()));
 
-    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), policies });
+    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), policies, sinks: sinks.clone() });
     for event in first_events {
-        events::write_identity_event(&options.node_name, event)?;
+        sinks.publish(events::agent_event(&options.node_name, event));
     }
     let mut refresher =
         tokio::spawn(refresh_sources(identity_sources.clone(), shared.clone(), options.node_name.clone()));
@@ -120,6 +131,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Dropping the last reference to the datapath detaches every program.
     drop(shared);
     tracing::info!("zt-agent stopped; all programs detached");
+    sinks.close(SINK_GRACE).await;
     outcome
 }
 
@@ -133,7 +145,7 @@ async fn refresh_sources(sources: Arc<Mutex<IdentitySources>>, shared: Arc<contr
             sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?
         };
         for event in events {
-            events::write_identity_event(&node, event)?;
+            shared.sinks.publish(events::agent_event(&node, event));
         }
     }
 }

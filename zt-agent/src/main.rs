@@ -5,7 +5,9 @@ use zt_agent::{
     agent::{self, RunOptions},
     control::{self, Request, Status, DEFAULT_SOCKET},
     datapath::Mode,
-    policy,
+    fanout::{Filter, FlowVerdict},
+    flows, policy,
+    sinks::{spec, SinkSpec},
 };
 
 /// zt: kernel-level microsegmentation. Every flow between workloads is checked against the
@@ -19,9 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load policy, attach the datapath and stream flow events as JSON lines on stdout. The policy
-    /// is reloaded on SIGHUP and whenever its files change; an invalid set is rejected and the
-    /// policy in force stays.
+    /// Load policy, attach the datapath and stream flow events to the sinks (by default JSON
+    /// lines on stdout). The policy is reloaded on SIGHUP and whenever its files change; an
+    /// invalid set is rejected and the policy in force stays.
     Run {
         /// Policy file or directory (its *.yaml/*.yml files); repeatable. Watched for changes.
         #[arg(long, required = true)]
@@ -51,6 +53,13 @@ enum Command {
         /// Node name in events (default: the host name).
         #[arg(long)]
         node_name: Option<String>,
+        /// Where events go; repeatable, every sink gets every event it takes (default:
+        /// json:stdout). FORMAT:TARGET[,OPTION=VALUE...]: json|ocsf|cef with stdout or
+        /// file=PATH[,max-bytes=10M,keep=5]; syslog+udp|syslog+tcp|syslog+tls://HOST:PORT
+        /// [,msg=json|ocsf|cef][,facility=local0][,ca=PEM][,server-name=NAME]; any sink
+        /// [,verdicts=deny,audit][,identity=NAME][,queue=4096][,name=NAME]. See docs/events.md.
+        #[arg(long = "sink", value_name = "SPEC")]
+        sinks: Vec<SinkSpec>,
     },
     /// Switch the running agent between monitor and enforce, without reloading anything.
     Mode {
@@ -66,6 +75,23 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Show the running agent's flow events: the recent ones, or with --follow live until Ctrl-C.
+    Flows {
+        /// Keep printing new events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only flows with this verdict; repeatable.
+        #[arg(long, value_enum)]
+        verdict: Vec<FlowVerdict>,
+        /// Only flows with this identity at either end.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Print the events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Policy as code.
     Policy {
@@ -129,6 +155,18 @@ fn print_status(status: &Status) {
         println!("  {key:<36} {n}");
     }
     println!("events lost: {}", status.events_lost);
+    println!("sinks:");
+    for sink in &status.sinks {
+        let connection = match sink.connected {
+            Some(true) => ", connected",
+            Some(false) => ", disconnected",
+            None => "",
+        };
+        println!(
+            "  {:<32} {:<12} delivered {}, dropped {}, queued {}, errors {}, reconnects {}{connection}",
+            sink.name, sink.kind, sink.delivered, sink.dropped, sink.queued, sink.errors, sink.reconnects
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -139,12 +177,19 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Run { policy, mode, attach, uplink, cgroup, svid_dir, trust_bundle, socket, node_name } => {
+        Command::Run { policy, mode, attach, uplink, cgroup, svid_dir, trust_bundle, socket, node_name, mut sinks } => {
             let node_name = node_name.unwrap_or_else(|| {
                 nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
             });
             let certificates = svid_dir.zip(trust_bundle);
-            let options = RunOptions { policy, mode, attach, uplink, cgroup, certificates, socket, node_name };
+            if sinks.is_empty() {
+                sinks.push(SinkSpec::stdout_json());
+            }
+            if let Err(problem) = spec::validate(&sinks) {
+                eprintln!("zt-agent: --sink: {problem}");
+                return ExitCode::FAILURE;
+            }
+            let options = RunOptions { policy, mode, attach, uplink, cgroup, certificates, socket, node_name, sinks };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -162,6 +207,10 @@ fn main() -> ExitCode {
                 print_status(&status);
             }
         }),
+        Command::Flows { follow, verdict, identity, json, socket } => {
+            let filter = Filter { verdicts: verdict, identity };
+            flows::run(&socket, follow, filter, json, &mut std::io::stdout())
+        }
         Command::Policy { command: PolicyCommand::Check { paths } } => policy::load_paths(&paths)
             .map_err(anyhow::Error::from)
             .and_then(|set| Ok(policy::compile::compile(&set)?))

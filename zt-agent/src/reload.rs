@@ -2,7 +2,7 @@
 //! the set again and, if it is valid, installs it aside and switches to it atomically
 //! (`Datapath::stage` / `switch`). An invalid set is rejected with its `file:line:col` errors and
 //! changes nothing: the policy in force stays in force. Each outcome is logged, counted (`status`)
-//! and reported as a `"kind": "policy"` JSON line on stdout.
+//! and reported as a `"kind": "policy"` event to the sinks.
 
 use std::{
     collections::VecDeque,
@@ -120,7 +120,7 @@ impl Reloader {
     }
 
     /// One reload attempt, start to finish (blocking: it reads files and waits for the kernel).
-    /// Errors are only those of writing the outcome to stdout.
+    /// Never fails: a reload that cannot be applied is reported and leaves the policy in force.
     pub fn reload(&self, trigger: Trigger) -> Result<()> {
         let compiled = policy::load_paths(&self.paths)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())
@@ -141,9 +141,9 @@ impl Reloader {
                     reloads,
                     "policy reloaded"
                 );
-                self.write_event(trigger, "applied", generation, &[])?;
+                self.write_event(trigger, "applied", generation, &[]);
                 for event in identity_events {
-                    events::write_identity_event(&self.node, event)?;
+                    self.shared.sinks.publish(events::agent_event(&self.node, event));
                 }
             }
             Err(errors) => {
@@ -157,7 +157,7 @@ impl Reloader {
                     tracing::error!(trigger = trigger.name(), generation, "policy reload rejected: {error}");
                 }
                 tracing::warn!(generation, "the policy in force is unchanged");
-                self.write_event(trigger, "rejected", generation, &errors)?;
+                self.write_event(trigger, "rejected", generation, &errors);
             }
         }
         Ok(())
@@ -198,7 +198,7 @@ impl Reloader {
         Ok((generation, compiled, events))
     }
 
-    fn write_event(&self, trigger: Trigger, result: &str, generation: u32, errors: &[String]) -> Result<()> {
+    fn write_event(&self, trigger: Trigger, result: &str, generation: u32, errors: &[String]) {
         let event = json!({
             "kind": "policy",
             "result": result,
@@ -206,7 +206,7 @@ impl Reloader {
             "generation": generation,
             "errors": errors,
         });
-        events::write_identity_event(&self.node, event)
+        self.shared.sinks.publish(events::agent_event(&self.node, event));
     }
 }
 
