@@ -8,6 +8,9 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // Without this, a unit-test build with AYA_BUILD_SKIP leaves its empty object to the next
+    // real build of the agent.
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // Unit-test loops that never load programs: embed an empty object, which the loader

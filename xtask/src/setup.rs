@@ -14,8 +14,9 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 const PINNED_COMMIT_DATE: &str = "commit-date: 2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// iproute2 builds the topologies, iputils-ping probes ICMP, ethtool shows veth offloads when
-/// debugging XDP on veths.
-const DEBIAN_PACKAGES: [&str; 3] = ["iproute2", "iputils-ping", "ethtool"];
+/// debugging XDP on veths, rsyslog (with its OpenSSL TLS driver) is the real receiver of the
+/// syslog sink tests, which run their own instance in a test namespace.
+const DEBIAN_PACKAGES: [&str; 5] = ["iproute2", "iputils-ping", "ethtool", "rsyslog", "rsyslog-openssl"];
 const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn run() -> Result<()> {

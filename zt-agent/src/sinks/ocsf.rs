@@ -80,7 +80,7 @@ pub fn render(event: &Value) -> Value {
         "src_endpoint": endpoint(src),
         "dst_endpoint": endpoint(dst),
         "connection_info": connection,
-        "unmapped": {"zt": {
+        "unmapped": {"zt": present(json!({
             "node": event["node"],
             "verdict": verdict,
             "mode": event["mode"],
@@ -94,8 +94,16 @@ pub fn render(event: &Value) -> Value {
             "rule": event["rule"],
             "generation": event["generation"],
             "icmp": event["icmp"],
-        }},
+        }))},
     })
+}
+
+/// The object without its null fields.
+fn present(object: Value) -> Value {
+    match object {
+        Value::Object(fields) => fields.into_iter().filter(|(_, v)| !v.is_null()).collect::<Map<_, _>>().into(),
+        other => other,
+    }
 }
 
 fn endpoint(end: &Value) -> Value {
@@ -147,6 +155,7 @@ mod tests {
         assert_eq!(ocsf["connection_info"], json!({"protocol_num": 58, "protocol_name": "icmpv6", "protocol_ver_id": 6, "direction_id": 1, "direction": "Inbound"}));
         assert_eq!(ocsf["src_endpoint"], json!({"ip": "fd00::1"}), "no port for ICMP");
         assert_eq!(ocsf["unmapped"]["zt"]["dst_identity"], "db");
+        assert!(ocsf["unmapped"]["zt"].get("rule").is_none(), "no null fields: {ocsf:#}");
         assert_eq!(ocsf["metadata"]["product"]["name"], "zt");
     }
 
