@@ -215,6 +215,15 @@ fn events_reach_rsyslog_over_udp_tcp_and_tls_and_files_hold_ocsf_and_cef() {
     for part in ["|audit:default-deny|", " cs1=intruder ", " cs2=db ", " dpt=5432 ", " proto=TCP "] {
         assert!(line.contains(part), "{part} in {line}");
     }
+    // Agent events take the same way: a reload's outcome reaches rsyslog as MSGID policy.
+    agent.request_reload().unwrap();
+    let reload = agent.wait_for_event(|e| e["kind"] == "policy", ARRIVAL).expect("a policy event after SIGHUP");
+    let received = until("the policy event over tcp", ARRIVAL, || message_of(&rsyslog.received("tcp"), &reload).cloned());
+    println!("policy raw: {}", received.raw);
+    assert_eq!((received.msgid.as_str(), received.pri), ("policy", 133), "{received:?}");
+    assert!(received.structured_data.contains("result=\"applied\""), "{received:?}");
+    assert!(!std::fs::read_to_string(&ocsf_file).unwrap().contains("\"policy\":\"applied\""), "OCSF carries flows only");
+
     let tcp = sink_stats(&agent, &format!("syslog+tcp://127.0.0.1:{TCP_PORT}"));
     assert_eq!((tcp["dropped"].as_u64(), tcp["connected"].as_bool()), (Some(0), Some(true)), "{tcp:#}");
 }
@@ -266,6 +275,7 @@ fn a_restarted_receiver_gets_what_fit_in_the_queue_and_the_rest_is_counted() {
         (received.len() as u64 >= delivered).then_some(received)
     });
     let arrived: Vec<Value> = received.iter().map(|r| serde_json::from_str(&r.msg).unwrap()).collect();
+    println!("after the restart: {stats}");
 
     assert_eq!(delivered + dropped, offered.len() as u64, "every event offered is delivered or counted as dropped: {stats:#}");
     assert_eq!(arrived.len() as u64, delivered, "rsyslog has exactly what the sink delivered: {stats:#}");
@@ -305,6 +315,7 @@ fn zt_agent_flows_shows_recent_and_live_events_of_the_running_agent() {
     assert!(flows(&agent, &["--json", "--identity", "web"]).lines().all(|l| l.contains("\"web\"")), "only web's flows");
     let human = flows(&agent, &["--identity", "intruder"]);
     let line = human.lines().find(|l| l.contains(":5432")).unwrap_or_else(|| panic!("{human}"));
+    println!("zt-agent flows: {line}");
     assert!(line.contains(" deny ") && line.contains("intruder 10.20.9.") && line.contains("-> db 10.20.3."), "{line}");
 
     let mut follower = Command::new(agent_bin().unwrap())

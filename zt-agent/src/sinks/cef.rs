@@ -5,10 +5,8 @@
 //! denial, 5 for an audit and 3 for an allowed flow. The extension maps the flow onto CEF's
 //! keys (rt, dvchost, act, src, spt, dst, dpt, proto, deviceDirection, and the hook's interface as
 //! deviceInboundInterface or deviceOutboundInterface)
-//! and zt's names onto labelled custom strings: cs1 source identity, cs2 destination identity,
+//! and zt's names onto labelled custom strings (a label only with its value): cs1 source identity, cs2 destination identity,
 //! cs3 policy, cs4 rule, cs5 reason, cs6 hook; cn1 is the policy generation.
-
-use std::fmt::Write as _;
 
 use serde_json::Value;
 
@@ -45,7 +43,7 @@ pub fn render(event: &Value) -> String {
         Some("tc-egress" | "cgroup-egress") => "deviceOutboundInterface",
         _ => "deviceInboundInterface",
     };
-    let fields: [(&str, Option<String>); 24] = [
+    let fields = [
         ("rt", Some(epoch_millis(event_time(event)).to_string())),
         ("dvchost", text(&event["node"])),
         ("act", Some(verdict.to_owned())),
@@ -56,30 +54,26 @@ pub fn render(event: &Value) -> String {
         ("proto", text(&event["protocol"]).map(|p| p.to_uppercase())),
         ("deviceDirection", direction),
         (interface_key, text(&event["interface"])),
-        ("cs1Label", Some("srcIdentity".into())),
-        ("cs1", text(&event["src"]["identity"])),
-        ("cs2Label", Some("dstIdentity".into())),
-        ("cs2", text(&event["dst"]["identity"])),
-        ("cs3Label", Some("policy".into())),
-        ("cs3", text(&event["policy"])),
-        ("cs4Label", Some("rule".into())),
-        ("cs4", text(&event["rule"])),
-        ("cs5Label", Some("reason".into())),
-        ("cs5", Some(reason.to_owned())),
-        ("cs6Label", Some("hook".into())),
-        ("cs6", text(&event["hook"])),
-        ("cn1Label", Some("generation".into())),
-        ("cn1", text(&event["generation"])),
     ];
-    let mut first = true;
-    for (key, value) in fields {
-        let Some(value) = value else { continue };
-        if !first {
-            out.push(' ');
-        }
-        first = false;
-        let _ = write!(out, "{key}={}", escape_extension(&value));
+    // Custom fields come with their labels, and neither is written without a value.
+    let custom = [
+        ("cs1", "srcIdentity", text(&event["src"]["identity"])),
+        ("cs2", "dstIdentity", text(&event["dst"]["identity"])),
+        ("cs3", "policy", text(&event["policy"])),
+        ("cs4", "rule", text(&event["rule"])),
+        ("cs5", "reason", Some(reason.to_owned())),
+        ("cs6", "hook", text(&event["hook"])),
+        ("cn1", "generation", text(&event["generation"])),
+    ];
+    let labelled = custom.into_iter().filter_map(|(key, label, value)| Some((key, label, value?)));
+    let mut pairs: Vec<(String, String)> =
+        fields.into_iter().filter_map(|(key, value)| Some((key.to_owned(), value?))).collect();
+    for (key, label, value) in labelled {
+        pairs.push((format!("{key}Label"), label.to_owned()));
+        pairs.push((key.to_owned(), value));
     }
+    let extension: Vec<String> = pairs.iter().map(|(key, value)| format!("{key}={}", escape_extension(value))).collect();
+    out.push_str(&extension.join(" "));
     out
 }
 
@@ -148,7 +142,7 @@ mod tests {
                 "CEF:0|zt|zt-agent|{}|deny:default-deny|Flow denied|7|rt=1795737001123 dvchost=node-a act=deny \
                  src=10.0.0.9 spt=40000 dst=fd00::3 dpt=5432 proto=TCP deviceDirection=1 \
                  deviceInboundInterface=lxc-intruder cs1Label=srcIdentity cs1=intruder cs2Label=dstIdentity cs2=db \
-                 cs3Label=policy cs3=default-deny cs4Label=rule cs5Label=reason cs5=default-deny cs6Label=hook \
+                 cs3Label=policy cs3=default-deny cs5Label=reason cs5=default-deny cs6Label=hook \
                  cs6=tc-ingress cn1Label=generation cn1=2",
                 env!("CARGO_PKG_VERSION")
             )
