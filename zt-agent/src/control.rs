@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
 };
 
@@ -238,7 +238,7 @@ pub fn connect(socket: &Path) -> Result<UnixStream> {
 }
 
 /// Client side: sends one request to the agent at `socket`.
-pub fn request(socket: &PathBuf, request: &Request) -> Result<Status> {
+pub fn request(socket: &Path, request: &Request) -> Result<Status> {
     let mut stream = connect(socket)?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
