@@ -90,7 +90,7 @@ pub struct SinkStats {
     pub reconnects: u64,
     /// Whether the connection is up (TCP, TLS); absent for the others.
     pub connected: Option<bool>,
-    /// Events waiting in the queue.
+    /// Events waiting: in the queue, or taken from it and being written.
     pub queued: u64,
 }
 
@@ -103,6 +103,8 @@ pub struct Counters {
     reconnects: AtomicU64,
     /// 0: not a connection, 1: down, 2: up.
     connected: AtomicU8,
+    /// Events the sink took from its queue and has not delivered or dropped yet.
+    in_flight: AtomicU64,
 }
 
 impl Counters {
@@ -117,6 +119,10 @@ impl Counters {
     }
     pub fn reconnected(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    /// How many events the sink holds outside its queue (a batch being written).
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.store(n, Ordering::Relaxed);
     }
     pub fn set_connected(&self, up: bool) {
         self.connected.store(if up { 2 } else { 1 }, Ordering::Relaxed);
@@ -137,7 +143,7 @@ impl Counters {
                 0 => None,
                 state => Some(state == 2),
             },
-            queued,
+            queued: queued + self.in_flight.load(Ordering::Relaxed),
         }
     }
 }
@@ -388,6 +394,42 @@ mod tests {
         assert_eq!(sinks.inner.lock().unwrap().outputs.len(), 1, "the client that hung up is gone");
         let total = sinks.stats().pop().unwrap();
         assert_eq!((total.name.as_str(), total.delivered, total.dropped), ("flows", 1, 1), "{total:?}");
+    }
+
+    /// Real sinks: a TCP receiver that accepts but never reads stalls its sink's writes; the file
+    /// sink beside it still gets every event, and the stalled one counts what it lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_receiver_does_not_hold_up_the_reader_or_the_file_sink() {
+        const EVENTS: u64 = 50_000;
+        let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = stalled.local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("flows.jsonl");
+        let specs = [
+            format!("syslog+tcp://127.0.0.1:{port},queue=64,name=stalled"),
+            format!("json:file={},queue={EVENTS},name=file", file.display()),
+        ];
+        let sinks = Sinks::start(specs.iter().map(|s| s.parse().unwrap()).collect()).unwrap();
+        let (_connection, _) = stalled.accept().await.unwrap();
+        let padding = "x".repeat(1000);
+        for n in 0..EVENTS {
+            sinks.publish(json!({"kind": "flow", "verdict": "deny", "n": n, "padding": padding}));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let stats = loop {
+            let stats = sinks.stats();
+            if stats[1].delivered == EVENTS {
+                break stats;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the file sink never got everything: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let lines = std::fs::read_to_string(&file).unwrap().lines().count() as u64;
+        assert_eq!(lines, EVENTS, "the file sink wrote every event");
+        assert_eq!(stats[1].dropped, 0);
+        let stalled = &stats[0];
+        assert!(stalled.dropped > 0, "{stalled:?}");
+        assert_eq!(stalled.delivered + stalled.dropped + stalled.queued, EVENTS, "{stalled:?}");
     }
 
     #[test]

@@ -175,7 +175,9 @@ pub fn write_lines(
                 Err(_) => break,
             }
         }
+        counters.set_in_flight(batch.len() as u64);
         let written = batch.iter().try_for_each(|event| out.write_line(&renderer.render(event))).and_then(|()| out.flush());
+        counters.set_in_flight(0);
         match written {
             Ok(()) => {
                 counters.delivered(batch.len() as u64);

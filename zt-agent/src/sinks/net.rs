@@ -97,7 +97,10 @@ pub async fn run_stream(name: &str, connector: &Connector, mut rx: mpsc::Receive
                         }
                     },
                     event = rx.recv() => match event {
-                        Some(event) => pending = take_batch(event, &mut rx, renderer),
+                        Some(event) => {
+                            pending = take_batch(event, &mut rx, renderer);
+                            counters.set_in_flight(pending.1);
+                        }
                         None => {
                             let _ = writer.shutdown().await;
                             return;
@@ -107,6 +110,7 @@ pub async fn run_stream(name: &str, connector: &Connector, mut rx: mpsc::Receive
             }
             match write_all(&mut writer, &pending.0).await {
                 Ok(()) => {
+                    counters.set_in_flight(0);
                     counters.delivered(pending.1);
                     pending = (Vec::new(), 0);
                 }
@@ -157,7 +161,10 @@ pub async fn run_udp(name: &str, target: &Target, mut rx: mpsc::Receiver<Event>,
             };
         }
         let message = renderer.render(&event);
-        match socket.as_ref().expect("set above").send(message.as_bytes()).await {
+        counters.set_in_flight(1);
+        let sent = socket.as_ref().expect("set above").send(message.as_bytes()).await;
+        counters.set_in_flight(0);
+        match sent {
             Ok(_) => {
                 counters.delivered(1);
                 failing = false;
