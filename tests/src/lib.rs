@@ -8,12 +8,14 @@
 pub mod agent;
 pub mod cgroup;
 pub mod netns;
+pub mod rsyslog;
 pub mod topology;
 pub mod traffic;
 
 pub use agent::{agent_bin, run_agent_command, Agent, AgentOptions};
 pub use cgroup::Cgroup;
 pub use netns::Netns;
+pub use rsyslog::{Received, Rsyslog, RsyslogInputs, TlsFiles};
 pub use topology::{Node, Topology, TopologySpec, Workload};
 pub use traffic::{http_get, ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
 

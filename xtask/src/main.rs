@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | test | sweep | demo`.
+//! Developer tasks: `cargo xtask setup | build | test | sweep | bench | demo`.
 
 mod demo;
 mod setup;
@@ -40,6 +40,9 @@ enum Task {
         #[arg(long)]
         seed: Option<String>,
     },
+    /// Flow events per second from the ring buffer to a JSON sink, as ratios against the raw
+    /// ring-buffer drain measured in the same run (as root; optimized build).
+    Bench,
     /// A guided run: workloads in namespaces, the agent in monitor mode, then in enforce mode.
     Demo,
 }
@@ -50,6 +53,7 @@ fn main() {
         Task::Build => setup::run().and_then(|()| build_agent()),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Sweep { cases, seed } => sweep(cases, seed.as_deref()),
+        Task::Bench => bench(),
         Task::Demo => demo::run(),
     };
     if let Err(err) = result {
@@ -82,6 +86,16 @@ fn sweep(cases: u64, seed: Option<&str>) -> Result<()> {
         env::set_var("ZT_DIFF_SEED", seed);
     }
     test(&["--package", "zt-tests", "--test", "differential", "--", "--nocapture"].map(String::from))
+}
+
+/// Runs the event-pipeline benchmark (tests/benches/events.rs).
+fn bench() -> Result<()> {
+    zt_tests::ensure_root()?;
+    setup::run()?;
+    run_checked(
+        cargo().args(["bench", "--package", "zt-tests", "--bench", "events"]),
+        "see the errors above (the bench loads the datapath, so it needs root and a BPF-capable kernel)",
+    )
 }
 
 fn build_agent() -> Result<()> {

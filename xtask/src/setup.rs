@@ -15,8 +15,10 @@ const PINNED_COMMIT_DATE: &str = "commit-date: 2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// iproute2 builds the topologies, iputils-ping probes ICMP, ethtool shows veth offloads when
 /// debugging XDP on veths, curl scrapes the metrics endpoint and prometheus brings `promtool`,
-/// which checks what it serves.
-const DEBIAN_PACKAGES: [&str; 5] = ["iproute2", "iputils-ping", "ethtool", "curl", "prometheus"];
+/// which checks what it serves; rsyslog (with its OpenSSL TLS driver) is the real receiver of
+/// the syslog sink tests, which run their own instance in a test namespace.
+const DEBIAN_PACKAGES: [&str; 7] =
+    ["iproute2", "iputils-ping", "ethtool", "curl", "prometheus", "rsyslog", "rsyslog-openssl"];
 const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn run() -> Result<()> {

@@ -17,11 +17,16 @@ use crate::{
     event_limits::EventLimitSettings,
     events::{self, Enricher},
     metrics::{self, server::Endpoint},
+    fanout::Sinks,
     policy,
     reload::{self, Policies, Reloader},
+    sinks::SinkSpec,
     sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
     svid::TrustBundle,
 };
+
+/// How long the sinks get, at exit, to write what they still hold.
+const SINK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct RunOptions {
     pub policy: Vec<PathBuf>,
@@ -38,6 +43,8 @@ pub struct RunOptions {
     pub event_limits: EventLimitSettings,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: SocketAddr,
+    /// Where events go; checked together by `sinks::spec::validate`.
+    pub sinks: Vec<SinkSpec>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -68,6 +75,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
 
+    // Sinks start before the kernel is touched: a file that cannot be opened or a CA file that
+    // cannot be read stops the agent here.
+    let sinks = Sinks::start(options.sinks.clone())?;
     // Bound early, so that probes hear "not ready" while the programs load.
     let endpoint = Endpoint::default();
     let metrics_listener = metrics::server::bind(options.metrics_addr).await?;
@@ -100,14 +110,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     policies.last_apply = Some(applied_in);
     let policies = Arc::new(Mutex::new(policies));
     let enricher = Enricher::new(options.node_name.clone(), policies.clone(), identity_sources.clone());
-    let mut events = tokio::spawn(events::stream_to_stdout(ring, enricher));
+    let mut events = tokio::spawn(events::stream(ring, enricher, sinks.clone()));
 
     let probe = datapath.probe()?;
     let attachments = datapath.attachments().len();
-    endpoint.ready(metrics::Sources { probe, policies: policies.clone(), sinks: None }, attachments);
-    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), policies });
+    endpoint.ready(metrics::Sources { probe, policies: policies.clone(), sinks: Some(sinks.clone()) }, attachments);
+    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), policies, sinks: sinks.clone() });
     for event in first_events {
-        events::write_identity_event(&options.node_name, event)?;
+        sinks.publish(events::agent_event(&options.node_name, event));
     }
     let mut refresher =
         tokio::spawn(refresh_sources(identity_sources.clone(), shared.clone(), options.node_name.clone()));
@@ -149,6 +159,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Dropping the last reference to the datapath detaches every program.
     drop(shared);
     tracing::info!("zt-agent stopped; all programs detached");
+    sinks.close(SINK_GRACE).await;
     outcome
 }
 
@@ -162,7 +173,7 @@ async fn refresh_sources(sources: Arc<Mutex<IdentitySources>>, shared: Arc<contr
             sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?
         };
         for event in events {
-            events::write_identity_event(&node, event)?;
+            shared.sinks.publish(events::agent_event(&node, event));
         }
     }
 }

@@ -1,11 +1,13 @@
-//! The local admin socket: `zt-agent mode` and `zt-agent status` talk to the running agent over
-//! a Unix socket only root can open. One JSON request line, one JSON response line.
+//! The local admin socket: `zt-agent mode`, `status` and `flows` talk to the running agent over
+//! a Unix socket only root can open. One JSON request line, one JSON response line — except for
+//! `flows`, answered with one line per flow event (and a `{"kind":"dropped","count":N}` line
+//! before the next event whenever the client read too slowly and N events were dropped for it).
 
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
 };
 
@@ -13,15 +15,19 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
-    net::UnixListener,
+    net::{unix::OwnedWriteHalf, UnixListener},
 };
 use zt_common::{Reason, Verdict};
 
 use crate::{
     counters::EventCounts,
     datapath::{Attachment, Datapath, Mode},
+    fanout::{Filter, SinkStats, Sinks},
     reload::Policies,
 };
+
+/// Flow events a `zt-agent flows --follow` client may lag behind before they are dropped for it.
+const FLOWS_CLIENT_QUEUE: usize = 1024;
 
 pub const DEFAULT_SOCKET: &str = "/run/zt/agent.sock";
 
@@ -30,6 +36,12 @@ pub const DEFAULT_SOCKET: &str = "/run/zt/agent.sock";
 pub enum Request {
     Mode { mode: Mode },
     Status,
+    /// The recent flow events the filter selects, then, with `follow`, those to come.
+    Flows {
+        follow: bool,
+        #[serde(default)]
+        filter: Filter,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +66,9 @@ pub struct Status {
     pub packets_by_hook: Vec<PacketStatus>,
     /// What became of the flow events the kernel had to report: emitted, suppressed, lost.
     pub events: EventCounts,
+    /// What each sink delivered and dropped; the last entry counts the `flows` clients.
+    #[serde(default)]
+    pub sinks: Vec<SinkStats>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +98,7 @@ pub enum Response {
 pub struct Shared {
     pub datapath: Mutex<Datapath>,
     pub policies: Arc<Mutex<Policies>>,
+    pub sinks: Arc<Sinks>,
 }
 
 fn status(shared: &Shared) -> Result<Status> {
@@ -126,6 +142,7 @@ fn status(shared: &Shared) -> Result<Status> {
         packets,
         packets_by_hook,
         events: counters.events(),
+        sinks: shared.sinks.stats(),
     })
 }
 
@@ -166,14 +183,17 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
+            let mut read = tokio::io::BufReader::new(read);
             let mut line = String::new();
-            if tokio::io::BufReader::new(read).read_line(&mut line).await.is_err() {
+            if read.read_line(&mut line).await.is_err() {
                 return;
             }
-            let response = match serde_json::from_str::<Request>(&line)
-                .context("malformed request")
-                .and_then(|request| handle(&shared, request))
-            {
+            let request = serde_json::from_str::<Request>(&line).context("malformed request");
+            if let Ok(Request::Flows { follow, filter }) = request {
+                stream_flows(&shared.sinks, follow, filter, read, write).await;
+                return;
+            }
+            let response = match request.and_then(|request| handle(&shared, request)) {
                 Ok(status) => Response::Ok { status },
                 Err(err) => Response::Error { message: format!("{err:#}") },
             };
@@ -184,11 +204,66 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
-/// Client side: sends one request to the agent at `socket`.
-pub fn request(socket: &PathBuf, request: &Request) -> Result<Status> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
+/// Writes the recent flows the client asked for and, with `follow`, every new one until the
+/// client hangs up. The client is one more consumer of the fan-out: when it reads too slowly,
+/// events are dropped for it (and it is told how many), never held for it.
+async fn stream_flows(
+    sinks: &Sinks,
+    follow: bool,
+    filter: Filter,
+    mut read: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+) {
+    let (recent, mut subscription) = sinks.subscribe(filter, FLOWS_CLIENT_QUEUE);
+    for event in &recent {
+        if write_event(&mut write, event).await.is_err() {
+            return;
+        }
+    }
+    if !follow {
+        return;
+    }
+    let mut reported = 0;
+    let mut ignored = String::new();
+    loop {
+        tokio::select! {
+            // The client sends nothing more; a read that ends means it hung up.
+            _ = read.read_line(&mut ignored) => return,
+            event = subscription.events.recv() => {
+                let Some(event) = event else { return };
+                let dropped = subscription.dropped();
+                if dropped > reported {
+                    let notice = serde_json::json!({"kind": "dropped", "count": dropped - reported});
+                    if write_event(&mut write, &notice).await.is_err() {
+                        return;
+                    }
+                    reported = dropped;
+                }
+                if write_event(&mut write, &event).await.is_err() {
+                    return;
+                }
+                subscription.delivered();
+            }
+        }
+    }
+}
+
+async fn write_event(write: &mut OwnedWriteHalf, event: &serde_json::Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(event).expect("events serialize");
+    line.push(b'\n');
+    write.write_all(&line).await
+}
+
+/// Connects to the agent's admin socket.
+pub fn connect(socket: &Path) -> Result<UnixStream> {
+    UnixStream::connect(socket).with_context(|| {
         format!("cannot reach zt-agent at {} (is it running? is --socket right? are you root?)", socket.display())
-    })?;
+    })
+}
+
+/// Client side: sends one request to the agent at `socket`.
+pub fn request(socket: &Path, request: &Request) -> Result<Status> {
+    let mut stream = connect(socket)?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;

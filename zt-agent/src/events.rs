@@ -1,9 +1,9 @@
-//! Flow events: read from the kernel's ring buffer, decoded, enriched with names, and written as
-//! one JSON object per line — the contract every sink derives from.
+//! Flow events: read from the kernel's ring buffer, decoded, and enriched with names into one JSON
+//! object — the contract every sink derives from — then handed to the fan-out
+//! ([`crate::fanout`]), which never makes the reader wait.
 
 use std::{
     collections::HashMap,
-    io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::io::{unix::AsyncFd, Interest};
 use zt_common::{event_flags, identity, proto, Direction, FlowEvent, Hook, Reason, Verdict, NO_RULE};
 
-use crate::{datapath::Mode, policy::compile::Compiled, reload::Policies, sources::IdentitySources};
+use crate::{datapath::Mode, fanout::Sinks, policy::compile::Compiled, reload::Policies, sources::IdentitySources};
 
 /// Reads a `FlowEvent` out of a ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
@@ -186,37 +186,32 @@ fn protocol_name(p: u8, family: u8) -> Value {
     }
 }
 
-/// Streams events to stdout, one JSON line each, until the task is dropped.
-pub async fn stream_to_stdout(ring: RingBuf<MapData>, mut enricher: Enricher) -> Result<()> {
+/// Reads, decodes and enriches events and publishes them to the sinks, until the task is dropped.
+pub async fn stream(ring: RingBuf<MapData>, mut enricher: Enricher, sinks: Arc<Sinks>) -> Result<()> {
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
     loop {
         let mut guard = ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
-        let mut out = std::io::stdout().lock();
         while let Some(record) = ring.next() {
             match decode(&record) {
-                Some(ev) => writeln!(out, "{}", enricher.enrich(&ev))?,
+                Some(ev) => sinks.publish(enricher.enrich(&ev)),
                 None => tracing::warn!(len = record.len(), "short flow event record ignored"),
             }
         }
-        out.flush()?;
         guard.clear_ready();
     }
 }
 
-/// Writes an agent event — an identity-source event (a certificate bound, rotated, rejected or
-/// revoked) or a policy reload's outcome — as one JSON line on stdout, stamped like flow events.
-pub fn write_identity_event(node: &str, event: Value) -> Result<()> {
+/// An agent event — an identity-source event (a certificate bound, rotated, rejected or revoked)
+/// or a policy reload's outcome — stamped like flow events with time and node.
+pub fn agent_event(node: &str, event: Value) -> Value {
     let mut line = serde_json::Map::new();
     line.insert("time".into(), humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string().into());
     line.insert("node".into(), node.into());
     if let Value::Object(fields) = event {
         line.extend(fields);
     }
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", Value::Object(line))?;
-    out.flush()?;
-    Ok(())
+    Value::Object(line)
 }

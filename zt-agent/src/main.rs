@@ -6,7 +6,10 @@ use zt_agent::{
     control::{self, Request, Status, DEFAULT_SOCKET},
     datapath::Mode,
     event_limits::{self, EventLimitSettings},
-    metrics, policy,
+    metrics,
+    fanout::{Filter, FlowVerdict},
+    flows, policy,
+    sinks::{spec, SinkSpec},
 };
 
 /// zt: kernel-level microsegmentation. Every flow between workloads is checked against the
@@ -20,9 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load policy, attach the datapath and stream flow events as JSON lines on stdout. The policy
-    /// is reloaded on SIGHUP and whenever its files change; an invalid set is rejected and the
-    /// policy in force stays.
+    /// Load policy, attach the datapath and stream flow events to the sinks (by default JSON
+    /// lines on stdout). The policy is reloaded on SIGHUP and whenever its files change; an
+    /// invalid set is rejected and the policy in force stays.
     Run {
         /// Policy file or directory (its *.yaml/*.yml files); repeatable. Watched for changes.
         #[arg(long, required = true)]
@@ -66,6 +69,13 @@ enum Command {
         /// Where to serve /metrics (Prometheus), /healthz and /readyz.
         #[arg(long, default_value = metrics::server::DEFAULT_ADDR)]
         metrics_addr: SocketAddr,
+        /// Where events go; repeatable, every sink gets every event it takes (default:
+        /// json:stdout). FORMAT:TARGET[,OPTION=VALUE...]: json|ocsf|cef with stdout or
+        /// file=PATH[,max-bytes=10M,keep=5]; syslog+udp|syslog+tcp|syslog+tls://HOST:PORT
+        /// [,msg=json|ocsf|cef][,facility=local0][,ca=PEM][,server-name=NAME]; any sink
+        /// [,verdicts=deny,audit][,identity=NAME][,queue=4096][,name=NAME]. See docs/events.md.
+        #[arg(long = "sink", value_name = "SPEC")]
+        sinks: Vec<SinkSpec>,
     },
     /// Switch the running agent between monitor and enforce, without reloading anything.
     Mode {
@@ -81,6 +91,23 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Show the running agent's flow events: the recent ones, or with --follow live until Ctrl-C.
+    Flows {
+        /// Keep printing new events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only flows with this verdict; repeatable.
+        #[arg(long, value_enum)]
+        verdict: Vec<FlowVerdict>,
+        /// Only flows with this identity at either end.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Print the events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Policy as code.
     Policy {
@@ -150,6 +177,18 @@ fn print_status(status: &Status) {
     }
     let events = &status.events;
     println!("events:      {} emitted, {} suppressed, {} lost", events.emitted, events.suppressed, events.lost);
+    println!("sinks:");
+    for sink in &status.sinks {
+        let connection = match sink.connected {
+            Some(true) => ", connected",
+            Some(false) => ", disconnected",
+            None => "",
+        };
+        println!(
+            "  {:<32} {:<12} delivered {}, dropped {}, queued {}, errors {}, reconnects {}{connection}",
+            sink.name, sink.kind, sink.delivered, sink.dropped, sink.queued, sink.errors, sink.reconnects
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -174,11 +213,19 @@ fn main() -> ExitCode {
             event_rate,
             event_burst,
             metrics_addr,
+            mut sinks,
         } => {
             let node_name = node_name.unwrap_or_else(|| {
                 nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
             });
             let certificates = svid_dir.zip(trust_bundle);
+            if sinks.is_empty() {
+                sinks.push(SinkSpec::stdout_json());
+            }
+            if let Err(problem) = spec::validate(&sinks) {
+                eprintln!("zt-agent: --sink: {problem}");
+                return ExitCode::FAILURE;
+            }
             let event_limits = EventLimitSettings { window: event_window, rate: event_rate, burst: event_burst };
             let options = RunOptions {
                 policy,
@@ -191,6 +238,7 @@ fn main() -> ExitCode {
                 node_name,
                 event_limits,
                 metrics_addr,
+                sinks,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -209,6 +257,10 @@ fn main() -> ExitCode {
                 print_status(&status);
             }
         }),
+        Command::Flows { follow, verdict, identity, json, socket } => {
+            let filter = Filter { verdicts: verdict, identity };
+            flows::run(&socket, follow, filter, json, &mut std::io::stdout())
+        }
         Command::Policy { command: PolicyCommand::Check { paths } } => policy::load_paths(&paths)
             .map_err(anyhow::Error::from)
             .and_then(|set| Ok(policy::compile::compile(&set)?))

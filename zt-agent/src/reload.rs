@@ -2,7 +2,7 @@
 //! the set again and, if it is valid, installs it aside and switches to it atomically
 //! (`Datapath::stage` / `switch`). An invalid set is rejected with its `file:line:col` errors and
 //! changes nothing: the policy in force stays in force. Each outcome is logged, counted (`status`)
-//! and reported as a `"kind": "policy"` JSON line on stdout.
+//! and reported as a `"kind": "policy"` event to the sinks.
 
 use std::{
     collections::VecDeque,
@@ -123,7 +123,7 @@ impl Reloader {
     }
 
     /// One reload attempt, start to finish (blocking: it reads files and waits for the kernel).
-    /// Errors are only those of writing the outcome to stdout.
+    /// Never fails: a reload that cannot be applied is reported and leaves the policy in force.
     pub fn reload(&self, trigger: Trigger) -> Result<()> {
         let started = Instant::now();
         let compiled = policy::load_paths(&self.paths)
@@ -134,7 +134,8 @@ impl Reloader {
             // Nothing to switch: editors and config managers rewrite files with the same content.
             let generation = self.shared.datapath.lock().expect("datapath lock poisoned").config().map_or(0, |c| c.generation);
             tracing::info!(generation, trigger = trigger.name(), "policy unchanged; nothing to reload");
-            return self.write_event(trigger, "unchanged", generation, &[]);
+            self.write_event(trigger, "unchanged", generation, &[]);
+            return Ok(());
         }
         let outcome = match compiled {
             Ok(compiled) => self.apply(Arc::new(compiled)),
@@ -156,9 +157,9 @@ impl Reloader {
                     reloads,
                     "policy reloaded"
                 );
-                self.write_event(trigger, "applied", generation, &[])?;
+                self.write_event(trigger, "applied", generation, &[]);
                 for event in identity_events {
-                    events::write_identity_event(&self.node, event)?;
+                    self.shared.sinks.publish(events::agent_event(&self.node, event));
                 }
             }
             Err(errors) => {
@@ -172,7 +173,7 @@ impl Reloader {
                     tracing::error!(trigger = trigger.name(), generation, "policy reload rejected: {error}");
                 }
                 tracing::warn!(generation, "the policy in force is unchanged");
-                self.write_event(trigger, "rejected", generation, &errors)?;
+                self.write_event(trigger, "rejected", generation, &errors);
             }
         }
         Ok(())
@@ -213,7 +214,7 @@ impl Reloader {
         Ok((generation, compiled, events))
     }
 
-    fn write_event(&self, trigger: Trigger, result: &str, generation: u32, errors: &[String]) -> Result<()> {
+    fn write_event(&self, trigger: Trigger, result: &str, generation: u32, errors: &[String]) {
         let event = json!({
             "kind": "policy",
             "result": result,
@@ -221,7 +222,7 @@ impl Reloader {
             "generation": generation,
             "errors": errors,
         });
-        events::write_identity_event(&self.node, event)
+        self.shared.sinks.publish(events::agent_event(&self.node, event));
     }
 }
 

@@ -22,29 +22,20 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{counters::Counters, datapath::Mode, probe::{MapUsage, Probe}, reload::Policies};
-
-/// Events one sink delivered and dropped, as its owner counts them. The agent's sink pipeline
-/// hands these to [`Sources::sinks`]; they become `zt_sink_events_total`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SinkStats {
-    /// The sink's configured name (unique per agent).
-    pub name: String,
-    /// Its kind, e.g. `syslog`, `file`.
-    pub kind: String,
-    pub delivered: u64,
-    pub dropped: u64,
-}
-
-/// Reads the sink counters at scrape time.
-pub type SinkStatsFn = Arc<dyn Fn() -> Vec<SinkStats> + Send + Sync>;
+use crate::{
+    counters::Counters,
+    datapath::Mode,
+    fanout::{SinkStats, Sinks},
+    probe::{MapUsage, Probe},
+    reload::Policies,
+};
 
 /// Everything a scrape reads.
 pub struct Sources {
     pub probe: Probe,
     pub policies: Arc<Mutex<Policies>>,
-    /// The sinks' counters, once the agent has sinks.
-    pub sinks: Option<SinkStatsFn>,
+    /// The event sinks, whose counters become `zt_sink_events_total`.
+    pub sinks: Option<Arc<Sinks>>,
 }
 
 /// The values of one scrape.
@@ -83,7 +74,7 @@ impl Sources {
             rules,
             identities,
             maps,
-            sinks: self.sinks.as_ref().map(|stats| stats()).unwrap_or_default(),
+            sinks: self.sinks.as_ref().map(|sinks| sinks.stats()).unwrap_or_default(),
         })
     }
 }
@@ -280,7 +271,16 @@ mod tests {
             rules: 12,
             identities: 4,
             maps: vec![MapUsage { name: "conntrack", entries: 10, capacity: 262_144 }],
-            sinks: vec![SinkStats { name: "siem".into(), kind: "syslog".into(), delivered: 2, dropped: 0 }],
+            sinks: vec![SinkStats {
+                name: "siem".into(),
+                kind: "syslog".into(),
+                delivered: 2,
+                dropped: 0,
+                errors: 0,
+                reconnects: 0,
+                connected: Some(true),
+                queued: 0,
+            }],
         }
     }
 

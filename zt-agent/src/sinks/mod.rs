@@ -1,0 +1,246 @@
+//! Where events go. A sink is a format — zt's JSON, OCSF Network Activity or CEF, optionally
+//! inside an RFC 5424 syslog header — written to a transport: stdout, a rotating file, or syslog
+//! over UDP, TCP or TLS. Each sink runs on its own, fed by its queue in the fan-out
+//! ([`crate::fanout`]); `spec` parses the `--sink` syntax.
+
+pub mod cef;
+pub mod file;
+pub mod net;
+pub mod ocsf;
+pub mod spec;
+pub mod syslog;
+pub mod tls;
+
+use std::{
+    io::{self, Write as _},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+pub use spec::{SinkSpec, Transport};
+
+use crate::fanout::{Counters, Event};
+
+/// How an event is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// zt's own JSON object, as `zt-agent run` always printed it: flows and agent events.
+    Json,
+    /// OCSF 1.1 Network Activity (class 4001): flows only.
+    Ocsf,
+    /// ArcSight CEF: flows only.
+    Cef,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Ocsf => "ocsf",
+            Format::Cef => "cef",
+        }
+    }
+
+    /// Which events the format has a form for. OCSF Network Activity and CEF describe network
+    /// flows; agent events (identity bound, policy reloaded) go to JSON and syslog sinks.
+    pub fn carries_fn(self) -> fn(&Value) -> bool {
+        match self {
+            Format::Json => |_| true,
+            Format::Ocsf | Format::Cef => |event| event["kind"] == "flow",
+        }
+    }
+
+    pub fn render(self, event: &Value) -> String {
+        match self {
+            Format::Json => event.to_string(),
+            Format::Ocsf => ocsf::render(event).to_string(),
+            Format::Cef => cef::render(event),
+        }
+    }
+}
+
+/// Turns one event into the bytes of one message (without the transport's framing).
+#[derive(Clone, Debug)]
+pub struct Renderer {
+    pub format: Format,
+    /// Present for syslog transports: the RFC 5424 header wrapped around the formatted event.
+    pub syslog: Option<syslog::Header>,
+}
+
+impl Renderer {
+    pub fn render(&self, event: &Value) -> String {
+        let body = self.format.render(event);
+        match &self.syslog {
+            Some(header) => header.message(event, &body),
+            None => body,
+        }
+    }
+}
+
+/// The event's time (the `time` field every event carries), or now if it has none.
+pub fn event_time(event: &Value) -> SystemTime {
+    event["time"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok()).unwrap_or_else(SystemTime::now)
+}
+
+/// Milliseconds since the epoch, as OCSF and CEF want time.
+pub fn epoch_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Starts the sink's writer; it ends when the fan-out drops the queue's sender, and then drops
+/// `done`.
+pub fn spawn(spec: SinkSpec, rx: mpsc::Receiver<Event>, counters: Arc<Counters>, done: oneshot::Sender<()>) -> Result<()> {
+    let renderer = spec.renderer();
+    let name = spec.name.clone();
+    match spec.transport {
+        Transport::Stdout => {
+            spawn_thread(&name, move || write_lines(rx, &renderer, &counters, &mut Stdout, done))?;
+        }
+        Transport::File(options) => {
+            let mut out = file::RotatingFile::open(options)?;
+            spawn_thread(&name, move || write_lines(rx, &renderer, &counters, &mut out, done))?;
+        }
+        Transport::Udp(target) => {
+            tokio::spawn(async move {
+                net::run_udp(&name, &target, rx, &renderer, &counters).await;
+                drop(done);
+            });
+        }
+        Transport::Tcp(target) => {
+            tokio::spawn(async move {
+                net::run_stream(&name, &net::Connector::Tcp(target), rx, &renderer, &counters).await;
+                drop(done);
+            });
+        }
+        Transport::Tls(target, options) => {
+            let (tls, server_name) = tls::connector(&options)?;
+            let connector = net::Connector::Tls { target, tls, server_name };
+            tokio::spawn(async move {
+                net::run_stream(&name, &connector, rx, &renderer, &counters).await;
+                drop(done);
+            });
+        }
+    }
+    Ok(())
+}
+
+fn spawn_thread(name: &str, work: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name(format!("sink {name}"))
+        .spawn(work)
+        .with_context(|| format!("starting the writer of sink {name}"))?;
+    Ok(())
+}
+
+/// A destination of whole lines that may block (stdout, a file).
+pub trait LineOutput {
+    fn write_line(&mut self, line: &str) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+struct Stdout;
+
+impl LineOutput for Stdout {
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().lock().flush()
+    }
+}
+
+/// Events written per flush at most.
+const BATCH: usize = 256;
+
+/// Writes each queued event as one line, flushing whenever the queue runs empty.
+pub fn write_lines(
+    mut rx: mpsc::Receiver<Event>,
+    renderer: &Renderer,
+    counters: &Counters,
+    out: &mut dyn LineOutput,
+    done: oneshot::Sender<()>,
+) {
+    let mut failing = false;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        counters.set_in_flight(batch.len() as u64);
+        let written = batch.iter().try_for_each(|event| out.write_line(&renderer.render(event))).and_then(|()| out.flush());
+        counters.set_in_flight(0);
+        match written {
+            Ok(()) => {
+                counters.delivered(batch.len() as u64);
+                failing = false;
+            }
+            Err(err) => {
+                counters.error();
+                counters.dropped(batch.len() as u64);
+                if !failing {
+                    tracing::warn!(%err, events = batch.len(), "a sink could not write its events; they are dropped");
+                }
+                failing = true;
+            }
+        }
+    }
+    drop(done);
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Fails every write while `fail` is set.
+    #[derive(Default)]
+    struct Lines {
+        lines: Vec<String>,
+        fail: bool,
+    }
+
+    impl LineOutput for Lines {
+        fn write_line(&mut self, line: &str) -> io::Result<()> {
+            if self.fail {
+                return Err(io::Error::other("disk full"));
+            }
+            self.lines.push(line.to_owned());
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn line_sinks_write_one_line_per_event_and_count_what_failed() {
+        let renderer = Renderer { format: Format::Json, syslog: None };
+        let counters = Counters::default();
+        let (tx, rx) = mpsc::channel(8);
+        for n in 0..3 {
+            tx.try_send(Arc::new(json!({"kind": "flow", "n": n}))).unwrap();
+        }
+        drop(tx);
+        let mut out = Lines::default();
+        write_lines(rx, &renderer, &counters, &mut out, oneshot::channel().0);
+        assert_eq!(out.lines, [r#"{"kind":"flow","n":0}"#, r#"{"kind":"flow","n":1}"#, r#"{"kind":"flow","n":2}"#]);
+
+        let (tx, rx) = mpsc::channel(8);
+        tx.try_send(Arc::new(json!({"kind": "flow"}))).unwrap();
+        drop(tx);
+        let mut failing = Lines { fail: true, ..Lines::default() };
+        write_lines(rx, &renderer, &counters, &mut failing, oneshot::channel().0);
+        let stats = counters.snapshot("t", "t", 0);
+        assert_eq!((stats.delivered, stats.dropped, stats.errors), (3, 1, 1));
+    }
+}
