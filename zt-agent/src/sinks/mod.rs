@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use spec::{SinkSpec, Transport};
 
-use crate::fanout::{Counters, Event};
+use crate::fanout::{Counters, Event, Record};
 
 /// How an event is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,16 +47,16 @@ impl Format {
 
     /// Which events the format has a form for. OCSF Network Activity and CEF describe network
     /// flows; agent events (identity bound, policy reloaded) go to JSON and syslog sinks.
-    pub fn carries_fn(self) -> fn(&Value) -> bool {
+    pub fn carries_fn(self) -> fn(&Record) -> bool {
         match self {
             Format::Json => |_| true,
-            Format::Ocsf | Format::Cef => |event| event["kind"] == "flow",
+            Format::Ocsf | Format::Cef => Record::is_flow,
         }
     }
 
-    pub fn render(self, event: &Value) -> String {
+    pub fn render(self, event: &Record) -> String {
         match self {
-            Format::Json => event.to_string(),
+            Format::Json => serde_json::to_string(event).expect("events serialize"),
             Format::Ocsf => ocsf::render(event).to_string(),
             Format::Cef => cef::render(event),
         }
@@ -72,7 +72,7 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    pub fn render(&self, event: &Value) -> String {
+    pub fn render(&self, event: &Record) -> String {
         let body = self.format.render(event);
         match &self.syslog {
             Some(header) => header.message(event, &body),
@@ -228,7 +228,7 @@ mod tests {
         let counters = Counters::default();
         let (tx, rx) = mpsc::channel(8);
         for n in 0..3 {
-            tx.try_send(Arc::new(json!({"kind": "flow", "n": n}))).unwrap();
+            tx.try_send(Arc::new(json!({"kind": "flow", "n": n}).into())).unwrap();
         }
         drop(tx);
         let mut out = Lines::default();
@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(out.lines, [r#"{"kind":"flow","n":0}"#, r#"{"kind":"flow","n":1}"#, r#"{"kind":"flow","n":2}"#]);
 
         let (tx, rx) = mpsc::channel(8);
-        tx.try_send(Arc::new(json!({"kind": "flow"}))).unwrap();
+        tx.try_send(Arc::new(json!({"kind": "flow"}).into())).unwrap();
         drop(tx);
         let mut failing = Lines { fail: true, ..Lines::default() };
         write_lines(rx, &renderer, &counters, &mut failing, oneshot::channel().0);
