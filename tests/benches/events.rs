@@ -6,7 +6,8 @@
 //! every run writes one flow event. Each stage is timed on its own batches:
 //! 1. drain — read the records off the ring buffer;
 //! 2. + decode + enrich — into the flow record every sink derives from;
-//! 3. + fan-out + `json:file=/dev/null` — the agent's reader loop (batches handed to the fan-out),
+//! 3. + JSON serialization — each record's line, as JSON sinks write it, into one reused buffer;
+//! 4. + fan-out + `json:file=/dev/null` — the agent's reader loop (batches handed to the fan-out),
 //!    until the sink's thread has written them all.
 //!
 //! Needs root (loading the programs).
@@ -23,7 +24,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use zt_agent::{
     datapath::{Datapath, Mode},
-    events::{self, decode, Enricher},
+    events::{self, decode, Enricher, FlowRecord},
     fanout::Sinks,
     policy,
     reload::Policies,
@@ -83,12 +84,23 @@ fn main() {
     let lost_before = datapath.counters().unwrap().events().lost;
     let mut drain = Duration::ZERO;
     let mut enrich = Duration::ZERO;
+    let mut serialize = Duration::ZERO;
     let mut sink = Duration::ZERO;
     for _ in 0..ROUNDS {
         fill(&mut datapath);
         drain += timed(|| assert_eq!(drain_only(&mut ring), BATCH));
         fill(&mut datapath);
-        enrich += timed(|| assert_eq!(drain_and_enrich(&mut ring, &mut enricher), BATCH));
+        enrich += timed(|| assert_eq!(drain_and_enrich(&mut ring, &mut enricher, |_| ()), BATCH));
+        fill(&mut datapath);
+        let mut line = Vec::new();
+        serialize += timed(|| {
+            let serialize = |record: FlowRecord| {
+                line.clear();
+                record.write_json(&mut line);
+                std::hint::black_box(&line);
+            };
+            assert_eq!(drain_and_enrich(&mut ring, &mut enricher, serialize), BATCH)
+        });
         fill(&mut datapath);
         let target = delivered(&sinks) + BATCH as u64;
         sink += timed(|| {
@@ -111,6 +123,7 @@ fn main() {
     for (stage, d) in [
         ("ring-buffer drain (baseline)", drain),
         ("+ decode + enrich", enrich),
+        ("+ JSON serialization", serialize),
         ("+ fan-out + json:file=/dev/null sink", sink),
     ] {
         println!("{stage:<44} {:>14.0} {:>8.3}", rate(d), rate(d) / baseline);
@@ -132,11 +145,11 @@ fn drain_only(ring: &mut RingBuf<MapData>) -> u32 {
     n
 }
 
-fn drain_and_enrich(ring: &mut RingBuf<MapData>, enricher: &mut Enricher) -> u32 {
+fn drain_and_enrich(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, mut then: impl FnMut(FlowRecord)) -> u32 {
     let mut n = 0;
     while let Some(record) = ring.next() {
         let event = decode(&record).expect("a whole flow event");
-        std::hint::black_box(enricher.enrich(&event));
+        then(std::hint::black_box(enricher.enrich(&event)));
         n += 1;
     }
     n

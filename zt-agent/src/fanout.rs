@@ -67,6 +67,16 @@ impl Deref for Record {
     }
 }
 
+impl Record {
+    /// Appends the event's JSON object to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match &self.flow {
+            Some(flow) => flow.write_json(out),
+            None => serde_json::to_writer(out, &**self).expect("events serialize"),
+        }
+    }
+}
+
 impl Serialize for Record {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match &self.flow {

@@ -56,7 +56,11 @@ impl Format {
 
     pub fn render(self, event: &Record) -> String {
         match self {
-            Format::Json => serde_json::to_string(event).expect("events serialize"),
+            Format::Json => {
+                let mut line = Vec::new();
+                event.write_json(&mut line);
+                String::from_utf8(line).expect("JSON is UTF-8")
+            }
             Format::Ocsf => ocsf::render(event).to_string(),
             Format::Cef => cef::render(event),
         }
@@ -79,6 +83,15 @@ impl Renderer {
             None => body,
         }
     }
+
+    /// Appends the message to `out`. zt's JSON without a syslog header is serialized straight
+    /// into it.
+    pub fn render_into(&self, event: &Record, out: &mut Vec<u8>) {
+        match (self.format, &self.syslog) {
+            (Format::Json, None) => event.write_json(out),
+            _ => out.extend_from_slice(self.render(event).as_bytes()),
+        }
+    }
 }
 
 /// The event's time (the `time` field every event carries), or now if it has none.
@@ -98,7 +111,7 @@ pub fn spawn(spec: SinkSpec, rx: mpsc::Receiver<Event>, counters: Arc<Counters>,
     let name = spec.name.clone();
     match spec.transport {
         Transport::Stdout => {
-            spawn_thread(&name, move || write_lines(rx, &renderer, &counters, &mut Stdout, done))?;
+            spawn_thread(&name, move || write_lines(rx, &renderer, &counters, &mut Stdout::default(), done))?;
         }
         Transport::File(options) => {
             let mut out = file::RotatingFile::open(options)?;
@@ -136,22 +149,30 @@ fn spawn_thread(name: &str, work: impl FnOnce() + Send + 'static) -> Result<()> 
     Ok(())
 }
 
-/// A destination of whole lines that may block (stdout, a file).
+/// A destination of whole lines that may block (stdout, a file). A line comes without its
+/// newline; `flush` ends a batch.
 pub trait LineOutput {
-    fn write_line(&mut self, line: &str) -> io::Result<()>;
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
 }
 
-struct Stdout;
+/// Stdout, written once per batch (stdout itself would write at every newline).
+#[derive(Default)]
+struct Stdout {
+    pending: Vec<u8>,
+}
 
 impl LineOutput for Stdout {
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        out.write_all(line.as_bytes())?;
-        out.write_all(b"\n")
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        self.pending.extend_from_slice(line);
+        self.pending.push(b'\n');
+        Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
-        io::stdout().lock().flush()
+        let mut out = io::stdout().lock();
+        let written = out.write_all(&self.pending).and_then(|()| out.flush());
+        self.pending.clear();
+        written
     }
 }
 
@@ -167,6 +188,7 @@ pub fn write_lines(
     done: oneshot::Sender<()>,
 ) {
     let mut failing = false;
+    let mut line = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -176,7 +198,14 @@ pub fn write_lines(
             }
         }
         counters.set_in_flight(batch.len() as u64);
-        let written = batch.iter().try_for_each(|event| out.write_line(&renderer.render(event))).and_then(|()| out.flush());
+        let written = batch
+            .iter()
+            .try_for_each(|event| {
+                line.clear();
+                renderer.render_into(event, &mut line);
+                out.write_line(&line)
+            })
+            .and_then(|()| out.flush());
         counters.set_in_flight(0);
         match written {
             Ok(()) => {
@@ -210,11 +239,11 @@ mod tests {
     }
 
     impl LineOutput for Lines {
-        fn write_line(&mut self, line: &str) -> io::Result<()> {
+        fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
             if self.fail {
                 return Err(io::Error::other("disk full"));
             }
-            self.lines.push(line.to_owned());
+            self.lines.push(String::from_utf8(line.to_vec()).unwrap());
             Ok(())
         }
         fn flush(&mut self) -> io::Result<()> {
