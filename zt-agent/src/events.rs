@@ -244,7 +244,11 @@ impl FlowRecord {
         out.extend_from_slice(b"\",\"interface\":");
         json_str(out, self.interface.as_deref());
         out.extend_from_slice(b",\"protocol\":");
-        json_text(out, protocol_name(ev.protocol, ev.family));
+        match protocol_name(ev.protocol, ev.family) {
+            Some(ProtocolName(proto::TCP)) => out.extend_from_slice(b"\"tcp\""),
+            Some(ProtocolName(proto::UDP)) => out.extend_from_slice(b"\"udp\""),
+            protocol => json_text(out, protocol),
+        }
         out.extend_from_slice(b",\"src\":");
         self.write_endpoint(out, &ev.src_addr, src_port, ev.src_identity, &self.src_source);
         out.extend_from_slice(b",\"dst\":");
@@ -295,7 +299,15 @@ impl FlowRecord {
         out.extend_from_slice(b",\"identity_id\":");
         json_number(out, identity);
         out.extend_from_slice(b",\"source\":");
-        json_str(out, source.name());
+        match source.name() {
+            // The names need no escaping.
+            Some(name) => {
+                out.push(b'"');
+                out.extend_from_slice(name.as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
         if let Source::Cgroup(path) = source {
             out.extend_from_slice(b",\"cgroup\":");
             json_str(out, Some(path));
@@ -581,6 +593,8 @@ spec:
   ingress:
     - from: [api]
       ports: [{protocol: tcp, port: 5432}]
+  egress:
+    - to: [{cidr: 192.0.2.0/24}]
 "#;
 
     /// An enricher on the policy above whose clock reads kernel timestamps as UTC.
@@ -707,5 +721,13 @@ spec:
         assert!(line.ends_with(r#""policy":null,"rule":null,"generation":9,"suppressed":0}"#), "{line}");
         let gre = FlowEvent { protocol: 47, family: 6, ..not_ip };
         assert!(json(enricher.enrich(&gre)).contains(r#""protocol":"47""#));
+        // A world address in a range a CIDR peer names carries the range.
+        let range = compiled.ranges[0].1;
+        let to_range = FlowEvent { dst_identity: range, protocol: proto::UDP, ..icmp };
+        let line = json(enricher.enrich(&to_range));
+        assert!(
+            line.contains(&format!(r#""identity":"world","identity_id":{range},"source":null,"range":"192.0.2.0/24"}}"#)),
+            "{line}"
+        );
     }
 }
