@@ -46,9 +46,9 @@ pub struct Enricher {
     sources: Arc<Mutex<IdentitySources>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to date kernel timestamps.
     realtime_offset_ns: i128,
-    interfaces: HashMap<u32, Arc<str>>,
+    interfaces: HashMap<u32, ShortText>,
     /// The last second an event was dated in, and its RFC 3339 text up to the fraction.
-    second: Option<(u64, Arc<str>)>,
+    second: Option<(u64, ShortText)>,
 }
 
 fn clock_ns(clock: ClockId) -> i128 {
@@ -62,27 +62,24 @@ impl Enricher {
         Self { node: node.into(), policies, sources, realtime_offset_ns, interfaces: HashMap::new(), second: None }
     }
 
-    fn interface(&mut self, ifindex: u32) -> Arc<str> {
-        self.interfaces
-            .entry(ifindex)
-            .or_insert_with(|| {
-                nix::net::if_::if_indextoname(ifindex)
-                    .map_or_else(|_| format!("if{ifindex}"), |name| name.to_string_lossy().into_owned())
-                    .into()
-            })
-            .clone()
+    fn interface(&mut self, ifindex: u32) -> ShortText {
+        *self.interfaces.entry(ifindex).or_insert_with(|| {
+            let name = nix::net::if_::if_indextoname(ifindex)
+                .map_or_else(|_| format!("if{ifindex}"), |name| name.to_string_lossy().into_owned());
+            ShortText::from_str(&name).expect("interface names are at most 15 bytes (IFNAMSIZ)")
+        })
     }
 
     fn time(&mut self, monotonic_ns: u64) -> Timestamp {
         let ns = (monotonic_ns as i128 + self.realtime_offset_ns).max(0) as u128;
         let (second, nanos) = ((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
         // Events come in bursts within a second: its text is made once.
-        let prefix = match &self.second {
-            Some((cached, prefix)) if *cached == second => prefix.clone(),
+        let prefix = match self.second {
+            Some((cached, prefix)) if cached == second => prefix,
             _ => {
                 let text = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(second)).to_string();
-                let prefix: Arc<str> = text.trim_end_matches('Z').into();
-                self.second = Some((second, prefix.clone()));
+                let prefix = ShortText::from_str(text.trim_end_matches('Z')).expect("an RFC 3339 time is short");
+                self.second = Some((second, prefix));
                 prefix
             }
         };
@@ -135,16 +132,16 @@ fn ip_of(ev: &FlowEvent, addr: &[u8; 16]) -> Option<IpAddr> {
 }
 
 /// An event's time: RFC 3339 with nanoseconds, UTC.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Timestamp {
     /// `2026-11-26T23:59:03`
-    second: Arc<str>,
+    second: ShortText,
     nanos: u32,
 }
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:09}Z", self.second, self.nanos)
+        write!(f, "{}.{:09}Z", self.second.as_str(), self.nanos)
     }
 }
 
@@ -180,7 +177,8 @@ pub struct FlowRecord {
     compiled: Arc<Compiled>,
     node: Arc<str>,
     time: Timestamp,
-    interface: Option<Arc<str>>,
+    /// Kept inline, like the time: no count shared with the reader to update per event.
+    interface: Option<ShortText>,
     src_source: Source,
     dst_source: Source,
 }
@@ -223,7 +221,7 @@ impl FlowRecord {
         };
         let (src_port, dst_port) = self.ports();
         out.extend_from_slice(b"{\"kind\":\"flow\",\"time\":\"");
-        out.extend_from_slice(self.time.second.as_bytes());
+        out.extend_from_slice(self.time.second.as_str().as_bytes());
         let mut digits = itoa::Buffer::new();
         let nanos = digits.format(self.time.nanos);
         out.push(b'.');
@@ -242,7 +240,7 @@ impl FlowRecord {
             out.extend_from_slice(name.as_bytes());
         }
         out.extend_from_slice(b"\",\"interface\":");
-        json_str(out, self.interface.as_deref());
+        json_str(out, self.interface.as_ref().map(ShortText::as_str));
         out.extend_from_slice(b",\"protocol\":");
         match protocol_name(ev.protocol, ev.family) {
             Some(ProtocolName(proto::TCP)) => out.extend_from_slice(b"\"tcp\""),
@@ -359,7 +357,8 @@ impl<T: fmt::Display> Serialize for Text<T> {
     }
 }
 
-/// Text of up to 64 bytes, kept on the stack; longer text is refused.
+/// Text of up to 64 bytes, kept inline; longer text is refused.
+#[derive(Clone, Copy)]
 struct ShortText {
     bytes: [u8; 64],
     len: usize,
@@ -371,7 +370,19 @@ impl Default for ShortText {
     }
 }
 
+impl fmt::Debug for ShortText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 impl ShortText {
+    fn from_str(s: &str) -> Option<Self> {
+        let mut text = ShortText::default();
+        fmt::Write::write_str(&mut text, s).ok()?;
+        Some(text)
+    }
+
     fn as_str(&self) -> &str {
         std::str::from_utf8(&self.bytes[..self.len]).expect("only whole strs are written")
     }
@@ -449,7 +460,7 @@ impl Serialize for FlowRecord {
         line.serialize_field("reason", reason.map_or("unknown", Reason::name))?;
         line.serialize_field("direction", direction_name(ev.direction))?;
         line.serialize_field("hook", hook_name(ev.hook))?;
-        line.serialize_field("interface", &self.interface.as_deref())?;
+        line.serialize_field("interface", &self.interface.as_ref().map(ShortText::as_str))?;
         line.serialize_field("protocol", &Text(protocol_name(ev.protocol, ev.family)))?;
         let src = Endpoint { record: self, addr: &ev.src_addr, port: src_port, identity: ev.src_identity, source: &self.src_source };
         line.serialize_field("src", &src)?;
