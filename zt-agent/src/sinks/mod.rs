@@ -189,14 +189,9 @@ pub fn write_lines(
 ) {
     let mut failing = false;
     let mut line = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(event) => batch.push(event),
-                Err(_) => break,
-            }
-        }
+    let mut batch = Vec::with_capacity(BATCH);
+    // Taken together: one wait and one release of queue space per batch, not per event.
+    while rx.blocking_recv_many(&mut batch, BATCH) > 0 {
         counters.set_in_flight(batch.len() as u64);
         let written = batch
             .iter()
@@ -221,6 +216,7 @@ pub fn write_lines(
                 failing = true;
             }
         }
+        batch.clear();
     }
     drop(done);
 }
