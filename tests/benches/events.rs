@@ -5,8 +5,10 @@
 //! Events are made by the loaded XDP program itself: BPF_PROG_TEST_RUN repeats a denied SYN, and
 //! every run writes one flow event. Each stage is timed on its own batches:
 //! 1. drain — read the records off the ring buffer;
-//! 2. + decode + enrich — into the JSON value every sink derives from;
-//! 3. + fan-out + `json:file=/dev/null` — until the sink's thread has written them all.
+//! 2. + decode + enrich — into the flow record every sink derives from;
+//! 3. + JSON serialization — each record's line, as JSON sinks write it, into one reused buffer;
+//! 4. + fan-out + `json:file=/dev/null` — the agent's reader loop (batches handed to the fan-out),
+//!    until the sink's thread has written them all.
 //!
 //! Needs root (loading the programs).
 
@@ -22,7 +24,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use zt_agent::{
     datapath::{Datapath, Mode},
-    events::{decode, Enricher},
+    events::{self, decode, Enricher, FlowRecord},
     fanout::Sinks,
     policy,
     reload::Policies,
@@ -82,6 +84,7 @@ fn main() {
     let lost_before = datapath.counters().unwrap().events().lost;
     let mut drain = Duration::ZERO;
     let mut enrich = Duration::ZERO;
+    let mut serialize = Duration::ZERO;
     let mut sink = Duration::ZERO;
     for _ in 0..ROUNDS {
         fill(&mut datapath);
@@ -89,9 +92,19 @@ fn main() {
         fill(&mut datapath);
         enrich += timed(|| assert_eq!(drain_and_enrich(&mut ring, &mut enricher, |_| ()), BATCH));
         fill(&mut datapath);
+        let mut line = Vec::new();
+        serialize += timed(|| {
+            let serialize = |record: FlowRecord| {
+                line.clear();
+                record.write_json(&mut line);
+                std::hint::black_box(&line);
+            };
+            assert_eq!(drain_and_enrich(&mut ring, &mut enricher, serialize), BATCH)
+        });
+        fill(&mut datapath);
         let target = delivered(&sinks) + BATCH as u64;
         sink += timed(|| {
-            assert_eq!(drain_and_enrich(&mut ring, &mut enricher, |event| sinks.publish(event)), BATCH);
+            assert_eq!(events::drain(&mut ring, &mut enricher, &sinks), BATCH as usize);
             // Polled with pauses: a spinning reader would take the core the sink's thread needs.
             while delivered(&sinks) < target {
                 std::thread::sleep(Duration::from_micros(100));
@@ -110,6 +123,7 @@ fn main() {
     for (stage, d) in [
         ("ring-buffer drain (baseline)", drain),
         ("+ decode + enrich", enrich),
+        ("+ JSON serialization", serialize),
         ("+ fan-out + json:file=/dev/null sink", sink),
     ] {
         println!("{stage:<44} {:>14.0} {:>8.3}", rate(d), rate(d) / baseline);
@@ -131,11 +145,11 @@ fn drain_only(ring: &mut RingBuf<MapData>) -> u32 {
     n
 }
 
-fn drain_and_enrich(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, mut sink: impl FnMut(serde_json::Value)) -> u32 {
+fn drain_and_enrich(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, mut then: impl FnMut(FlowRecord)) -> u32 {
     let mut n = 0;
     while let Some(record) = ring.next() {
         let event = decode(&record).expect("a whole flow event");
-        sink(std::hint::black_box(enricher.enrich(&event)));
+        then(std::hint::black_box(enricher.enrich(&event)));
         n += 1;
     }
     n

@@ -216,7 +216,7 @@ async fn stream_flows(
 ) {
     let (recent, mut subscription) = sinks.subscribe(filter, FLOWS_CLIENT_QUEUE);
     for event in &recent {
-        if write_event(&mut write, event).await.is_err() {
+        if write_event(&mut write, &**event).await.is_err() {
             return;
         }
     }
@@ -239,7 +239,7 @@ async fn stream_flows(
                     }
                     reported = dropped;
                 }
-                if write_event(&mut write, &event).await.is_err() {
+                if write_event(&mut write, &*event).await.is_err() {
                     return;
                 }
                 subscription.delivered();
@@ -248,7 +248,7 @@ async fn stream_flows(
     }
 }
 
-async fn write_event(write: &mut OwnedWriteHalf, event: &serde_json::Value) -> std::io::Result<()> {
+async fn write_event(write: &mut OwnedWriteHalf, event: &impl serde::Serialize) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(event).expect("events serialize");
     line.push(b'\n');
     write.write_all(&line).await

@@ -1,27 +1,90 @@
-//! The fan-out between the event reader and the sinks. The reader hands every enriched event to
-//! [`Sinks::publish`], which never waits: each sink, and each `zt-agent flows` client, has its own
-//! bounded queue, and an event that does not fit in a queue is dropped for that consumer alone
-//! and counted. A slow or dead sink therefore never holds up the reader or another sink.
+//! The fan-out between the event reader and the sinks. The reader hands enriched events to
+//! [`Sinks::publish_all`] a batch at a time, which never waits: each sink, and each `zt-agent
+//! flows` client, has its own bounded queue, and an event that does not fit in a queue is dropped
+//! for that consumer alone and counted. A slow or dead sink therefore never holds up the reader
+//! or another sink. Events are shared, not copied: every queue holds an `Arc` of the same record.
 
 use std::{
     collections::VecDeque,
+    ops::Deref,
     sync::{
         atomic::{AtomicU64, AtomicU8, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::Duration,
 };
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sinks::{self, SinkSpec};
+use crate::{
+    events::FlowRecord,
+    sinks::{self, SinkSpec},
+};
 
-/// An enriched event (a flow, or an identity or policy event of the agent), shared by every
-/// queue it is put in.
-pub type Event = Arc<Value>;
+/// An enriched event, shared by every queue it is put in.
+pub type Event = Arc<Record>;
+
+/// An enriched event: a flow from the kernel, kept typed so that a JSON sink serializes it
+/// straight into its line, or an agent event (identity, policy) as JSON. As a [`Value`] (by
+/// `Deref`, for formats derived from the JSON), a flow is built once, when a sink first asks.
+#[derive(Debug)]
+pub struct Record {
+    flow: Option<FlowRecord>,
+    json: OnceLock<Value>,
+}
+
+impl Record {
+    pub fn is_flow(&self) -> bool {
+        match &self.flow {
+            Some(_) => true,
+            None => self["kind"] == "flow",
+        }
+    }
+}
+
+impl From<FlowRecord> for Record {
+    fn from(flow: FlowRecord) -> Self {
+        Record { flow: Some(flow), json: OnceLock::new() }
+    }
+}
+
+impl From<Value> for Record {
+    fn from(value: Value) -> Self {
+        Record { flow: None, json: OnceLock::from(value) }
+    }
+}
+
+impl Deref for Record {
+    type Target = Value;
+    fn deref(&self) -> &Value {
+        self.json.get_or_init(|| {
+            let flow = self.flow.as_ref().expect("a record without JSON is a flow");
+            serde_json::to_value(flow).expect("flow records serialize")
+        })
+    }
+}
+
+impl Record {
+    /// Appends the event's JSON object to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match &self.flow {
+            Some(flow) => flow.write_json(out),
+            None => serde_json::to_writer(out, &**self).expect("events serialize"),
+        }
+    }
+}
+
+impl Serialize for Record {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.flow {
+            Some(flow) => flow.serialize(serializer),
+            None => (**self).serialize(serializer),
+        }
+    }
+}
 
 /// How many recent flow events `zt-agent flows` (without `--follow`) can show.
 pub const RECENT_FLOWS: usize = 256;
@@ -58,15 +121,20 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn accepts(&self, event: &Value) -> bool {
-        if event["kind"] != "flow" {
+    pub fn accepts(&self, event: &Record) -> bool {
+        if self.verdicts.is_empty() && self.identity.is_none() {
             return true;
         }
-        let verdict_ok = self.verdicts.is_empty() || self.verdicts.iter().any(|v| event["verdict"] == v.name());
-        let identity_ok = self
-            .identity
-            .as_deref()
-            .is_none_or(|id| event["src"]["identity"] == id || event["dst"]["identity"] == id);
+        let (verdict, identities) = match &event.flow {
+            Some(flow) => (flow.verdict(), flow.identities()),
+            None if event.is_flow() => (
+                event["verdict"].as_str().unwrap_or(""),
+                [event["src"]["identity"].as_str(), event["dst"]["identity"].as_str()],
+            ),
+            None => return true,
+        };
+        let verdict_ok = self.verdicts.is_empty() || self.verdicts.iter().any(|v| verdict == v.name());
+        let identity_ok = self.identity.as_deref().is_none_or(|id| identities.contains(&Some(id)));
         verdict_ok && identity_ok
     }
 }
@@ -152,7 +220,7 @@ impl Counters {
 struct Output {
     filter: Filter,
     /// Whether the consumer's format has a form for this event (OCSF and CEF: flows only).
-    carries: fn(&Value) -> bool,
+    carries: fn(&Record) -> bool,
     tx: mpsc::Sender<Event>,
     counters: Arc<Counters>,
     /// A `flows` client: removed when it hangs up, its counts also kept in the clients' total.
@@ -261,16 +329,26 @@ impl Sinks {
     }
 
     /// Offers `event` to every consumer; never waits.
-    pub fn publish(&self, event: Value) {
-        let event = Arc::new(event);
-        let mut inner = self.inner.lock().expect("fan-out lock poisoned");
-        if event["kind"] == "flow" {
-            if inner.recent.len() == RECENT_FLOWS {
-                inner.recent.pop_front();
-            }
-            inner.recent.push_back(event.clone());
+    pub fn publish(&self, event: impl Into<Record>) {
+        self.publish_all(vec![event.into()]);
+    }
+
+    /// Offers `events`, in order, to every consumer; never waits.
+    pub fn publish_all(&self, events: Vec<Record>) {
+        if events.is_empty() {
+            return;
         }
-        inner.outputs.retain(|output| output.offer(&event));
+        let mut inner = self.inner.lock().expect("fan-out lock poisoned");
+        for event in events {
+            let event = Arc::new(event);
+            if event.is_flow() {
+                if inner.recent.len() == RECENT_FLOWS {
+                    inner.recent.pop_front();
+                }
+                inner.recent.push_back(event.clone());
+            }
+            inner.outputs.retain(|output| output.offer(&event));
+        }
     }
 
     /// A new `flows` client: the recent flows it wants, and a queue of `capacity` for the ones
@@ -282,7 +360,7 @@ impl Sinks {
         let recent = inner.recent.iter().filter(|e| filter.accepts(e)).cloned().collect();
         inner.outputs.push(Output {
             filter,
-            carries: |event| event["kind"] == "flow",
+            carries: Record::is_flow,
             tx,
             counters: counters.clone(),
             client_total: Some(self.clients.clone()),
@@ -318,8 +396,8 @@ mod tests {
 
     use super::*;
 
-    fn flow(verdict: &str, src: &str, dst: &str) -> Value {
-        json!({"kind": "flow", "verdict": verdict, "src": {"identity": src}, "dst": {"identity": dst}})
+    fn flow(verdict: &str, src: &str, dst: &str) -> Record {
+        json!({"kind": "flow", "verdict": verdict, "src": {"identity": src}, "dst": {"identity": dst}}).into()
     }
 
     fn output(filter: Filter, capacity: usize) -> (Output, mpsc::Receiver<Event>, Arc<Counters>) {
@@ -345,7 +423,7 @@ mod tests {
         assert!(filter.accepts(&flow("audit", "db", "web")));
         assert!(!filter.accepts(&flow("allow", "web", "db")), "verdict not asked for");
         assert!(!filter.accepts(&flow("deny", "web", "api")), "neither end is db");
-        assert!(filter.accepts(&json!({"kind": "policy", "result": "applied"})));
+        assert!(filter.accepts(&json!({"kind": "policy", "result": "applied"}).into()));
         assert!(Filter::default().accepts(&flow("allow", "a", "b")));
     }
 

@@ -73,7 +73,9 @@ impl Compiled {
 
     /// The world range a CIDR-range identity stands for.
     pub fn range(&self, id: u32) -> Option<IpNet> {
-        self.ranges.iter().find(|(_, range_id)| *range_id == id).map(|(net, _)| *net)
+        // Numbered by position (`world_ranges`): looked up per flow event, so no search.
+        let index = usize::try_from(id.checked_sub(FIRST_CIDR)?).ok()?;
+        self.ranges.get(index).filter(|(_, range_id)| *range_id == id).map(|(net, _)| *net)
     }
 }
 
@@ -639,6 +641,8 @@ spec:
         let (v4_world, private): (IpNet, IpNet) = ("0.0.0.0/0".parse().unwrap(), "10.0.0.0/8".parse().unwrap());
         // 10.20.2.128/25 is inside api's prefix: api's addresses stay api's, so it is no range.
         assert_eq!(compiled.ranges, vec![(v4_world, FIRST_CIDR), (private, FIRST_CIDR + 1)]);
+        assert_eq!((compiled.range(FIRST_CIDR + 1), compiled.range(FIRST_CIDR + 2)), (Some(private), None));
+        assert_eq!(compiled.range(WORLD), None);
         assert!(compiled.ipcache.contains(&(v4_world, FIRST_CIDR)), "the IPv4 /0 is a range now, not world");
         assert!(!compiled.ipcache.contains(&(v4_world, WORLD)));
         assert!(compiled.ipcache.contains(&("::/0".parse().unwrap(), WORLD)));

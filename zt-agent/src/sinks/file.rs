@@ -78,7 +78,7 @@ fn rename_if_present(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 impl LineOutput for RotatingFile {
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         let len = line.len() as u64 + 1;
         if self.options.max_bytes.is_some_and(|max| self.size > 0 && self.size + len > max) {
             self.rotate()?;
@@ -88,7 +88,7 @@ impl LineOutput for RotatingFile {
             self.reopen()?;
         }
         let file = self.file.as_mut().expect("opened above");
-        let written = file.write_all(line.as_bytes()).and_then(|()| file.write_all(b"\n"));
+        let written = file.write_all(line).and_then(|()| file.write_all(b"\n"));
         if written.is_err() {
             self.file = None;
         }
@@ -116,7 +116,7 @@ mod tests {
         let mut file = RotatingFile::open(FileOptions { path: path.clone(), max_bytes: Some(20), keep: 2 }).unwrap();
         // Each line is 10 bytes with its newline: two fit in a file.
         for n in 0..7 {
-            file.write_line(&format!("event {n:03}")[..9]).unwrap();
+            file.write_line(&format!("event {n:03}").as_bytes()[..9]).unwrap();
         }
         file.flush().unwrap();
         let read = |p: &Path| fs::read_to_string(p).unwrap();
@@ -133,7 +133,7 @@ mod tests {
         let path = dir.path().join("f");
         fs::write(&path, "old line\n").unwrap();
         let mut file = RotatingFile::open(FileOptions { path: path.clone(), max_bytes: Some(12), keep: 1 }).unwrap();
-        file.write_line("new").unwrap();
+        file.write_line(b"new").unwrap();
         file.flush().unwrap();
         assert_eq!(fs::read_to_string(format!("{}.1", path.display())).unwrap(), "old line\n");
         assert_eq!(fs::read_to_string(&path).unwrap(), "new\n");

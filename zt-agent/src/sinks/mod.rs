@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use spec::{SinkSpec, Transport};
 
-use crate::fanout::{Counters, Event};
+use crate::fanout::{Counters, Event, Record};
 
 /// How an event is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,16 +47,20 @@ impl Format {
 
     /// Which events the format has a form for. OCSF Network Activity and CEF describe network
     /// flows; agent events (identity bound, policy reloaded) go to JSON and syslog sinks.
-    pub fn carries_fn(self) -> fn(&Value) -> bool {
+    pub fn carries_fn(self) -> fn(&Record) -> bool {
         match self {
             Format::Json => |_| true,
-            Format::Ocsf | Format::Cef => |event| event["kind"] == "flow",
+            Format::Ocsf | Format::Cef => Record::is_flow,
         }
     }
 
-    pub fn render(self, event: &Value) -> String {
+    pub fn render(self, event: &Record) -> String {
         match self {
-            Format::Json => event.to_string(),
+            Format::Json => {
+                let mut line = Vec::new();
+                event.write_json(&mut line);
+                String::from_utf8(line).expect("JSON is UTF-8")
+            }
             Format::Ocsf => ocsf::render(event).to_string(),
             Format::Cef => cef::render(event),
         }
@@ -72,11 +76,20 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    pub fn render(&self, event: &Value) -> String {
+    pub fn render(&self, event: &Record) -> String {
         let body = self.format.render(event);
         match &self.syslog {
             Some(header) => header.message(event, &body),
             None => body,
+        }
+    }
+
+    /// Appends the message to `out`. zt's JSON without a syslog header is serialized straight
+    /// into it.
+    pub fn render_into(&self, event: &Record, out: &mut Vec<u8>) {
+        match (self.format, &self.syslog) {
+            (Format::Json, None) => event.write_json(out),
+            _ => out.extend_from_slice(self.render(event).as_bytes()),
         }
     }
 }
@@ -98,7 +111,7 @@ pub fn spawn(spec: SinkSpec, rx: mpsc::Receiver<Event>, counters: Arc<Counters>,
     let name = spec.name.clone();
     match spec.transport {
         Transport::Stdout => {
-            spawn_thread(&name, move || write_lines(rx, &renderer, &counters, &mut Stdout, done))?;
+            spawn_thread(&name, move || write_lines(rx, &renderer, &counters, &mut Stdout::default(), done))?;
         }
         Transport::File(options) => {
             let mut out = file::RotatingFile::open(options)?;
@@ -136,22 +149,30 @@ fn spawn_thread(name: &str, work: impl FnOnce() + Send + 'static) -> Result<()> 
     Ok(())
 }
 
-/// A destination of whole lines that may block (stdout, a file).
+/// A destination of whole lines that may block (stdout, a file). A line comes without its
+/// newline; `flush` ends a batch.
 pub trait LineOutput {
-    fn write_line(&mut self, line: &str) -> io::Result<()>;
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
 }
 
-struct Stdout;
+/// Stdout, written once per batch (stdout itself would write at every newline).
+#[derive(Default)]
+struct Stdout {
+    pending: Vec<u8>,
+}
 
 impl LineOutput for Stdout {
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        out.write_all(line.as_bytes())?;
-        out.write_all(b"\n")
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        self.pending.extend_from_slice(line);
+        self.pending.push(b'\n');
+        Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
-        io::stdout().lock().flush()
+        let mut out = io::stdout().lock();
+        let written = out.write_all(&self.pending).and_then(|()| out.flush());
+        self.pending.clear();
+        written
     }
 }
 
@@ -167,16 +188,19 @@ pub fn write_lines(
     done: oneshot::Sender<()>,
 ) {
     let mut failing = false;
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(event) => batch.push(event),
-                Err(_) => break,
-            }
-        }
+    let mut line = Vec::new();
+    let mut batch = Vec::with_capacity(BATCH);
+    // Taken together: one wait and one release of queue space per batch, not per event.
+    while rx.blocking_recv_many(&mut batch, BATCH) > 0 {
         counters.set_in_flight(batch.len() as u64);
-        let written = batch.iter().try_for_each(|event| out.write_line(&renderer.render(event))).and_then(|()| out.flush());
+        let written = batch
+            .iter()
+            .try_for_each(|event| {
+                line.clear();
+                renderer.render_into(event, &mut line);
+                out.write_line(&line)
+            })
+            .and_then(|()| out.flush());
         counters.set_in_flight(0);
         match written {
             Ok(()) => {
@@ -192,6 +216,7 @@ pub fn write_lines(
                 failing = true;
             }
         }
+        batch.clear();
     }
     drop(done);
 }
@@ -210,11 +235,11 @@ mod tests {
     }
 
     impl LineOutput for Lines {
-        fn write_line(&mut self, line: &str) -> io::Result<()> {
+        fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
             if self.fail {
                 return Err(io::Error::other("disk full"));
             }
-            self.lines.push(line.to_owned());
+            self.lines.push(String::from_utf8(line.to_vec()).unwrap());
             Ok(())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -228,7 +253,7 @@ mod tests {
         let counters = Counters::default();
         let (tx, rx) = mpsc::channel(8);
         for n in 0..3 {
-            tx.try_send(Arc::new(json!({"kind": "flow", "n": n}))).unwrap();
+            tx.try_send(Arc::new(json!({"kind": "flow", "n": n}).into())).unwrap();
         }
         drop(tx);
         let mut out = Lines::default();
@@ -236,7 +261,7 @@ mod tests {
         assert_eq!(out.lines, [r#"{"kind":"flow","n":0}"#, r#"{"kind":"flow","n":1}"#, r#"{"kind":"flow","n":2}"#]);
 
         let (tx, rx) = mpsc::channel(8);
-        tx.try_send(Arc::new(json!({"kind": "flow"}))).unwrap();
+        tx.try_send(Arc::new(json!({"kind": "flow"}).into())).unwrap();
         drop(tx);
         let mut failing = Lines { fail: true, ..Lines::default() };
         write_lines(rx, &renderer, &counters, &mut failing, oneshot::channel().0);

@@ -212,7 +212,7 @@ mod tests {
     }
 
     fn event(n: u64) -> Event {
-        Arc::new(json!({"kind": "flow", "time": "2026-11-26T23:50:01Z", "node": "n", "verdict": "deny", "n": n}))
+        Arc::new(json!({"kind": "flow", "time": "2026-11-26T23:50:01Z", "node": "n", "verdict": "deny", "n": n}).into())
     }
 
     /// Reads octet-counted frames until `count` have arrived.

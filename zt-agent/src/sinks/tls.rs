@@ -88,7 +88,7 @@ mod tests {
         let connector = net::Connector::Tls { target: Target { host: "127.0.0.1".into(), port }, tls, server_name };
         let (tx, rx) = mpsc::channel(4);
         let renderer = Renderer { format: Format::Json, syslog: Some(Header::new(16)) };
-        tx.send(Arc::new(json!({"kind": "flow", "time": "2026-11-26T23:50:01Z", "node": "n", "verdict": "deny"})))
+        tx.send(Arc::new(json!({"kind": "flow", "time": "2026-11-26T23:50:01Z", "node": "n", "verdict": "deny"}).into()))
             .await
             .unwrap();
         drop(tx);
@@ -120,7 +120,7 @@ mod tests {
         let (tls, server_name) = connector(&TlsOptions { ca: foreign_ca, server_name: "localhost".into() }).unwrap();
         let connector = net::Connector::Tls { target: Target { host: "127.0.0.1".into(), port }, tls, server_name };
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Arc::new(json!({"kind": "flow"}))).await.unwrap();
+        tx.send(Arc::new(json!({"kind": "flow"}).into())).await.unwrap();
         let counters = Arc::new(Counters::default());
         let sink = tokio::spawn({
             let counters = counters.clone();
