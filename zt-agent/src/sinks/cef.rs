@@ -15,8 +15,10 @@ use super::{epoch_millis, event_time};
 pub fn render(event: &Value) -> String {
     let verdict = event["verdict"].as_str().unwrap_or("unknown");
     let reason = event["reason"].as_str().unwrap_or("unknown");
+    let staged = event["staged"] == true;
     let (name, severity) = match verdict {
         "deny" => ("Flow denied", 7),
+        "audit" if staged => ("Flow audited: a staged policy would deny it", 5),
         "audit" => ("Flow audited: would be denied in enforce mode", 5),
         "allow" => ("Flow allowed", 3),
         _ => ("Flow", 5),
@@ -162,5 +164,13 @@ mod tests {
         assert!(line.contains(" cs1=we\\=b "), "{line}");
         assert!(line.contains(" cs4=api/ingress/0 "), "{line}");
         assert!(!line.contains("spt="), "absent fields are left out: {line}");
+    }
+
+    #[test]
+    fn a_staged_audit_is_named_as_one() {
+        let event = json!({"kind": "flow", "verdict": "audit", "reason": "policy-deny", "staged": true});
+        assert!(render(&event).contains("|audit:policy-deny|Flow audited: a staged policy would deny it|5|"));
+        let event = json!({"kind": "flow", "verdict": "audit", "reason": "default-deny"});
+        assert!(render(&event).contains("|Flow audited: would be denied in enforce mode|5|"));
     }
 }

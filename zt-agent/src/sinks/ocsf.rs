@@ -35,6 +35,14 @@ pub fn render(event: &Value) -> Value {
     let dst = &event["dst"];
     let name = |end: &Value| end["identity"].as_str().unwrap_or("?").to_owned();
     let message = match verdict {
+        // Passed by the policies in force; a `mode: monitor` policy would deny it.
+        "audit" if event["staged"] == true => format!(
+            "{} → {} allowed; staged policy {} would deny it ({})",
+            name(src),
+            name(dst),
+            event["policy"].as_str().unwrap_or("?"),
+            event["reason"].as_str().unwrap_or("unknown")
+        ),
         "audit" => format!(
             "{} → {} allowed in monitor mode; enforce mode would deny it ({})",
             name(src),
@@ -166,6 +174,13 @@ mod tests {
         assert_eq!((audit["action"].as_str(), audit["disposition"].as_str()), (Some("Allowed"), Some("Allowed")));
         assert_eq!(audit["severity_id"], 2);
         assert!(audit["message"].as_str().unwrap().contains("enforce mode would deny it"), "{audit:#}");
+        // A staged policy's audit on an enforcing node says whose denial it is.
+        let mut staged = flow("audit", "tcp", "egress");
+        staged["staged"] = true.into();
+        staged["policy"] = "db-lockdown".into();
+        let staged = render(&staged);
+        assert_eq!(staged["action"], "Allowed");
+        assert_eq!(staged["message"], "web → db allowed; staged policy db-lockdown would deny it (default-deny)");
         assert_eq!(audit["connection_info"]["direction_id"], 2);
         assert_eq!(audit["connection_info"]["protocol_num"], 6);
         let allow = render(&flow("allow", "200", "none"));
