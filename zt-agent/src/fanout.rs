@@ -43,6 +43,14 @@ impl Record {
             None => self["kind"] == "flow",
         }
     }
+
+    /// Appends the event's JSON object to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match &self.flow {
+            Some(flow) => flow.write_json(out),
+            None => serde_json::to_writer(out, &**self).expect("events serialize"),
+        }
+    }
 }
 
 impl From<FlowRecord> for Record {
@@ -64,16 +72,6 @@ impl Deref for Record {
             let flow = self.flow.as_ref().expect("a record without JSON is a flow");
             serde_json::to_value(flow).expect("flow records serialize")
         })
-    }
-}
-
-impl Record {
-    /// Appends the event's JSON object to `out`.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        match &self.flow {
-            Some(flow) => flow.write_json(out),
-            None => serde_json::to_writer(out, &**self).expect("events serialize"),
-        }
     }
 }
 
