@@ -481,32 +481,17 @@ impl Serialize for FlowRecord {
     }
 }
 
+/// The names of the kernel's codes are zt_common's; an unknown code gets a placeholder.
 pub fn verdict_name(v: u8) -> &'static str {
-    match Verdict::from_u8(v) {
-        Some(Verdict::Allow) => "allow",
-        Some(Verdict::Deny) => "deny",
-        Some(Verdict::Audit) => "audit",
-        None => "unknown",
-    }
+    Verdict::from_u8(v).map_or("unknown", Verdict::name)
 }
 
 pub fn direction_name(d: u8) -> &'static str {
-    match d {
-        x if x == Direction::Ingress as u8 => "ingress",
-        x if x == Direction::Egress as u8 => "egress",
-        _ => "none",
-    }
+    Direction::from_u8(d).map_or("none", Direction::name)
 }
 
 fn hook_name(h: u8) -> &'static str {
-    match h {
-        x if x == Hook::TcIngress as u8 => "tc-ingress",
-        x if x == Hook::TcEgress as u8 => "tc-egress",
-        x if x == Hook::Xdp as u8 => "xdp",
-        x if x == Hook::CgroupIngress as u8 => "cgroup-ingress",
-        x if x == Hook::CgroupEgress as u8 => "cgroup-egress",
-        _ => "unknown",
-    }
+    Hook::from_u8(h).map_or("unknown", Hook::name)
 }
 
 /// The protocol's name, or its number for others; none for a frame that is not IP.
