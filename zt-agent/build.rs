@@ -11,6 +11,8 @@ fn main() -> anyhow::Result<()> {
     // Said on both paths: an empty object built with the variable set must be rebuilt as soon
     // as it is unset, even in a target directory shared with the unit-test loop.
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+    // The upgrade tests' second datapath (see `cargo xtask test`).
+    println!("cargo:rerun-if-env-changed=ZT_DATAPATH_VARIANT");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // Without this, the next build without AYA_BUILD_SKIP would keep the empty object.

@@ -67,12 +67,14 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     zt_tests::ensure_root()?;
     setup::run()?;
     build_agent()?;
+    build_upgrade_variant()?;
     // No `--workspace`: the default members are every crate that builds for the host (zt-ebpf
     // only builds for BPF), and `-p <crate>` in the extra arguments still narrows the run.
     let status = cargo()
         .arg("test")
         .args(cargo_test_args)
         .env(zt_tests::agent::AGENT_BIN_ENV, agent_bin())
+        .env(zt_tests::agent::UPGRADE_BIN_ENV, upgrade_variant_bin())
         .status()
         .context("spawn cargo test")?;
     std::process::exit(status.code().unwrap_or(1));
@@ -100,6 +102,29 @@ fn bench() -> Result<()> {
 
 fn build_agent() -> Result<()> {
     run_checked(cargo().args(["build", "--package", "zt-agent", "--bins"]), "see the compiler errors above")
+}
+
+/// The agent again, with a datapath whose programs differ (another program tag) and whose
+/// conntrack map has another capacity (`ZT_DATAPATH_VARIANT`): what the upgrade tests replace
+/// the running datapath with. Its own target directory keeps the two builds from undoing each
+/// other.
+fn build_upgrade_variant() -> Result<()> {
+    run_checked(
+        cargo()
+            .args(["build", "--package", "zt-agent", "--bins", "--target-dir"])
+            .arg(upgrade_variant_dir())
+            .env("ZT_DATAPATH_VARIANT", "1"),
+        "see the compiler errors above",
+    )
+}
+
+fn upgrade_variant_dir() -> PathBuf {
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
+    workspace_root().join(target_dir).join("upgrade-variant")
+}
+
+fn upgrade_variant_bin() -> PathBuf {
+    upgrade_variant_dir().join("debug/zt-agent")
 }
 
 fn workspace_root() -> PathBuf {

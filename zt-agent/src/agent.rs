@@ -1,5 +1,7 @@
 //! `zt-agent run`: policy → maps → attach → stream events and reload the policy on SIGHUP or
-//! when its files change, until SIGINT/SIGTERM.
+//! when its files change, until SIGINT/SIGTERM — which stop the agent, not the enforcement:
+//! everything it attached is pinned and keeps judging until the next agent adopts it, or until
+//! `zt-agent detach`.
 
 use std::{
     net::SocketAddr,
@@ -12,17 +14,22 @@ use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    control,
-    datapath::{Datapath, Mode},
-    event_limits::EventLimitSettings,
-    events::{self, Enricher},
+    control::{
+        self,
+        reload::{self, Reloader},
+    },
+    datapath::{
+        watch::{InterfacePatterns, LinkChange, LinkWatch},
+        Datapath, Mode, PinDir, StartKind,
+    },
+    events::{self, fanout::Sinks, limits::EventLimitSettings, record, sinks::SinkSpec, Enricher},
+    identity::{
+        sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
+        svid::TrustBundle,
+    },
     metrics::{self, server::Endpoint},
-    fanout::Sinks,
     policy,
-    reload::{self, Policies, Reloader},
-    sinks::SinkSpec,
-    sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
-    svid::TrustBundle,
+    state::{self, Policies},
 };
 
 /// How long the sinks get, at exit, to write what they still hold.
@@ -30,8 +37,12 @@ const SINK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct RunOptions {
     pub policy: Vec<PathBuf>,
-    pub mode: Mode,
-    pub attach: Vec<String>,
+    /// `None`: monitor on a fresh start, the pinned mode on adoption.
+    pub mode: Option<Mode>,
+    /// Workload interfaces: names and patterns, followed as interfaces come and go.
+    pub attach: InterfacePatterns,
+    /// zt's bpffs directory (see `datapath::pins`).
+    pub bpffs_dir: PathBuf,
     pub uplink: Vec<String>,
     /// cgroup v2 directories whose processes are judged by cgroup hooks.
     pub cgroup: Vec<PathBuf>,
@@ -43,7 +54,7 @@ pub struct RunOptions {
     pub event_limits: EventLimitSettings,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: SocketAddr,
-    /// Where events go; checked together by `sinks::spec::validate`.
+    /// Where events go; checked together by `events::sinks::spec::validate`.
     pub sinks: Vec<SinkSpec>,
 }
 
@@ -70,6 +81,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(root) => options.cgroup.iter().map(|dir| cgroup::resolve(root, dir)).collect::<Result<Vec<_>>>()?,
         None => Vec::new(),
     };
+    // Taken before anything else is touched: a second agent stops here.
+    let pins = PinDir::open(&options.bpffs_dir)?;
     let certificates = match &options.certificates {
         Some((dir, bundle)) => Some(CertificateSource::new(dir.clone(), TrustBundle::load(bundle)?)),
         None => None,
@@ -83,10 +96,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let metrics_listener = metrics::server::bind(options.metrics_addr).await?;
     let mut metrics_server = tokio::spawn(metrics::server::serve(metrics_listener, endpoint.clone()));
 
-    let mut datapath = Datapath::load()?;
-    datapath.set_mode(options.mode)?;
+    // Subscribed before the interfaces are listed, so none that appears in between is missed.
+    let links = if options.attach.is_empty() { None } else { Some(LinkWatch::start().await?) };
+    let mut datapath = Datapath::load_pinned(pins, options.mode)?;
+    let start = datapath.start_report().clone();
     datapath.set_event_limits(&options.event_limits)?;
     let installing = Instant::now();
+    // On adoption this is a reload like any other: the next generation, built aside, switched
+    // to with one write, while the adopted programs keep judging with the one in force.
     let generation = datapath.install(&compiled)?;
     // Reading and compiling, then installing; not the verifier's time in between.
     let applied_in = compiled_in + installing.elapsed();
@@ -94,15 +111,36 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let cgroups = cgroup_root.map(|root| CgroupSource::new(root, cgroup_scopes.clone()));
     let mut identity_sources = IdentitySources::new(compiled.clone(), cgroups, certificates);
     let first_events = identity_sources.refresh(&mut datapath)?;
+    if start.kind == StartKind::Adopted {
+        let stale = identity_sources.sweep_adopted(&mut datapath)?;
+        tracing::info!(stale, "identity bindings left by the earlier agent checked");
+    }
     for dir in &cgroup_scopes {
         datapath.attach_cgroup(dir)?;
     }
-    for interface in &options.attach {
-        datapath.attach_workload(interface)?;
+    let (link_watch, present) = match links {
+        Some((watch, present)) => (Some(watch), present),
+        None => (None, Vec::new()),
+    };
+    for name in options.attach.exact_names() {
+        if !present.iter().any(|(present, _)| present == name) {
+            anyhow::bail!("--attach {name}: no such interface (a pattern such as '{name}*' follows interfaces that appear later)");
+        }
+    }
+    for (name, _) in present.iter().filter(|(name, _)| options.attach.matches(name)) {
+        datapath.attach_workload(name)?;
     }
     for interface in &options.uplink {
         datapath.attach_uplink(interface)?;
     }
+    let kept = datapath.adopt_remaining_links()?;
+    if !kept.is_empty() {
+        tracing::warn!(?kept, "links pinned by an earlier agent for targets not asked for now stay enforced");
+    }
+    // Every attachment now runs this agent's programs: migrated maps replace the old ones.
+    datapath.finish_migration()?;
+    datapath.note_events_seen()?;
+    log_start(&start, datapath.start_report(), generation, &options.bpffs_dir);
     let ring = datapath.take_events()?;
 
     let identity_sources = Arc::new(Mutex::new(identity_sources));
@@ -114,20 +152,22 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let probe = datapath.probe()?;
     let attachments = datapath.attachments().len();
-    endpoint.ready(metrics::Sources { probe, policies: policies.clone(), sinks: Some(sinks.clone()) }, attachments);
-    let shared = Arc::new(control::Shared { datapath: Mutex::new(datapath), policies, sinks: sinks.clone() });
+    endpoint.ready(metrics::Sources { probe, policies: policies.clone(), sinks: Some(sinks.clone()) }, attachments, start.kind);
+    let shared = Arc::new(state::Shared { datapath: Mutex::new(datapath), policies, sinks: sinks.clone() });
+    sinks.publish(record::agent_event(&options.node_name, start_event(shared.datapath.lock().expect("datapath lock poisoned").start_report(), generation)));
     for event in first_events {
-        sinks.publish(events::agent_event(&options.node_name, event));
+        sinks.publish(record::agent_event(&options.node_name, event));
     }
     let mut refresher =
         tokio::spawn(refresh_sources(identity_sources.clone(), shared.clone(), options.node_name.clone()));
+    let mut watcher = tokio::spawn(follow_interfaces(link_watch, options.attach.clone(), identity_sources.clone(), shared.clone()));
     let reloader = Reloader::new(options.policy.clone(), options.node_name.clone(), shared.clone(), identity_sources);
     let mut reloads = tokio::spawn(reload::run(Arc::new(reloader)));
     // The socket appears only once everything is attached: its existence means "ready".
     let listener = control::bind(&options.socket)?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
     tracing::info!(
-        mode = options.mode.name(),
+        mode = Mode::from_raw(shared.datapath.lock().expect("datapath lock poisoned").config()?.mode).name(),
         attached = ?options.attach,
         uplinks = ?options.uplink,
         socket = %options.socket.display(),
@@ -143,37 +183,107 @@ pub async fn run(options: RunOptions) -> Result<()> {
         result = &mut events => result.context("event reader panicked")?.context("event stream failed"),
         result = &mut refresher => result.context("identity refresh panicked")?.context("identity sources failed"),
         result = &mut reloads => result.context("policy reloads panicked")?.context("policy reloads failed"),
+        result = &mut watcher => result.context("the interface watcher panicked")?.context("following interfaces failed"),
         result = &mut metrics_server => result.context("the metrics endpoint panicked")?.context("the metrics endpoint failed"),
     };
     // Awaiting an aborted task drops its future, and with it its share of the datapath. (One the
     // select above already awaited to completion must not be awaited again.)
     server.abort();
     let _ = server.await;
-    for task in [events, refresher, reloads, metrics_server] {
+    for task in [events, refresher, reloads, metrics_server, watcher] {
         task.abort();
         if !task.is_finished() {
             let _ = task.await;
         }
     }
     let _ = std::fs::remove_file(&options.socket);
-    // Dropping the last reference to the datapath detaches every program.
+    // Dropping the datapath closes this process's handles; the pinned links keep enforcing.
     drop(shared);
-    tracing::info!("zt-agent stopped; all programs detached");
+    tracing::info!(
+        bpffs_dir = %options.bpffs_dir.display(),
+        "zt-agent stopped; enforcement stays in place with the last policy and mode \
+         (the next agent adopts it; `zt-agent detach` removes it)"
+    );
     sinks.close(SINK_GRACE).await;
     outcome
 }
 
 /// Keeps cgroup, interface and certificate identities current until a map update fails.
-async fn refresh_sources(sources: Arc<Mutex<IdentitySources>>, shared: Arc<control::Shared>, node: String) -> Result<()> {
+async fn refresh_sources(sources: Arc<Mutex<IdentitySources>>, shared: Arc<state::Shared>, node: String) -> Result<()> {
     let mut tick = tokio::time::interval(sources::REFRESH_EVERY);
     loop {
         tick.tick().await;
         let events = {
             let mut datapath = shared.datapath.lock().expect("datapath lock poisoned");
-            sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?
+            let events = sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?;
+            datapath.note_events_seen()?;
+            events
         };
         for event in events {
-            shared.sinks.publish(events::agent_event(&node, event));
+            shared.sinks.publish(record::agent_event(&node, event));
         }
+    }
+}
+
+/// Attaches to every interface matching `--attach` that appears, as soon as netlink reports it,
+/// and forgets those that go away.
+async fn follow_interfaces(
+    watch: Option<LinkWatch>,
+    patterns: InterfacePatterns,
+    sources: Arc<Mutex<IdentitySources>>,
+    shared: Arc<state::Shared>,
+) -> Result<()> {
+    let Some(mut watch) = watch else { return std::future::pending().await };
+    loop {
+        match watch.next().await? {
+            LinkChange::Appeared { name, ifindex } if patterns.matches(&name) => {
+                let seen = Instant::now();
+                let mut datapath = shared.datapath.lock().expect("datapath lock poisoned");
+                // The interface's own identity (an `interface` selector) is bound before the
+                // programs that read it are attached.
+                sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?;
+                match datapath.attach_workload(&name) {
+                    Ok(()) => tracing::info!(interface = %name, ifindex, after_us = seen.elapsed().as_micros() as u64, "new interface attached"),
+                    // Gone again before it could be attached, or not attachable: say so, carry on.
+                    Err(err) => tracing::warn!(interface = %name, error = %format!("{err:#}"), "new interface not attached"),
+                }
+            }
+            LinkChange::Gone { name, .. } if patterns.matches(&name) => {
+                shared.datapath.lock().expect("datapath lock poisoned").forget_interface(&name)?;
+                tracing::info!(interface = %name, "interface gone");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The `{"kind":"agent","result":"started"}` event: how the datapath was found.
+fn start_event(start: &crate::datapath::StartReport, generation: u32) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "agent",
+        "result": "started",
+        "start": start.kind.name(),
+        "generation": generation,
+        "previous_generation": start.previous_generation,
+        "links_adopted": start.links_adopted,
+        "programs_replaced": start.programs_replaced,
+        "migrated_maps": start.migrated_maps,
+        "events_lost_while_down": start.events_lost_while_down,
+    })
+}
+
+fn log_start(before: &crate::datapath::StartReport, after: &crate::datapath::StartReport, generation: u32, dir: &std::path::Path) {
+    match before.kind {
+        StartKind::Fresh => tracing::info!(bpffs_dir = %dir.display(), generation, "started fresh: datapath pinned"),
+        StartKind::Adopted => tracing::info!(
+            bpffs_dir = %dir.display(),
+            previous_generation = before.previous_generation,
+            generation,
+            links_adopted = after.links_adopted,
+            programs_replaced = after.programs_replaced,
+            migrated_maps = ?after.migrated_maps,
+            events_lost_while_down = after.events_lost_while_down,
+            "adopted the pinned datapath"
+        ),
     }
 }

@@ -3,13 +3,14 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use zt_agent::{
     agent::{self, RunOptions},
-    control::{self, Request, Status, DEFAULT_SOCKET},
-    datapath::Mode,
-    event_limits::{self, EventLimitSettings},
-    metrics,
-    fanout::{Filter, FlowVerdict},
-    flows, policy,
-    sinks::{spec, SinkSpec},
+    control::{self, flows, Request, Status, DEFAULT_SOCKET},
+    datapath::{pins, watch::InterfacePatterns, Mode},
+    events::{
+        limits::{self, EventLimitSettings},
+        record::{Filter, FlowVerdict},
+        sinks::{spec, SinkSpec},
+    },
+    metrics, policy,
 };
 
 /// zt: kernel-level microsegmentation. Every flow between workloads is checked against the
@@ -30,12 +31,18 @@ enum Command {
         /// Policy file or directory (its *.yaml/*.yml files); repeatable. Watched for changes.
         #[arg(long, required = true)]
         policy: Vec<PathBuf>,
-        /// monitor reports would-be denials as audit events; enforce drops them.
-        #[arg(long, value_enum, default_value = "monitor")]
-        mode: Mode,
-        /// Host-side interface of a workload (TC ingress + egress); repeatable.
+        /// monitor reports would-be denials as audit events; enforce drops them. Default: monitor
+        /// on a fresh start; the mode in force when adopting an earlier agent's pinned state.
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
+        /// Host-side interface of a workload (TC ingress + egress), or a glob pattern such as
+        /// 'lxc*' that also attaches to matching interfaces as they appear; repeatable.
         #[arg(long)]
         attach: Vec<String>,
+        /// zt's bpffs directory: every map, program and link is pinned there, so enforcement
+        /// outlives the agent. One agent per directory.
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
         /// Uplink to other nodes (native XDP); repeatable.
         #[arg(long)]
         uplink: Vec<String>,
@@ -57,11 +64,11 @@ enum Command {
         node_name: Option<String>,
         /// After a flow's event, suppress its further events (same 5-tuple, verdict and reason)
         /// for this long and count them; its next event says how many. 0: no window.
-        #[arg(long, default_value = "1s", value_parser = event_limits::parse_window)]
+        #[arg(long, default_value = "1s", value_parser = limits::parse_window)]
         event_window: Duration,
         /// Sustained flow events per second, node-wide (`N/s`, `N/m`, or 0 for no limit); events
         /// over it are suppressed and counted.
-        #[arg(long, default_value = "5000/s", value_parser = event_limits::parse_rate)]
+        #[arg(long, default_value = "5000/s", value_parser = limits::parse_rate)]
         event_rate: u64,
         /// Flow events allowed back to back before --event-rate applies, node-wide.
         #[arg(long, default_value_t = 10_000)]
@@ -76,6 +83,15 @@ enum Command {
         /// [,verdicts=deny,audit][,identity=NAME][,queue=4096][,name=NAME]. See docs/events.md.
         #[arg(long = "sink", value_name = "SPEC")]
         sinks: Vec<SinkSpec>,
+    },
+    /// Remove everything zt pinned (links, so programs detach; programs; maps) and say what was
+    /// removed. Refuses while an agent runs on the directory.
+    Detach {
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs_dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Switch the running agent between monitor and enforce, without reloading anything.
     Mode {
@@ -149,6 +165,15 @@ enum PolicyCommand {
 
 fn print_status(status: &Status) {
     println!("mode:        {}", status.mode.name());
+    let start = &status.start;
+    println!(
+        "started:     {} (links adopted {}, programs replaced {}, maps migrated {}, events lost while down {})",
+        start.kind.name(),
+        start.links_adopted,
+        start.programs_replaced,
+        if start.migrated_maps.is_empty() { "none".to_owned() } else { start.migrated_maps.join(", ") },
+        start.events_lost_while_down
+    );
     println!("generation:  {}", status.generation);
     println!("reloads:     {} applied, {} rejected", status.reloads, status.reloads_rejected);
     if let Some(rejection) = &status.last_rejection {
@@ -203,6 +228,7 @@ fn main() -> ExitCode {
             policy,
             mode,
             attach,
+            bpffs_dir,
             uplink,
             cgroup,
             svid_dir,
@@ -226,11 +252,19 @@ fn main() -> ExitCode {
                 eprintln!("zt-agent: --sink: {problem}");
                 return ExitCode::FAILURE;
             }
+            let attach = match InterfacePatterns::new(&attach) {
+                Ok(patterns) => patterns,
+                Err(err) => {
+                    eprintln!("zt-agent: --attach: {err:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let event_limits = EventLimitSettings { window: event_window, rate: event_rate, burst: event_burst };
             let options = RunOptions {
                 policy,
                 mode,
                 attach,
+                bpffs_dir,
                 uplink,
                 cgroup,
                 certificates,
@@ -247,6 +281,26 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(agent::run(options)))
         }
+        Command::Detach { bpffs_dir, json } => pins::detach(&bpffs_dir).map(|removed| {
+            if json {
+                println!("{}", serde_json::to_string(&removed).expect("the report serializes"));
+                return;
+            }
+            for link in &removed.links {
+                println!("removed link     {} (link {}, program {})", link.pin.display(), link.id, link.program_id);
+            }
+            for program in &removed.programs {
+                println!("removed program  {} (program {})", program.pin.display(), program.id);
+            }
+            for map in &removed.maps {
+                println!("removed map      {} (map {})", map.pin.display(), map.id);
+            }
+            if removed.links.is_empty() && removed.programs.is_empty() && removed.maps.is_empty() {
+                println!("nothing pinned at {}: nothing to remove", bpffs_dir.display());
+            } else {
+                println!("zt is detached: nothing it attached judges traffic any more");
+            }
+        }),
         Command::Mode { mode, socket } => control::request(&socket, &Request::Mode { mode }).map(|status| {
             println!("mode: {}", status.mode.name());
         }),

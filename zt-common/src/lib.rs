@@ -21,6 +21,9 @@ pub mod maps {
     pub const EVENT_LIMITS: &str = "ZT_EVENT_LIMITS";
     pub const EVENT_FLOWS: &str = "ZT_EVENT_FLOWS";
     pub const EVENT_BUCKET: &str = "ZT_EVENT_BUCKET";
+    /// What the last agent had seen, for its successor ([`super::agent_state`]). The programs
+    /// never touch it; it is in the object so it is pinned and checked like every other map.
+    pub const AGENT: &str = "ZT_AGENT";
 
     /// Generations the policy-derived maps hold at once: the one in force and the next one,
     /// built aside (see [`super::Config::slot`]). Their capacities below are per generation.
@@ -28,12 +31,24 @@ pub mod maps {
     pub const IPCACHE_CAPACITY: u32 = 65_536;
     pub const POLICY_CAPACITY: u32 = 1 << 20;
     pub const ISOLATION_CAPACITY: u32 = 65_536;
-    pub const CONNTRACK_CAPACITY: u32 = 262_144;
+    /// A build with `ZT_DATAPATH_VARIANT` set (the second datapath of the upgrade tests, see
+    /// `cargo xtask test`) has a few more entries, so that upgrading to it migrates the map.
+    pub const CONNTRACK_CAPACITY: u32 =
+        if option_env!("ZT_DATAPATH_VARIANT").is_some() { 262_144 + 4_096 } else { 262_144 };
     pub const EVENTS_BYTES: u32 = 1 << 22;
     pub const CGROUPS_CAPACITY: u32 = 65_536;
     pub const INTERFACES_CAPACITY: u32 = 4_096;
     /// Flows whose last event the per-flow suppression window remembers (LRU).
     pub const EVENT_FLOWS_CAPACITY: u32 = 65_536;
+}
+
+/// Entries of `ZT_AGENT` (u64 each), written by the agent only.
+pub mod agent_state {
+    /// The `EVENTS_LOST` counter as the running agent last saw it: what a later agent finds
+    /// above it was lost while no agent was reading the ring buffer.
+    pub const EVENTS_LOST_SEEN: u32 = 0;
+    /// Entries in `ZT_AGENT` (room to grow without a migration).
+    pub const COUNT: u32 = 8;
 }
 
 /// Program names, as exported by `zt-ebpf`.

@@ -8,7 +8,7 @@ use aya_ebpf::{
 
 use crate::parse::Packet;
 use zt_common::{
-    counters,
+    agent_state, counters,
     maps::{
         CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, EVENT_FLOWS_CAPACITY, INTERFACES_CAPACITY,
         IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
@@ -74,3 +74,7 @@ pub static ZT_EVENT_FLOWS: LruHashMap<EventFlowKey, EventFlowState> =
 /// Key 0 → each CPU's token bucket, as the time its budget is spent until (GCRA).
 #[map]
 pub static ZT_EVENT_BUCKET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The agent's own notes for its successor (`zt_common::agent_state`); no program reads it.
+#[map]
+pub static ZT_AGENT: Array<u64> = Array::with_max_entries(agent_state::COUNT, 0);

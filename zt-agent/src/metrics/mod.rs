@@ -23,11 +23,13 @@ use prometheus_client::{
 };
 
 use crate::{
-    counters::Counters,
-    datapath::Mode,
-    fanout::{SinkStats, Sinks},
-    probe::{MapUsage, Probe},
-    reload::Policies,
+    datapath::{
+        counters::Counters,
+        probe::{MapUsage, Probe},
+        Mode,
+    },
+    events::{fanout::Sinks, sinks::SinkStats},
+    state::Policies,
 };
 
 /// Everything a scrape reads.

@@ -19,6 +19,7 @@ use axum::{
 use tokio::net::TcpListener;
 
 use super::{Format, Sources};
+use crate::datapath::StartKind;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9090";
 
@@ -32,12 +33,14 @@ struct Ready {
     sources: Sources,
     /// Programs attached (TC, XDP and cgroup hooks).
     attachments: usize,
+    /// Whether the agent took over pinned state or started on an empty bpffs directory.
+    start: StartKind,
 }
 
 impl Endpoint {
     /// Called once everything is attached and the first policy is in force.
-    pub fn ready(&self, sources: Sources, attachments: usize) {
-        if self.ready.set(Ready { sources, attachments }).is_err() {
+    pub fn ready(&self, sources: Sources, attachments: usize, start: StartKind) {
+        if self.ready.set(Ready { sources, attachments, start }).is_err() {
             tracing::warn!("the metrics endpoint was made ready twice; keeping the first");
         }
     }
@@ -74,7 +77,15 @@ async fn readyz(State(endpoint): State<Endpoint>) -> Response {
     match ready.sources.probe.config() {
         Ok(config) if config.generation >= 1 => plain(
             StatusCode::OK,
-            format!("ready: policy generation {} in force, {} programs attached\n", config.generation, ready.attachments),
+            format!(
+                "ready: policy generation {} in force, {} programs attached, {}\n",
+                config.generation,
+                ready.attachments,
+                match ready.start {
+                    StartKind::Adopted => "adopted the pinned datapath",
+                    StartKind::Fresh => "started fresh",
+                }
+            ),
         ),
         Ok(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready: no policy in force\n".into()),
         Err(err) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: cannot read the datapath: {err:#}\n")),

@@ -35,7 +35,7 @@ use super::{
     locate::{Position, Positions, YamlPath},
     PolicyError, PolicyErrors, Protocol,
 };
-use crate::events::direction_name;
+use crate::events::record::direction_name;
 
 /// One flow and what the policy must say about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -427,8 +427,7 @@ pub mod kernel {
 
     use super::*;
     use crate::{
-        counters::Counters,
-        datapath::{Datapath, Mode},
+        datapath::{counters::Counters, Datapath, Mode},
         events,
         policy::compile::ip_key,
     };

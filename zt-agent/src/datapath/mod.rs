@@ -1,6 +1,9 @@
-//! The kernel side as the agent sees it: load the embedded eBPF object, fill its maps from a
-//! compiled policy, attach it to interfaces, flip the mode. Dropping a `Datapath` detaches
-//! everything it attached (TCX and XDP links are owned by the loaded object).
+//! The kernel side as the agent sees it: load the embedded eBPF object ([`load`]: onto the maps
+//! pinned in zt's bpffs directory, [`pins`]), fill its maps from a compiled policy, attach it
+//! as pinned links ([`attach`]), flip the mode. Dropping a `Datapath` detaches nothing: the pins
+//! keep enforcing until `zt-agent detach` ([`pins::detach`]) removes them. (A datapath loaded
+//! with [`Datapath::load`], for `policy test` and the kernel tests, pins nothing and attaches
+//! nothing.)
 //!
 //! **Generations.** The policy-derived maps (`ZT_IPCACHE`, `ZT_POLICY`, `ZT_ISOLATION`) have two
 //! slots: every key carries one. Packets use the slot named by `ZT_CONFIG`, which they read once.
@@ -10,32 +13,44 @@
 //! `ZT_CGROUPS` and `ZT_INTERFACES` are not slotted: their values are identity ids, which are
 //! derived from names and so equal in every generation that declares the name.
 
-use std::{
-    fs::File,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::Path,
-};
+pub mod attach;
+pub mod counters;
+pub mod load;
+pub mod pins;
+pub mod probe;
+mod sys;
+pub mod watch;
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, RingBuf},
-    programs::{tc, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, Xdp, XdpMode},
-    util::KernelVersion,
+    programs::{CgroupSkb, SchedClassifier, Xdp},
     Ebpf,
 };
 use zt_common::{
     maps, programs, Config, EventLimits, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted, SLOT_BITS,
 };
 
+pub use load::{StartKind, StartReport};
+pub use pins::PinDir;
+use sys::GracePeriod;
+
 use crate::{
-    counters::{self, Counters},
-    event_limits::EventLimitSettings,
+    events::limits::EventLimitSettings,
     policy::compile::{ipcache_prefix, Compiled},
-    probe::{self, Probe},
 };
+use counters::Counters;
+use probe::Probe;
 
 /// The eBPF object, built from `zt-ebpf` by this crate's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt-ebpf"));
+
+fn object() -> Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        bail!("this zt-agent was built with AYA_BUILD_SKIP set and carries no eBPF object; rebuild it with `cargo xtask build`");
+    }
+    Ok(OBJECT)
+}
 
 /// Node-wide enforcement mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -70,6 +85,9 @@ impl Mode {
 pub struct Attachment {
     pub interface: String,
     pub hook: &'static str,
+    /// The target as its link's pin names it (`pins::PinDir::link`).
+    #[serde(skip)]
+    pub pin_target: String,
 }
 
 pub struct Datapath {
@@ -82,8 +100,12 @@ pub struct Datapath {
     interfaces: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
     event_limits: Array<MapData, EventLimits>,
+    agent_state: Array<MapData, u64>,
     attachments: Vec<Attachment>,
     grace_period: GracePeriod,
+    /// Where this datapath is pinned; `None` for a private one ([`Datapath::load`]).
+    pins: Option<PinDir>,
+    start: StartReport,
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -92,12 +114,14 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut 
 }
 
 impl Datapath {
-    /// Loads every program (the verifier runs here) without attaching anything.
+    /// Loads every program (the verifier runs here) on maps of its own, pinning and attaching
+    /// nothing: for `policy test` and the kernel tests.
     pub fn load() -> Result<Self> {
-        if OBJECT.is_empty() {
-            bail!("this zt-agent was built with AYA_BUILD_SKIP set and carries no eBPF object; rebuild it with `cargo xtask build`");
-        }
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object (are you root?)")?;
+        Self::from_object(Ebpf::load(object()?).context("loading the eBPF object (are you root?)")?)
+    }
+
+    /// Verifies the programs of a loaded object and takes its maps.
+    fn from_object(mut ebpf: Ebpf) -> Result<Self> {
         for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             program.load().with_context(|| format!("verifying {name}"))?;
@@ -117,10 +141,82 @@ impl Datapath {
             interfaces: take_map(&mut ebpf, maps::INTERFACES)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             event_limits: take_map(&mut ebpf, maps::EVENT_LIMITS)?,
+            agent_state: take_map(&mut ebpf, maps::AGENT)?,
             ebpf,
             attachments: Vec::new(),
             grace_period: GracePeriod::new()?,
+            pins: None,
+            start: StartReport::default(),
         })
+    }
+
+    /// How this datapath was found at start (fresh, adopted, migrated).
+    pub fn start_report(&self) -> &StartReport {
+        &self.start
+    }
+
+    /// An entry of `ZT_AGENT` (`zt_common::agent_state`).
+    pub fn agent_state(&self, index: u32) -> Result<u64> {
+        Ok(self.agent_state.get(&index, 0)?)
+    }
+
+    /// Notes the kernel's count of lost events as seen: a later agent reports what it finds
+    /// above it as lost while no agent ran.
+    pub fn note_events_seen(&mut self) -> Result<()> {
+        let lost = self.counters.get(&zt_common::counters::EVENTS_LOST, 0)?.iter().sum::<u64>();
+        self.agent_state.set(zt_common::agent_state::EVENTS_LOST_SEEN, lost, 0)?;
+        Ok(())
+    }
+
+    /// Once every attachment runs this datapath's programs: the maps migrated beside the old
+    /// ones replace them (conntrack first takes the flows the old programs admitted meanwhile),
+    /// and the programs are pinned in place of the old ones, which are freed with their last link.
+    pub fn finish_migration(&mut self) -> Result<()> {
+        let Some(pins) = self.pins.take() else { return Ok(()) };
+        let result = self.finish_migration_in(&pins);
+        self.pins = Some(pins);
+        result
+    }
+
+    fn finish_migration_in(&mut self, pins: &PinDir) -> Result<()> {
+        if !self.start.migrated_maps.is_empty() {
+            // No old program is still running once this returns.
+            self.grace_period.wait()?;
+            if self.start.migrated_maps.iter().any(|m| m == maps::CONNTRACK) {
+                let copied = self.copy_flows(pins)?;
+                tracing::info!(copied, "flows admitted by the old programs during the switch copied");
+            }
+            for name in &self.start.migrated_maps {
+                std::fs::rename(pins.maps_next().join(name), pins.maps().join(name))
+                    .with_context(|| format!("replacing the pin of migrated map {name}"))?;
+            }
+        }
+        // Pins of maps and programs this object no longer has (an upgrade removed them): the
+        // programs that used them were just replaced, and the kernel frees them with their last user.
+        for (dir, declared) in [
+            (pins.maps(), load::object_definitions()?.into_iter().map(|(name, _)| name).collect::<Vec<_>>()),
+            (pins.programs(), self.ebpf.programs().map(|(name, _)| name.to_owned()).collect()),
+        ] {
+            for pin in pins::entries(&dir)? {
+                let name = pin.file_name().expect("a pin has a name").to_string_lossy().into_owned();
+                if !declared.contains(&name) {
+                    tracing::info!(pin = %pin.display(), "removing the pin of an object this datapath no longer has");
+                    std::fs::remove_file(&pin)?;
+                }
+            }
+        }
+        let names: Vec<String> = self.ebpf.programs().map(|(name, _)| name.to_owned()).collect();
+        for name in names {
+            // Pinned aside, then renamed over the old pin: never a moment without one.
+            let next = pins.programs_next().join(&name);
+            if next.exists() {
+                std::fs::remove_file(&next)?;
+            }
+            let program = self.ebpf.program_mut(&name).expect("listed");
+            program.pin(&next).with_context(|| format!("pinning program {name}"))?;
+            std::fs::rename(&next, pins.programs().join(&name))?;
+        }
+        Ok(())
     }
 
     /// Makes `compiled` the policy in force: [`stage`](Self::stage), then
@@ -229,61 +325,21 @@ impl Datapath {
         Ok(())
     }
 
-    /// TC ingress and egress on a workload's host-side interface.
-    pub fn attach_workload(&mut self, interface: &str) -> Result<()> {
-        if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-            // Before TCX, classifiers hang off a clsact qdisc.
-            if let Err(err) = tc::qdisc_add_clsact(interface) {
-                tracing::debug!(%interface, %err, "clsact qdisc not added (it may exist already)");
-            }
-        }
-        for (name, attach_type, hook) in [
-            (programs::TC_INGRESS, TcAttachType::Ingress, "tc-ingress"),
-            (programs::TC_EGRESS, TcAttachType::Egress, "tc-egress"),
-        ] {
-            let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
-            program
-                .attach(interface, attach_type)
-                .with_context(|| format!("attaching {hook} to {interface}"))?;
-            self.attachments.push(Attachment { interface: interface.to_owned(), hook });
-        }
-        Ok(())
-    }
-
-    /// Native XDP on an uplink: traffic from other nodes is judged before an skb exists.
-    pub fn attach_uplink(&mut self, interface: &str) -> Result<()> {
-        let program: &mut Xdp = program_mut(&mut self.ebpf, programs::XDP)?;
-        program
-            .attach(interface, XdpMode::Driver)
-            .with_context(|| format!("attaching native XDP to {interface} (does its driver support XDP?)"))?;
-        self.attachments.push(Attachment { interface: interface.to_owned(), hook: "xdp" });
-        Ok(())
-    }
-
-    /// cgroup_skb ingress and egress on a cgroup v2 directory: its processes and those of every
-    /// cgroup below it. The attachment is a BPF link, which the kernel always runs alongside
-    /// other programs on the cgroup (links take no attach flags: `Single` means none), and no
-    /// program can override another's drop.
-    pub fn attach_cgroup(&mut self, dir: &Path) -> Result<()> {
-        let cgroup = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
-        for (name, attach_type, hook) in [
-            (programs::CGROUP_INGRESS, CgroupSkbAttachType::Ingress, "cgroup-ingress"),
-            (programs::CGROUP_EGRESS, CgroupSkbAttachType::Egress, "cgroup-egress"),
-        ] {
-            let program: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
-            program
-                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {hook} to cgroup {}", dir.display()))?;
-            self.attachments.push(Attachment { interface: dir.display().to_string(), hook });
-        }
-        Ok(())
-    }
-
     /// Processes in cgroup `cgroup_id` are identity `id`, wherever they send from.
     pub fn bind_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<()> {
         self.cgroups
             .insert(cgroup_id, id, 0)
             .with_context(|| format!("cgroup map full (capacity {})", maps::CGROUPS_CAPACITY))
+    }
+
+    /// The cgroup ids bound to an identity, as the kernel has them.
+    pub fn cgroup_bindings(&self) -> Result<Vec<u64>> {
+        Ok(self.cgroups.keys().collect::<Result<_, _>>()?)
+    }
+
+    /// The interface indexes bound to an identity, as the kernel has them.
+    pub fn interface_bindings(&self) -> Result<Vec<u32>> {
+        Ok(self.interfaces.keys().collect::<Result<_, _>>()?)
     }
 
     pub fn unbind_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
@@ -402,73 +458,5 @@ fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => Ok(other?),
-    }
-}
-
-/// Waits for an RCU grace period: until every BPF program that started before has returned, so
-/// none can still be using what it read before. The kernel does that wait when userspace updates
-/// a map-in-map (`maybe_wait_bpf_programs`), for the programs that might look up the old inner
-/// map; this one is a private, one-entry array of maps no program uses.
-struct GracePeriod {
-    outer: OwnedFd,
-    inner: OwnedFd,
-}
-
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
-
-/// The leading fields of `union bpf_attr` for BPF_MAP_CREATE (the kernel zero-extends the rest).
-#[repr(C)]
-struct MapCreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    inner_map_fd: u32,
-}
-
-/// `union bpf_attr` for BPF_MAP_UPDATE_ELEM.
-#[repr(C)]
-struct MapUpdateAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size passed.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>() as libc::c_uint) };
-    if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret) }
-}
-
-impl GracePeriod {
-    fn new() -> Result<Self> {
-        let create = |map_type, inner_map_fd| -> Result<OwnedFd> {
-            let attr = MapCreateAttr { map_type, key_size: 4, value_size: 4, max_entries: 1, map_flags: 0, inner_map_fd };
-            let fd = bpf(BPF_MAP_CREATE, &attr).context("creating the grace-period map")?;
-            // SAFETY: BPF_MAP_CREATE returned a new file descriptor that nothing else owns.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-        };
-        let inner = create(BPF_MAP_TYPE_ARRAY, 0)?;
-        let outer = create(BPF_MAP_TYPE_ARRAY_OF_MAPS, inner.as_raw_fd() as u32)?;
-        Ok(Self { outer, inner })
-    }
-
-    fn wait(&self) -> Result<()> {
-        let (key, value) = (0u32, self.inner.as_raw_fd() as u32);
-        let attr = MapUpdateAttr {
-            map_fd: self.outer.as_raw_fd() as u32,
-            _pad: 0,
-            key: &key as *const u32 as u64,
-            value: &value as *const u32 as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &attr).context("waiting for running BPF programs to finish")?;
-        Ok(())
     }
 }

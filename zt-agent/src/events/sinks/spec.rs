@@ -12,7 +12,7 @@
 use std::{fmt, path::PathBuf, str::FromStr};
 
 use super::{file::FileOptions, syslog::Header, tls::TlsOptions, Format, Renderer};
-use crate::fanout::{Filter, FlowVerdict};
+use crate::events::record::{Filter, FlowVerdict};
 
 /// Queue length of a sink unless `queue=` says otherwise.
 pub const DEFAULT_QUEUE: usize = 4096;

@@ -3,12 +3,15 @@
 //! `flows`, answered with one line per flow event (and a `{"kind":"dropped","count":N}` line
 //! before the next event whenever the client read too slowly and N events were dropped for it).
 
+pub mod flows;
+pub mod reload;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -20,10 +23,9 @@ use tokio::{
 use zt_common::{Reason, Verdict};
 
 use crate::{
-    counters::EventCounts,
-    datapath::{Attachment, Datapath, Mode},
-    fanout::{Filter, SinkStats, Sinks},
-    reload::Policies,
+    datapath::{counters::EventCounts, Attachment, Mode, StartReport},
+    events::{fanout::Sinks, record::Filter, sinks::SinkStats},
+    state::Shared,
 };
 
 /// Flow events a `zt-agent flows --follow` client may lag behind before they are dropped for it.
@@ -69,6 +71,10 @@ pub struct Status {
     /// What each sink delivered and dropped; the last entry counts the `flows` clients.
     #[serde(default)]
     pub sinks: Vec<SinkStats>,
+    /// How this agent found the datapath: started fresh, or adopted (and perhaps upgraded or
+    /// migrated) an earlier agent's pinned state.
+    #[serde(default)]
+    pub start: StartReport,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,14 +97,6 @@ pub struct AttachmentStatus {
 pub enum Response {
     Ok { status: Status },
     Error { message: String },
-}
-
-/// What the server, the reloads and the identity sources share. Lock order: `datapath`, then
-/// the identity sources, then `policies`.
-pub struct Shared {
-    pub datapath: Mutex<Datapath>,
-    pub policies: Arc<Mutex<Policies>>,
-    pub sinks: Arc<Sinks>,
 }
 
 fn status(shared: &Shared) -> Result<Status> {
@@ -137,12 +135,13 @@ fn status(shared: &Shared) -> Result<Status> {
         attachments: datapath
             .attachments()
             .iter()
-            .map(|Attachment { interface, hook }| AttachmentStatus { interface: interface.clone(), hook: hook.to_string() })
+            .map(|Attachment { interface, hook, .. }| AttachmentStatus { interface: interface.clone(), hook: hook.to_string() })
             .collect(),
         packets,
         packets_by_hook,
         events: counters.events(),
         sinks: shared.sinks.stats(),
+        start: datapath.start_report().clone(),
     })
 }
 

@@ -6,213 +6,20 @@
 
 use std::{
     collections::VecDeque,
-    ops::Deref,
-    sync::{
-        atomic::{AtomicU64, AtomicU8, Ordering},
-        Arc, Mutex, OnceLock,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize, Serializer};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    events::FlowRecord,
-    sinks::{self, SinkSpec},
+use crate::events::{
+    record::{Event, Filter, Record},
+    sinks::{self, Counters, SinkSpec, SinkStats},
 };
-
-/// An enriched event, shared by every queue it is put in.
-pub type Event = Arc<Record>;
-
-/// An enriched event: a flow from the kernel, kept typed so that a JSON sink serializes it
-/// straight into its line, or an agent event (identity, policy) as JSON. As a [`Value`] (by
-/// `Deref`, for formats derived from the JSON), a flow is built once, when a sink first asks.
-#[derive(Debug)]
-pub struct Record {
-    flow: Option<FlowRecord>,
-    json: OnceLock<Value>,
-}
-
-impl Record {
-    pub fn is_flow(&self) -> bool {
-        match &self.flow {
-            Some(_) => true,
-            None => self["kind"] == "flow",
-        }
-    }
-
-    /// Appends the event's JSON object to `out`.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        match &self.flow {
-            Some(flow) => flow.write_json(out),
-            None => serde_json::to_writer(out, &**self).expect("events serialize"),
-        }
-    }
-}
-
-impl From<FlowRecord> for Record {
-    fn from(flow: FlowRecord) -> Self {
-        Record { flow: Some(flow), json: OnceLock::new() }
-    }
-}
-
-impl From<Value> for Record {
-    fn from(value: Value) -> Self {
-        Record { flow: None, json: OnceLock::from(value) }
-    }
-}
-
-impl Deref for Record {
-    type Target = Value;
-    fn deref(&self) -> &Value {
-        self.json.get_or_init(|| {
-            let flow = self.flow.as_ref().expect("a record without JSON is a flow");
-            serde_json::to_value(flow).expect("flow records serialize")
-        })
-    }
-}
-
-impl Serialize for Record {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match &self.flow {
-            Some(flow) => flow.serialize(serializer),
-            None => (**self).serialize(serializer),
-        }
-    }
-}
 
 /// How many recent flow events `zt-agent flows` (without `--follow`) can show.
 pub const RECENT_FLOWS: usize = 256;
-
-/// A flow verdict, as events and filters name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum FlowVerdict {
-    Allow,
-    Deny,
-    Audit,
-}
-
-impl FlowVerdict {
-    pub fn name(self) -> &'static str {
-        match self {
-            FlowVerdict::Allow => "allow",
-            FlowVerdict::Deny => "deny",
-            FlowVerdict::Audit => "audit",
-        }
-    }
-}
-
-/// Which flow events a consumer wants. Agent events (identity, policy) are not flows and pass
-/// every filter; whether a consumer takes them at all is up to its format.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Filter {
-    /// Empty: every verdict.
-    #[serde(default)]
-    pub verdicts: Vec<FlowVerdict>,
-    /// Only flows with this identity at either end.
-    #[serde(default)]
-    pub identity: Option<String>,
-}
-
-impl Filter {
-    pub fn accepts(&self, event: &Record) -> bool {
-        if self.verdicts.is_empty() && self.identity.is_none() {
-            return true;
-        }
-        let (verdict, identities) = match &event.flow {
-            Some(flow) => (flow.verdict(), flow.identities()),
-            None if event.is_flow() => (
-                event["verdict"].as_str().unwrap_or(""),
-                [event["src"]["identity"].as_str(), event["dst"]["identity"].as_str()],
-            ),
-            None => return true,
-        };
-        let verdict_ok = self.verdicts.is_empty() || self.verdicts.iter().any(|v| verdict == v.name());
-        let identity_ok = self.identity.as_deref().is_none_or(|id| identities.contains(&Some(id)));
-        verdict_ok && identity_ok
-    }
-}
-
-/// What one consumer did with the events offered to it. Every event offered is eventually either
-/// delivered or dropped (or still queued).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SinkStats {
-    /// The sink's `name=` (by default its spec up to the first option).
-    pub name: String,
-    /// Format and transport, e.g. `json:stdout`, `ocsf:file`, `syslog+tcp`; `flows` for the
-    /// `zt-agent flows` clients (counted together).
-    pub kind: String,
-    /// Events written to the transport (for TCP/TLS: written to the connection).
-    pub delivered: u64,
-    /// Events lost: the queue was full, or the transport refused them (UDP, file errors).
-    pub dropped: u64,
-    /// Failed connects, writes and sends.
-    pub errors: u64,
-    /// Connections re-established after one was lost (TCP, TLS).
-    pub reconnects: u64,
-    /// Whether the connection is up (TCP, TLS); absent for the others.
-    pub connected: Option<bool>,
-    /// Events waiting: in the queue, or taken from it and being written.
-    pub queued: u64,
-}
-
-/// The live counters behind [`SinkStats`], shared by the fan-out and the sink's task.
-#[derive(Debug, Default)]
-pub struct Counters {
-    delivered: AtomicU64,
-    dropped: AtomicU64,
-    errors: AtomicU64,
-    reconnects: AtomicU64,
-    /// 0: not a connection, 1: down, 2: up.
-    connected: AtomicU8,
-    /// Events the sink took from its queue and has not delivered or dropped yet.
-    in_flight: AtomicU64,
-}
-
-impl Counters {
-    pub fn delivered(&self, n: u64) {
-        self.delivered.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn dropped(&self, n: u64) {
-        self.dropped.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn error(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn reconnected(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
-    }
-    /// How many events the sink holds outside its queue (a batch being written).
-    pub fn set_in_flight(&self, n: u64) {
-        self.in_flight.store(n, Ordering::Relaxed);
-    }
-    pub fn set_connected(&self, up: bool) {
-        self.connected.store(if up { 2 } else { 1 }, Ordering::Relaxed);
-    }
-    pub fn dropped_so_far(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn snapshot(&self, name: &str, kind: &str, queued: u64) -> SinkStats {
-        SinkStats {
-            name: name.to_owned(),
-            kind: kind.to_owned(),
-            delivered: self.delivered.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            reconnects: self.reconnects.load(Ordering::Relaxed),
-            connected: match self.connected.load(Ordering::Relaxed) {
-                0 => None,
-                state => Some(state == 2),
-            },
-            queued: queued + self.in_flight.load(Ordering::Relaxed),
-        }
-    }
-}
 
 /// One consumer's end of the fan-out.
 struct Output {
@@ -393,6 +200,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::events::record::FlowVerdict;
 
     fn flow(verdict: &str, src: &str, dst: &str) -> Record {
         json!({"kind": "flow", "verdict": verdict, "src": {"identity": src}, "dst": {"identity": dst}}).into()

@@ -5,7 +5,6 @@
 //! and reported as a `"kind": "policy"` event to the sinks.
 
 use std::{
-    collections::VecDeque,
     ffi::OsStr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -21,78 +20,11 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::{control::Shared, events, policy, policy::compile::Compiled, sources::IdentitySources};
+use crate::{events::record, identity::sources::IdentitySources, policy, policy::compile::Compiled, state::Shared};
 
 /// Changes to policy files closer together than this make one reload: an editor's or a
 /// deployment's burst of writes and renames is loaded once, when it is over.
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
-
-/// Compiled policies of recent generations, to name the rules and identities of flow events
-/// that were queued before a switch.
-const KEPT_GENERATIONS: usize = 8;
-
-/// The policy in force and the reload counters.
-pub struct Policies {
-    /// (generation, compiled policy) of recent generations, oldest first.
-    generations: VecDeque<(u32, Arc<Compiled>)>,
-    in_force: u32,
-    /// Reloads applied since the agent started.
-    pub reloads: u64,
-    /// Reloads rejected since the agent started.
-    pub rejected: u64,
-    /// The errors of the last rejected reload, one per line.
-    pub last_rejection: Option<String>,
-    /// How long the policy in force took from reading its files to being in force.
-    pub last_apply: Option<Duration>,
-}
-
-impl Policies {
-    pub fn new(generation: u32, compiled: Arc<Compiled>) -> Self {
-        Self {
-            generations: VecDeque::from([(generation, compiled)]),
-            in_force: generation,
-            reloads: 0,
-            rejected: 0,
-            last_rejection: None,
-            last_apply: None,
-        }
-    }
-
-    /// The policy in force.
-    pub fn current(&self) -> &Arc<Compiled> {
-        self.find(self.in_force).expect("the generation in force is kept")
-    }
-
-    /// The policy of `generation`, or the one in force if that generation is long gone.
-    pub fn of_generation(&self, generation: u32) -> &Arc<Compiled> {
-        self.find(generation).unwrap_or_else(|| self.current())
-    }
-
-    fn find(&self, generation: u32) -> Option<&Arc<Compiled>> {
-        self.generations.iter().rev().find(|(g, _)| *g == generation).map(|(_, c)| c)
-    }
-
-    /// Announces the policy of a generation about to come into force.
-    fn announce(&mut self, generation: u32, compiled: Arc<Compiled>) {
-        self.generations.retain(|(g, _)| *g != generation);
-        self.generations.push_back((generation, compiled));
-        while self.generations.len() > KEPT_GENERATIONS && self.generations.front().is_some_and(|(g, _)| *g != self.in_force) {
-            self.generations.pop_front();
-        }
-    }
-
-    fn activate(&mut self, generation: u32) {
-        self.in_force = generation;
-        self.reloads += 1;
-    }
-
-    /// Forgets an announced generation that never came into force.
-    fn withdraw(&mut self, generation: u32) {
-        if generation != self.in_force {
-            self.generations.retain(|(g, _)| *g != generation);
-        }
-    }
-}
 
 /// What started a reload, as the `trigger` of its event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,7 +91,7 @@ impl Reloader {
                 );
                 self.write_event(trigger, "applied", generation, &[]);
                 for event in identity_events {
-                    self.shared.sinks.publish(events::agent_event(&self.node, event));
+                    self.shared.sinks.publish(record::agent_event(&self.node, event));
                 }
             }
             Err(errors) => {
@@ -222,7 +154,7 @@ impl Reloader {
             "generation": generation,
             "errors": errors,
         });
-        self.shared.sinks.publish(events::agent_event(&self.node, event));
+        self.shared.sinks.publish(record::agent_event(&self.node, event));
     }
 }
 
@@ -340,37 +272,6 @@ impl std::os::fd::AsRawFd for Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn compiled(port: u16) -> Arc<Compiled> {
-        let text = format!(
-            "apiVersion: zt/v1\nkind: Identity\nmetadata: {{name: web}}\nspec: {{selectors: [{{cidr: 10.0.0.0/8}}]}}\n---\n\
-             apiVersion: zt/v1\nkind: Policy\nmetadata: {{name: web}}\n\
-             spec: {{subject: [web], ingress: [{{from: [any], ports: [{{protocol: tcp, port: {port}}}]}}]}}\n"
-        );
-        Arc::new(policy::compile::compile(&policy::parse_str(&text, "p.yaml").unwrap()).unwrap())
-    }
-
-    #[test]
-    fn events_are_named_by_the_policy_of_their_generation() {
-        let (first, second, third) = (compiled(1), compiled(2), compiled(3));
-        let mut policies = Policies::new(1, first.clone());
-        policies.announce(2, second.clone());
-        assert!(Arc::ptr_eq(policies.current(), &first), "announced is not in force");
-        assert!(Arc::ptr_eq(policies.of_generation(2), &second), "but its events can be named");
-        policies.activate(2);
-        assert!(Arc::ptr_eq(policies.current(), &second));
-        assert!(Arc::ptr_eq(policies.of_generation(1), &first), "events queued before the switch");
-        assert_eq!(policies.reloads, 1);
-        policies.announce(3, third);
-        policies.withdraw(3);
-        assert!(Arc::ptr_eq(policies.of_generation(3), &second), "a withdrawn generation falls back to the current");
-        for generation in 3..20 {
-            policies.announce(generation, compiled(generation as u16));
-            policies.activate(generation);
-        }
-        assert_eq!(policies.generations.len(), KEPT_GENERATIONS);
-        assert!(Arc::ptr_eq(policies.of_generation(1), policies.current()), "old generations are forgotten");
-    }
 
     #[test]
     fn only_changes_to_the_policy_files_concern_the_watcher() {

@@ -50,10 +50,7 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
-    use crate::{
-        fanout::Counters,
-        sinks::{net, spec::Target, syslog::Header, Format, Renderer},
-    };
+    use crate::events::sinks::{net, spec::Target, syslog::Header, Counters, Format, Renderer};
 
     /// A CA (written to `ca.pem`) and a server certificate for `name` that it signed.
     fn pki(dir: &std::path::Path, name: &str) -> (PathBuf, rustls::ServerConfig) {

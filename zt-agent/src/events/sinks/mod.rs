@@ -1,7 +1,8 @@
 //! Where events go. A sink is a format — zt's JSON, OCSF Network Activity or CEF, optionally
 //! inside an RFC 5424 syslog header — written to a transport: stdout, a rotating file, or syslog
 //! over UDP, TCP or TLS. Each sink runs on its own, fed by its queue in the fan-out
-//! ([`crate::fanout`]); `spec` parses the `--sink` syntax.
+//! ([`crate::events::fanout`]); `spec` parses the `--sink` syntax. A sink's [`Counters`] (read as
+//! [`SinkStats`]) are kept here, where both the fan-out and the sink's task reach them.
 
 pub mod cef;
 pub mod file;
@@ -13,17 +14,21 @@ pub mod tls;
 
 use std::{
     io::{self, Write as _},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, AtomicU8, Ordering},
+        Arc,
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 pub use spec::{SinkSpec, Transport};
 
-use crate::fanout::{Counters, Event, Record};
+use crate::events::record::{Event, Record};
 
 /// How an event is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +107,83 @@ pub fn event_time(event: &Value) -> SystemTime {
 /// Milliseconds since the epoch, as OCSF and CEF want time.
 pub fn epoch_millis(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What one consumer did with the events offered to it. Every event offered is eventually either
+/// delivered or dropped (or still queued).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkStats {
+    /// The sink's `name=` (by default its spec up to the first option).
+    pub name: String,
+    /// Format and transport, e.g. `json:stdout`, `ocsf:file`, `syslog+tcp`; `flows` for the
+    /// `zt-agent flows` clients (counted together).
+    pub kind: String,
+    /// Events written to the transport (for TCP/TLS: written to the connection).
+    pub delivered: u64,
+    /// Events lost: the queue was full, or the transport refused them (UDP, file errors).
+    pub dropped: u64,
+    /// Failed connects, writes and sends.
+    pub errors: u64,
+    /// Connections re-established after one was lost (TCP, TLS).
+    pub reconnects: u64,
+    /// Whether the connection is up (TCP, TLS); absent for the others.
+    pub connected: Option<bool>,
+    /// Events waiting: in the queue, or taken from it and being written.
+    pub queued: u64,
+}
+
+/// The live counters behind [`SinkStats`], shared by the fan-out and the sink's task.
+#[derive(Debug, Default)]
+pub struct Counters {
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    errors: AtomicU64,
+    reconnects: AtomicU64,
+    /// 0: not a connection, 1: down, 2: up.
+    connected: AtomicU8,
+    /// Events the sink took from its queue and has not delivered or dropped yet.
+    in_flight: AtomicU64,
+}
+
+impl Counters {
+    pub fn delivered(&self, n: u64) {
+        self.delivered.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    /// How many events the sink holds outside its queue (a batch being written).
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(if up { 2 } else { 1 }, Ordering::Relaxed);
+    }
+    pub fn dropped_so_far(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn snapshot(&self, name: &str, kind: &str, queued: u64) -> SinkStats {
+        SinkStats {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            connected: match self.connected.load(Ordering::Relaxed) {
+                0 => None,
+                state => Some(state == 2),
+            },
+            queued: queued + self.in_flight.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Starts the sink's writer; it ends when the fan-out drops the queue's sender, and then drops

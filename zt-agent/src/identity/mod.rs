@@ -4,6 +4,12 @@
 //! from its name alone (plus, on a hash collision, the other names), never from file order or
 //! from which node compiled it: an address is classified on one node and the number is compared
 //! on another.
+//!
+//! Which workload an address, a cgroup or an interface is: [`sources`], with [`svid`] verifying
+//! the X.509-SVIDs of the certificate source.
+
+pub mod sources;
+pub mod svid;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -13,8 +13,8 @@ use std::{
 use serde_json::{json, Value};
 
 use crate::{
+    identity::svid::{self, Presentation, TrustBundle},
     policy::compile::SpiffeMatcher,
-    svid::{self, Presentation, TrustBundle},
 };
 
 /// What a verified SVID binds.

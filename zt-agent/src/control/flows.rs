@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::{
     control::{self, Request},
-    fanout::Filter,
+    events::record::Filter,
 };
 
 /// Prints the recent flows the filter selects and, with `follow`, every new one until the

@@ -10,7 +10,7 @@ use aya::{
 };
 use zt_common::{Config, CtKey, CtValue, EventFlowKey, EventFlowState, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted};
 
-use crate::counters::{self, Counters};
+use super::counters::{self, Counters};
 
 /// Kernel ids of the maps a [`Probe`] watches.
 pub struct Ids {

@@ -14,8 +14,8 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{spec::Target, syslog::octet_counted, Renderer};
-use crate::fanout::{Counters, Event};
+use super::{spec::Target, syslog::octet_counted, Counters, Renderer};
+use crate::events::record::Event;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -205,7 +205,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::sinks::{syslog::Header, Format};
+    use crate::events::sinks::{syslog::Header, Format};
 
     fn renderer() -> Renderer {
         Renderer { format: Format::Json, syslog: Some(Header::new(16)) }

@@ -188,6 +188,26 @@ impl IdentitySources {
         Ok(())
     }
 
+    /// On adoption, after the first [`refresh`](Self::refresh): removes the cgroup and interface
+    /// bindings an earlier agent left that these sources do not make (a cgroup or interface
+    /// gone, or no longer selected, while no agent ran).
+    pub fn sweep_adopted(&self, datapath: &mut Datapath) -> Result<usize> {
+        let mut removed = 0;
+        for cgroup_id in datapath.cgroup_bindings()? {
+            if !self.kernel_cgroups.contains_key(&cgroup_id) {
+                datapath.unbind_cgroup(cgroup_id)?;
+                removed += 1;
+            }
+        }
+        for ifindex in datapath.interface_bindings()? {
+            if !self.interfaces.values().any(|&(bound, _)| bound == ifindex) {
+                datapath.unbind_interface(ifindex)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn name(&self, identity: u32) -> &str {
         self.compiled.identities.name(identity).unwrap_or("?")
     }
