@@ -24,12 +24,10 @@ use aya::{
 use etherparse::PacketBuilder;
 use zt_agent::{
     datapath::{Datapath, Mode},
-    events::{self, decode, Enricher, FlowRecord},
-    fanout::Sinks,
+    events::{self, decode, fanout::Sinks, record::FlowRecord, sinks::SinkSpec, Enricher},
+    identity::sources::IdentitySources,
     policy,
-    reload::Policies,
-    sinks::SinkSpec,
-    sources::IdentitySources,
+    state::Policies,
 };
 use zt_common::programs;
 

@@ -3,17 +3,20 @@
 use std::{
     collections::BTreeSet,
     ffi::{OsStr, OsString},
-    fs,
+    fmt, fs,
     io::{BufRead, BufReader, Read},
-    os::unix::process::CommandExt,
+    os::unix::process::{CommandExt, ExitStatusExt},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::{Arc, Condvar, Mutex},
+    process::{Command, ExitStatus, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Condvar, Mutex, Once,
+    },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nix::{
     sched::{setns, CloneFlags},
     sys::{
@@ -29,20 +32,43 @@ use tempfile::TempDir;
 use crate::{netns::Netns, topology::Node};
 
 pub const AGENT_BIN_ENV: &str = "ZT_AGENT_BIN";
+/// The agent built with the upgrade variant of the datapath (set by `cargo xtask test`).
+pub const UPGRADE_BIN_ENV: &str = "ZT_AGENT_UPGRADE_BIN";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long [`Agent::terminate`] waits for the agent to exit after SIGTERM.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a one-shot command in a namespace (e.g. `detach`) may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Where the per-test pin directories are made (the agent's default is `/sys/fs/bpf/zt`, which
+/// the tests never use).
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPFFS_DIR_PREFIX: &str = "zt-test-";
 
 /// Agents this process started and has not stopped yet.
 static RUNNING: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 /// Their socket directories, which an interrupted process (no destructors) removes itself.
 static SOCKET_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+/// The pin directories this process made and has not cleaned up yet (for interrupts, too).
+static BPFFS_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+static NEXT_BPFFS_DIR: AtomicU32 = AtomicU32::new(0);
+static SWEEP_STALE_BPFFS_DIRS: Once = Once::new();
 
 /// The agent binary, from `$ZT_AGENT_BIN` (set by `cargo xtask test`).
 pub fn agent_bin() -> Result<PathBuf> {
     std::env::var_os(AGENT_BIN_ENV)
         .map(PathBuf::from)
         .context("ZT_AGENT_BIN is not set: run the tests with `cargo xtask test`")
+}
+
+/// The upgraded agent binary, from `$ZT_AGENT_UPGRADE_BIN` (set by `cargo xtask test`).
+pub fn upgrade_agent_bin() -> Result<PathBuf> {
+    let bin = std::env::var_os(UPGRADE_BIN_ENV).map(PathBuf::from).context(
+        "ZT_AGENT_UPGRADE_BIN is not set: run the tests with `cargo xtask test`, which builds the upgraded agent",
+    )?;
+    ensure!(bin.is_file(), "{UPGRADE_BIN_ENV}={} is not a file: run the tests with `cargo xtask test`", bin.display());
+    Ok(bin)
 }
 
 /// Runs a one-shot agent command (e.g. `policy check …`) in the root namespace.
@@ -59,8 +85,9 @@ where
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub policies: Vec<PathBuf>,
-    /// "monitor" or "enforce".
-    pub mode: String,
+    /// "monitor" or "enforce"; `None` passes no `--mode` (a fresh start runs monitor, an agent
+    /// adopting pinned state keeps the pinned mode).
+    pub mode: Option<String>,
     /// Workload-facing interfaces (TC).
     pub attach: Vec<String>,
     /// Interfaces to other nodes (XDP).
@@ -68,6 +95,11 @@ pub struct AgentOptions {
     pub node_name: String,
     /// Further `run` arguments, appended as given.
     pub extra_args: Vec<String>,
+    /// Where the agent pins its maps, programs and links (`--bpffs-dir`). `None`: a new
+    /// directory of its own, cleaned up when the agent is dropped. To start agents one after
+    /// the other on the same pins, give each the same [`BpffsDir`] (e.g. the first agent's,
+    /// [`Agent::bpffs_dir`]); it is cleaned up once the last of them and the test let go of it.
+    pub bpffs_dir: Option<Arc<BpffsDir>>,
 }
 
 impl AgentOptions {
@@ -75,13 +107,215 @@ impl AgentOptions {
     pub fn for_node(node: &Node, policy: impl Into<PathBuf>, mode: &str) -> Self {
         AgentOptions {
             policies: vec![policy.into()],
-            mode: mode.to_owned(),
+            mode: Some(mode.to_owned()),
             attach: node.workload_interfaces().to_vec(),
             uplinks: node.uplink().map(str::to_owned).into_iter().collect(),
             node_name: node.name().to_owned(),
             extra_args: Vec::new(),
+            bpffs_dir: None,
         }
     }
+
+    /// The arguments of `zt-agent run` for these options, with the admin socket and the pin
+    /// directory given (for starting an agent by hand, e.g. one that must refuse to start).
+    pub fn run_args(&self, socket: &Path, bpffs_dir: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["run".into()];
+        let mut flag = |name: &str, value: &OsStr| args.extend([name.into(), value.to_owned()]);
+        for policy in &self.policies {
+            flag("--policy", policy.as_os_str());
+        }
+        if let Some(mode) = &self.mode {
+            flag("--mode", mode.as_ref());
+        }
+        for interface in &self.attach {
+            flag("--attach", interface.as_ref());
+        }
+        for interface in &self.uplinks {
+            flag("--uplink", interface.as_ref());
+        }
+        flag("--socket", socket.as_os_str());
+        flag("--node-name", self.node_name.as_ref());
+        flag("--bpffs-dir", bpffs_dir.as_os_str());
+        args.extend(self.extra_args.iter().map(OsString::from));
+        args
+    }
+}
+
+/// A directory on bpffs for one agent's pins, `/sys/fs/bpf/zt-test-<pid>-<counter>`, unique to
+/// this process and never the agent's default. Pins outlive the agent that made them, so
+/// dropping this runs `zt-agent detach --bpffs-dir <dir>` inside the namespace the agents ran
+/// in (entered with setns, like the agent itself), then removes whatever is still there
+/// (unpinning a link detaches its program). Leftovers of a run that died without destructors
+/// are removed on first use, and [`crate::cleanup_all`] removes those of an interrupted one.
+pub struct BpffsDir {
+    path: PathBuf,
+    /// The namespace the agents run in, held open so that it can still be entered after its
+    /// topology deleted it.
+    netns: fs::File,
+    netns_name: String,
+}
+
+impl BpffsDir {
+    /// A new, not yet existing, directory for agents running in `ns` (the agent creates it).
+    pub fn new(ns: &Netns) -> Result<Arc<BpffsDir>> {
+        crate::ensure_root()?;
+        SWEEP_STALE_BPFFS_DIRS.call_once(remove_stale_bpffs_dirs);
+        let name =
+            format!("{BPFFS_DIR_PREFIX}{}-{}", std::process::id(), NEXT_BPFFS_DIR.fetch_add(1, Ordering::Relaxed));
+        let path = Path::new(BPFFS_ROOT).join(name);
+        if path.exists() {
+            // A previous process with our pid (pids are reused) left it behind.
+            fs::remove_dir_all(&path).with_context(|| format!("remove the leftover {}", path.display()))?;
+        }
+        let netns = fs::File::open(ns.path()).with_context(|| format!("open {}", ns.path().display()))?;
+        BPFFS_DIRS.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone());
+        Ok(Arc::new(BpffsDir { path, netns, netns_name: ns.name().to_owned() }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `<dir>/v1`, where the agent keeps `maps/`, `programs/` and `links/`.
+    pub fn pins(&self) -> PathBuf {
+        self.path.join("v1")
+    }
+
+    /// Runs `zt-agent detach --bpffs-dir <dir>` (with `--json` if asked) in the agents'
+    /// namespace, with `$ZT_AGENT_BIN`; its output, whatever its exit status.
+    pub fn detach(&self, json: bool) -> Result<Output> {
+        let mut args: Vec<OsString> = vec!["detach".into(), "--bpffs-dir".into(), self.path.clone().into()];
+        if json {
+            args.push("--json".into());
+        }
+        run_in_netns_file(&agent_bin()?, &self.netns, &self.netns_name, &args, COMMAND_TIMEOUT)
+    }
+}
+
+impl fmt::Debug for BpffsDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BpffsDir").field("path", &self.path).field("netns", &self.netns_name).finish()
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        let registered = BPFFS_DIRS.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.path);
+        if !registered || !self.path.exists() {
+            return;
+        }
+        match self.detach(false) {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => eprintln!(
+                "zt-tests: `zt-agent detach --bpffs-dir {}` failed ({}): {}",
+                self.path.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Err(e) => eprintln!("zt-tests: `zt-agent detach --bpffs-dir {}`: {e:#}", self.path.display()),
+        }
+        if self.path.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                eprintln!("zt-tests: removing {} failed: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// Removes every pin directory this process still holds (for interrupt handlers, after the
+/// agents were stopped): unpinning the links detaches the programs.
+pub(crate) fn remove_all_bpffs_dirs() {
+    for dir in std::mem::take(&mut *BPFFS_DIRS.lock().unwrap_or_else(|e| e.into_inner())) {
+        if dir.exists() {
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                eprintln!("zt-tests: removing {} failed: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// Directories `zt-test-<pid>-…` whose process is gone are leftovers of an aborted run.
+fn remove_stale_bpffs_dirs() {
+    let Ok(entries) = fs::read_dir(BPFFS_ROOT) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = bpffs_dir_owner(&name) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("zt-tests: removing leftover pins {BPFFS_ROOT}/{name} (its process {pid} is gone)");
+            if let Err(e) = fs::remove_dir_all(entry.path()) {
+                eprintln!("zt-tests: removing {BPFFS_ROOT}/{name} failed: {e}");
+            }
+        }
+    }
+}
+
+/// The pid in a name of the form `zt-test-<pid>-<counter>`.
+fn bpffs_dir_owner(name: &str) -> Option<u32> {
+    let (pid, counter) = name.strip_prefix(BPFFS_DIR_PREFIX)?.split_once('-')?;
+    counter.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Runs `zt-agent args…` inside `ns` (entered with setns, so it sees the host's bpffs, unlike
+/// `ip netns exec`) and returns its output. It is killed, and this fails, if it runs longer
+/// than `timeout`.
+pub fn run_agent_command_in<I, S>(ns: &Netns, args: I, timeout: Duration) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let netns = fs::File::open(ns.path()).with_context(|| format!("open {}", ns.path().display()))?;
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    run_in_netns_file(&agent_bin()?, &netns, ns.name(), &args, timeout)
+}
+
+fn run_in_netns_file(
+    bin: &Path,
+    netns: &fs::File,
+    ns_name: &str,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<Output> {
+    let command_line =
+        format!("{} {}", bin.display(), args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+    let netns = netns.try_clone().context("dup the namespace file")?;
+    let mut command = Command::new(bin);
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: the closure runs between fork and exec and only makes two syscalls.
+    unsafe {
+        command.pre_exec(move || {
+            setns(&netns, CloneFlags::CLONE_NEWNET)?;
+            prctl::set_pdeathsig(Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().with_context(|| format!("spawn `{command_line}` in {ns_name}"))?;
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("wait for the command")? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
+            bail!(
+                "`{command_line}` in {ns_name} still ran after {timeout:?} (killed); stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        thread::sleep(POLL_INTERVAL);
+    };
+    Ok(Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() })
 }
 
 /// What the agent wrote: events (stdout, one JSON object per line) and its log (stderr).
@@ -112,6 +346,8 @@ pub struct Agent {
     readers: Vec<JoinHandle<()>>,
     /// Holds the admin socket; removed on drop.
     socket_dir: TempDir,
+    /// The agent's pins; shared with the agents started on the same directory.
+    bpffs_dir: Arc<BpffsDir>,
 }
 
 impl Agent {
@@ -125,25 +361,20 @@ impl Agent {
         Agent::spawn(&agent_bin()?, ns, options)
     }
 
+    /// [`Agent::start`] with another agent binary (e.g. the upgrade under test).
+    pub fn start_bin(bin: &Path, ns: &Netns, options: &AgentOptions) -> Result<Agent> {
+        Agent::spawn(bin, ns, options)
+    }
+
     fn spawn(bin: &Path, ns: &Netns, options: &AgentOptions) -> Result<Agent> {
+        let bpffs_dir = match &options.bpffs_dir {
+            Some(dir) => dir.clone(),
+            None => BpffsDir::new(ns)?,
+        };
         let socket_dir = tempfile::Builder::new().prefix("zt-agent-").tempdir()?;
         SOCKET_DIRS.lock().unwrap_or_else(|e| e.into_inner()).insert(socket_dir.path().to_owned());
         let socket = socket_dir.path().join("agent.sock");
-        let mut args: Vec<OsString> = vec!["run".into()];
-        let mut flag = |name: &str, value: &OsStr| args.extend([name.into(), value.to_owned()]);
-        for policy in &options.policies {
-            flag("--policy", policy.as_os_str());
-        }
-        flag("--mode", options.mode.as_ref());
-        for interface in &options.attach {
-            flag("--attach", interface.as_ref());
-        }
-        for interface in &options.uplinks {
-            flag("--uplink", interface.as_ref());
-        }
-        flag("--socket", socket.as_os_str());
-        flag("--node-name", options.node_name.as_ref());
-        args.extend(options.extra_args.iter().map(OsString::from));
+        let args = options.run_args(&socket, bpffs_dir.path());
         let command_line =
             format!("{} {}", bin.display(), args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
 
@@ -176,6 +407,7 @@ impl Agent {
             collected,
             readers,
             socket_dir,
+            bpffs_dir,
         };
         agent.wait_ready().with_context(|| format!("start `{command_line}` in {ns}"))?;
         Ok(agent)
@@ -219,6 +451,78 @@ impl Agent {
         self.pid.as_raw() as u32
     }
 
+    /// The binary it runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Where it pins its state; pass it in [`AgentOptions::bpffs_dir`] to start another agent on
+    /// the same pins.
+    pub fn bpffs_dir(&self) -> &Arc<BpffsDir> {
+        &self.bpffs_dir
+    }
+
+    /// Whether the process is still running (not yet reaped by the harness).
+    pub fn is_running(&self) -> bool {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).contains(&self.pid.as_raw())
+            && self.reap_if_exited().is_none()
+    }
+
+    /// SIGKILL, then reaps it: no chance to clean anything up. Its events and log stay readable.
+    pub fn kill9(&mut self) {
+        if RUNNING.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.pid.as_raw()) {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = waitpid(self.pid, None);
+        }
+        self.drain_readers();
+    }
+
+    /// SIGTERM, then waits (up to 10 s) for it to exit and reaps it; how it exited. Still running
+    /// after that, it is killed and this fails.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        ensure!(
+            RUNNING.lock().unwrap_or_else(|e| e.into_inner()).contains(&self.pid.as_raw()),
+            "the agent ({}) is not running any more",
+            self.pid
+        );
+        kill(self.pid, Signal::SIGTERM).context("sending SIGTERM to the agent")?;
+        let deadline = Instant::now() + TERMINATE_TIMEOUT;
+        let status = loop {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw((code & 0xff) << 8),
+                Ok(WaitStatus::Signaled(_, signal, core)) => {
+                    break ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 })
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    RUNNING.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.pid.as_raw());
+                    bail!("waiting for the agent ({}): {e}", self.pid);
+                }
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                bail!("the agent did not exit within {TERMINATE_TIMEOUT:?} of SIGTERM; stderr:\n{}", self.stderr());
+            }
+            thread::sleep(POLL_INTERVAL);
+        };
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.pid.as_raw());
+        self.drain_readers();
+        Ok(status)
+    }
+
+    /// Once the process is gone: lets the readers take in the rest of its output.
+    fn drain_readers(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.readers.iter().all(JoinHandle::is_finished) && Instant::now() < deadline {
+            thread::sleep(POLL_INTERVAL);
+        }
+        for reader in std::mem::take(&mut self.readers) {
+            if reader.is_finished() {
+                let _ = reader.join();
+            }
+        }
+    }
+
     /// The admin socket (for `zt-agent … --socket`).
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -254,6 +558,11 @@ impl Agent {
     /// Asks the running agent to reload its policy (SIGHUP).
     pub fn request_reload(&self) -> Result<()> {
         kill(self.pid, Signal::SIGHUP).context("sending SIGHUP to the agent")
+    }
+
+    /// `zt-agent status --json --socket …`, parsed; panics (with the agent's log) if that fails.
+    pub fn status_json(&self) -> Value {
+        self.status().unwrap_or_else(|e| panic!("{e:#}\nagent stderr:\n{}", self.stderr()))
     }
 
     /// `zt-agent status --json --socket …`, parsed.
@@ -303,7 +612,7 @@ impl Drop for Agent {
     }
 }
 
-/// Stops every agent this process still runs and removes their sockets (for interrupt
+/// Stops every agent this process still runs and removes their sockets and pins (for interrupt
 /// handlers, after which no destructor runs).
 pub(crate) fn stop_all() {
     let pids = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
@@ -313,6 +622,7 @@ pub(crate) fn stop_all() {
     for dir in std::mem::take(&mut *SOCKET_DIRS.lock().unwrap_or_else(|e| e.into_inner())) {
         let _ = fs::remove_dir_all(dir);
     }
+    remove_all_bpffs_dirs();
 }
 
 /// SIGTERM, up to [`STOP_GRACE`] to exit, then SIGKILL; reaps the process.
@@ -399,12 +709,22 @@ done
     fn options(policy: &str) -> AgentOptions {
         AgentOptions {
             policies: vec![policy.into()],
-            mode: "monitor".into(),
+            mode: Some("monitor".into()),
             attach: vec!["lxc-web".into()],
             uplinks: Vec::new(),
             node_name: "node-a".into(),
             extra_args: Vec::new(),
+            bpffs_dir: None,
         }
+    }
+
+    #[test]
+    fn bpffs_dir_owner_only_matches_our_naming_scheme() {
+        assert_eq!(bpffs_dir_owner("zt-test-1234-7"), Some(1234));
+        assert_eq!(bpffs_dir_owner("zt-test-1234-x"), None);
+        assert_eq!(bpffs_dir_owner("zt-test-1234"), None);
+        assert_eq!(bpffs_dir_owner("zt"), None);
+        assert_eq!(bpffs_dir_owner("zt-1234-7"), None);
     }
 
     fn is_alive(pid: u32) -> bool {

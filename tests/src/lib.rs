@@ -9,17 +9,22 @@ pub mod agent;
 pub mod cgroup;
 pub mod netns;
 pub mod rsyslog;
+pub mod sniffer;
 pub mod topology;
 pub mod traffic;
 
-pub use agent::{agent_bin, run_agent_command, Agent, AgentOptions};
+pub use agent::{
+    agent_bin, run_agent_command, run_agent_command_in, upgrade_agent_bin, Agent, AgentOptions, BpffsDir,
+};
 pub use cgroup::Cgroup;
 pub use netns::Netns;
 pub use rsyslog::{Received, Rsyslog, RsyslogInputs, TlsFiles};
+pub use sniffer::{Packet, Sniffer};
 pub use topology::{Node, Topology, TopologySpec, Workload};
 pub use traffic::{http_get, ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
 
-/// Stops the agents, deletes the namespaces and removes the cgroups this process still holds.
+/// Stops the agents, removes their pins, deletes the namespaces and removes the cgroups this
+/// process still holds.
 /// Concurrent calls return once the first has finished, so any caller may exit right after.
 pub fn cleanup_all() {
     static CLEANING: std::sync::Mutex<()> = std::sync::Mutex::new(());

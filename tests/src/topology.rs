@@ -102,6 +102,11 @@ impl Workload {
     pub fn node_interface(&self) -> &str {
         &self.node_interface
     }
+
+    /// The subnet index it was created with (the third octet of its IPv4 address).
+    fn index(&self) -> u8 {
+        self.ipv4.octets()[2]
+    }
 }
 
 /// A node namespace: routes between its workloads and, when there are two nodes, the uplink.
@@ -214,6 +219,38 @@ impl Topology {
 
     pub fn workloads(&self) -> &[Workload] {
         &self.workloads
+    }
+
+    /// Adds workload `name` (subnet `index`) to node-a now, e.g. under a running agent: its
+    /// node-side veth `lxc-<name>` appears in the node namespace the moment the veth pair is
+    /// created, and is configured and up (both ends) when this returns.
+    pub fn add_workload(&mut self, name: &str, index: u8) -> Result<&Workload> {
+        let mut spec = TopologySpec::new();
+        for workload in self.workloads.iter().filter(|w| w.node_name == self.nodes[0].name) {
+            spec = spec.workload(&workload.name, workload.index());
+        }
+        spec.workload(name, index).validate()?;
+        let plan = &NODE_PLANS[0];
+        let workload = add_workload(&self.nodes[0], plan, name, index)
+            .with_context(|| format!("{}: add workload {name} (index {index})", plan.name))?;
+        wait_until_links_up(&workload.ns)?;
+        wait_until_links_up(&self.nodes[0].ns)?;
+        self.nodes[0].workload_interfaces.push(workload.node_interface.clone());
+        self.workloads.push(workload);
+        Ok(self.workloads.last().expect("just pushed"))
+    }
+
+    /// Deletes workload `name`'s namespace, and with it both ends of its veth.
+    pub fn remove_workload(&mut self, name: &str) {
+        let position = self
+            .workloads
+            .iter()
+            .position(|w| w.name == name)
+            .unwrap_or_else(|| panic!("no workload {name:?} in this topology"));
+        let workload = self.workloads.remove(position);
+        for node in &mut self.nodes {
+            node.workload_interfaces.retain(|i| *i != workload.node_interface);
+        }
     }
 
     /// The namespace of workload `name`.

@@ -9,10 +9,8 @@ use aya::{
 };
 use etherparse::PacketBuilder;
 use zt_agent::{
-    counters::EventCounts,
-    datapath::{Datapath, Mode},
-    event_limits::EventLimitSettings,
-    events,
+    datapath::{counters::EventCounts, Datapath, Mode},
+    events::{self, limits::EventLimitSettings},
     policy::{self, compile::Compiled},
 };
 use zt_common::{programs, Direction, FlowEvent, Hook, Reason, Verdict};

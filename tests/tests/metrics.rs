@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
-use zt_agent::event_limits::EventLimitSettings;
+use zt_agent::events::limits::EventLimitSettings;
 use zt_tests::{ensure_root, http_get, tcp_connect, tcp_server, Agent, AgentOptions, Netns, Topology, TopologySpec};
 
 /// The default `--metrics-addr`, on the node namespace's own loopback.

@@ -115,7 +115,25 @@ const ATTEMPTS: [Attempt; 7] = [
     },
 ];
 
-/// Phase 3, once billing's certificate has expired: nothing identifies billing any more.
+/// Phase 3, while no agent runs: the pinned programs judge as before.
+const WHILE_DOWN: [Attempt; 2] = [
+    Attempt {
+        client: Client::Workload("web"),
+        server: "api",
+        port: 8080,
+        allowed_by_policy: true,
+        story: "allowed flows carry on",
+    },
+    Attempt {
+        client: Client::Workload("intruder"),
+        server: "db",
+        port: 5432,
+        allowed_by_policy: false,
+        story: "and the intruder stays out",
+    },
+];
+
+/// Phase 4, once billing's certificate has expired: nothing identifies billing any more.
 const AFTER_EXPIRY: [Attempt; 2] = [
     Attempt {
         client: Client::Workload("web"),
@@ -250,7 +268,7 @@ fn guided_run() -> Result<()> {
     ]
     .map(str::to_owned)
     .into();
-    let agent = Agent::start(topo.node().ns(), &options)?;
+    let mut agent = Agent::start(topo.node().ns(), &options)?;
     let bound = wait_for_identity_event(&agent, "bound")?;
     println!("\n  {}", identity_line(&bound));
 
@@ -277,7 +295,34 @@ fn guided_run() -> Result<()> {
         println!("{deny}");
     }
 
-    heading("5. Phase 3: certificates expire");
+    heading("5. Phase 3: the agent is killed");
+    println!("`kill -9` of the agent. Its maps, programs and links are pinned in");
+    println!("{}, so nothing is detached: the programs keep judging with", agent.bpffs_dir().path().display());
+    println!("the last policy and mode while no agent runs.");
+    agent.kill9();
+    surprises += cluster.attempt_without_agent(&WHILE_DOWN)?;
+    println!("A new agent started on the same directory adopts that state: its policy is applied as a");
+    println!("reload, and each pinned link is switched to its programs in one atomic update.");
+    options.mode = None;
+    options.bpffs_dir = Some(agent.bpffs_dir().clone());
+    drop(agent);
+    let agent = Agent::start(topo.node().ns(), &options)?;
+    let status = agent.status_json();
+    println!(
+        "\n  started: {}, generation {} (was {}), {} links adopted, mode {} kept",
+        status["start"]["kind"].as_str().unwrap_or("?"),
+        status["generation"],
+        status["start"]["previous_generation"],
+        status["start"]["links_adopted"],
+        status["mode"].as_str().unwrap_or("?")
+    );
+    let while_down = |event: &Value| event["verdict"] == "deny" && event["src"]["identity"] == "intruder";
+    if let Some(deny) = agent.wait_for_event(while_down, EVENT_TIMEOUT) {
+        println!("\nThe intruder's attempts while no agent ran waited in the pinned ring buffer; the new");
+        println!("agent reported them, e.g.:\n{deny}");
+    }
+
+    heading("6. Phase 4: certificates expire");
     println!("SVIDs are short-lived: billing must present a renewed one before this one expires. It");
     println!("presents one that expired yesterday instead (written aside, then renamed over).");
     certificates
@@ -287,14 +332,15 @@ fn guided_run() -> Result<()> {
     surprises += cluster.attempt_all(&AFTER_EXPIRY, &agent, "enforce")?;
     println!("billing's addresses are `world` again, which no policy lets in; nothing restarted.");
 
-    heading("6. Teardown");
+    heading("7. Teardown");
     drop(agent);
     drop(servers);
     drop(services);
     drop(certificates);
     drop(topo);
     println!(
-        "Agent stopped; namespaces, cgroups and certificates deleted ({:.0?} since the build finished).",
+        "Agent stopped and its pins removed (`zt-agent detach`); namespaces, cgroups and certificates deleted \
+         ({:.0?} since the build finished).",
         started.elapsed()
     );
     ensure!(surprises == 0, "{surprises} attempt(s) did not end as expected (marked above)");
@@ -313,42 +359,7 @@ impl Cluster<'_> {
     /// them. Returns how many outcomes differ from what `mode` should give.
     fn attempt_all(&self, attempts: &[Attempt], agent: &Agent, mode: &str) -> Result<usize> {
         let first_event = agent.events().len();
-        let mut surprises = 0;
-        let mut flows = Vec::new();
-        for attempt in attempts {
-            let expect_connected = attempt.allowed_by_policy || mode == "monitor";
-            let label = format!("{} → {}:{}", attempt.client.name(), attempt.server, attempt.port);
-            let mut outcomes = String::new();
-            for (family, server_ip) in
-                [("IPv4", self.topo.ipv4(attempt.server)), ("IPv6", self.topo.ipv6(attempt.server))]
-            {
-                let connected = self.connect(attempt.client, SocketAddr::new(server_ip, attempt.port))?;
-                // The Ctrl-C handler may have killed the client and deleted its namespace: that is no
-                // outcome to print.
-                ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
-                outcomes += &format!("  {family} {}", if connected { "✓ connected" } else { "✗ blocked  " });
-                if connected != expect_connected {
-                    surprises += 1;
-                    outcomes += " (unexpected!)";
-                }
-                let (client, client_cgroup) = match attempt.client {
-                    Client::Workload(name) => {
-                        (if server_ip.is_ipv4() { self.topo.ipv4(name) } else { self.topo.ipv6(name) }, None)
-                    }
-                    Client::HostService { cgroup, by_cgroup } => {
-                        (node_side(server_ip), by_cgroup.then(|| self.services.get(cgroup).relative().to_owned()))
-                    }
-                };
-                flows.push(Flow {
-                    label: format!("{label} {family}"),
-                    client,
-                    client_cgroup,
-                    server: server_ip,
-                    port: attempt.port,
-                });
-            }
-            println!("  {label:<25}{outcomes}   ({})", attempt.story);
-        }
+        let (surprises, flows) = self.try_each(attempts, mode)?;
 
         // Wait until each flow was reported in this mode, then show this phase's events for them.
         let deadline = Instant::now() + EVENT_TIMEOUT;
@@ -387,6 +398,53 @@ impl Cluster<'_> {
     }
 
     /// One TCP echo round trip from `client` to `server`; whether it succeeded.
+    /// Like [`attempt_all`](Self::attempt_all) in enforce mode, with no agent to report events.
+    fn attempt_without_agent(&self, attempts: &[Attempt]) -> Result<usize> {
+        Ok(self.try_each(attempts, "enforce")?.0)
+    }
+
+    /// Tries every attempt over IPv4 and IPv6 and prints the outcomes. Returns how many differ
+    /// from what `mode` should give, and the flows tried.
+    fn try_each(&self, attempts: &[Attempt], mode: &str) -> Result<(usize, Vec<Flow>)> {
+        let mut surprises = 0;
+        let mut flows = Vec::new();
+        for attempt in attempts {
+            let expect_connected = attempt.allowed_by_policy || mode == "monitor";
+            let label = format!("{} → {}:{}", attempt.client.name(), attempt.server, attempt.port);
+            let mut outcomes = String::new();
+            for (family, server_ip) in
+                [("IPv4", self.topo.ipv4(attempt.server)), ("IPv6", self.topo.ipv6(attempt.server))]
+            {
+                let connected = self.connect(attempt.client, SocketAddr::new(server_ip, attempt.port))?;
+                // The Ctrl-C handler may have killed the client and deleted its namespace: that is no
+                // outcome to print.
+                ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
+                outcomes += &format!("  {family} {}", if connected { "✓ connected" } else { "✗ blocked  " });
+                if connected != expect_connected {
+                    surprises += 1;
+                    outcomes += " (unexpected!)";
+                }
+                let (client, client_cgroup) = match attempt.client {
+                    Client::Workload(name) => {
+                        (if server_ip.is_ipv4() { self.topo.ipv4(name) } else { self.topo.ipv6(name) }, None)
+                    }
+                    Client::HostService { cgroup, by_cgroup } => {
+                        (node_side(server_ip), by_cgroup.then(|| self.services.get(cgroup).relative().to_owned()))
+                    }
+                };
+                flows.push(Flow {
+                    label: format!("{label} {family}"),
+                    client,
+                    client_cgroup,
+                    server: server_ip,
+                    port: attempt.port,
+                });
+            }
+            println!("  {label:<25}{outcomes}   ({})", attempt.story);
+        }
+        Ok((surprises, flows))
+    }
+
     fn connect(&self, client: Client, server: SocketAddr) -> Result<bool> {
         match client {
             Client::Workload(name) => Ok(tcp_connect(self.topo.ns(name), server, CONNECT_TIMEOUT).is_ok()),
