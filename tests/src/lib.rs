@@ -21,7 +21,9 @@ pub use netns::Netns;
 pub use rsyslog::{Received, Rsyslog, RsyslogInputs, TlsFiles};
 pub use sniffer::{Packet, Sniffer};
 pub use topology::{Node, Topology, TopologySpec, Workload};
-pub use traffic::{http_get, ping, tcp_connect, tcp_server, udp_echo_server, udp_roundtrip, Server};
+pub use traffic::{
+    http_get, ping, tcp_connect, tcp_server, udp_echo_of, udp_echo_server, udp_roundtrip, udp_send_from, Server,
+};
 
 /// Stops the agents, removes their pins, deletes the namespaces and removes the cgroups this
 /// process still holds.

@@ -133,22 +133,38 @@ pub fn udp_echo_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
 
 /// Sends one datagram from `ns` to `dst` and waits up to `timeout` for its echo.
 pub fn udp_roundtrip(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<()> {
+    udp_echo_of(ns, dst, PROBE, timeout)
+}
+
+/// Sends `payload` as one datagram (fragmented by the sender when it exceeds the MTU) from `ns`
+/// to `dst` and waits up to `timeout` for the same bytes to come back.
+pub fn udp_echo_of(ns: &Netns, dst: SocketAddr, payload: &[u8], timeout: Duration) -> Result<()> {
     ns.run(|| -> Result<()> {
         let deadline = Instant::now() + timeout;
         let any: IpAddr = if dst.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
         let socket = UdpSocket::bind((any, 0))?;
         socket.connect(dst)?;
-        socket.send(PROBE).context("send the probe")?;
-        let mut buf = [0u8; 1024];
+        socket.send(payload).context("send the datagram")?;
+        let mut buf = vec![0u8; 65536];
         loop {
             socket.set_read_timeout(Some(remaining(deadline)?))?;
             let n = socket.recv(&mut buf).context("wait for the echo")?;
-            if &buf[..n] == PROBE {
+            if &buf[..n] == payload {
                 return Ok(());
             }
         }
     })
-    .with_context(|| format!("udp {dst} from {ns} (timeout {timeout:?})"))
+    .with_context(|| format!("udp {dst} from {ns}, {} bytes (timeout {timeout:?})", payload.len()))
+}
+
+/// Sends one datagram from `src` (an address of `ns`'s) to `dst`, expecting nothing back.
+pub fn udp_send_from(ns: &Netns, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Result<()> {
+    ns.run(|| -> Result<()> {
+        let socket = UdpSocket::bind(src).with_context(|| format!("bind {src}"))?;
+        socket.send_to(payload, dst).with_context(|| format!("send to {dst}"))?;
+        Ok(())
+    })
+    .with_context(|| format!("udp {src} → {dst} in {ns}"))
 }
 
 /// One ICMP/ICMPv6 echo from `ns` to `addr`; true when the reply came within `timeout`

@@ -173,7 +173,7 @@ fn a_datapath_whose_mode_was_never_written_enforces() {
     let mut dp = Datapath::load().expect("loading the datapath needs root and a BPF-capable kernel");
     let mut fragment = tcp4(WEB, API, 40000, 8080);
     fragment[14 + 6..14 + 8].copy_from_slice(&185u16.to_be_bytes());
-    let (outcome, n) = judge_counted(&mut dp, &fragment, Verdict::Deny, Reason::Fragment);
+    let (outcome, n) = judge_counted(&mut dp, &fragment, Verdict::Deny, Reason::FragmentOrphan);
     assert_eq!((outcome, n), (Outcome::Drop, 3));
 }
 
@@ -250,25 +250,123 @@ fn truncated_and_inconsistent_headers_are_denied_as_malformed() {
     }
 }
 
+/// A TCP segment (header + `data`) from `src_port` to `dst_port`, as the bytes a fragment train
+/// splits.
+fn tcp_segment(src_port: u16, dst_port: u16, data: &[u8]) -> Vec<u8> {
+    let mut segment = Vec::new();
+    segment.extend(src_port.to_be_bytes());
+    segment.extend(dst_port.to_be_bytes());
+    segment.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0x04, 0x00, 0, 0, 0, 0]);
+    segment.extend(data);
+    segment
+}
+
+/// One IPv4 fragment: `data` at byte `offset` of the fragmented datagram.
+fn ipv4_fragment(src: [u8; 4], dst: [u8; 4], id: u16, offset: usize, more: bool, data: &[u8]) -> Vec<u8> {
+    let mut frame = vec![4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 0x08, 0x00];
+    let flags_offset = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+    frame.extend([0x45, 0]);
+    frame.extend(((20 + data.len()) as u16).to_be_bytes());
+    frame.extend(id.to_be_bytes());
+    frame.extend(flags_offset.to_be_bytes());
+    frame.extend([64, 6, 0, 0]);
+    frame.extend(src);
+    frame.extend(dst);
+    frame.extend(data);
+    frame
+}
+
+/// One IPv6 fragment: `data` at byte `offset` of the fragmentable part, whose first header is
+/// `next` (6: TCP; 60: destination options).
+fn ipv6_fragment(src: [u8; 16], dst: [u8; 16], next: u8, id: u32, offset: usize, more: bool, data: &[u8]) -> Vec<u8> {
+    let mut frame = vec![4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 0x86, 0xdd];
+    frame.extend([0x60, 0, 0, 0]);
+    frame.extend(((8 + data.len()) as u16).to_be_bytes());
+    frame.extend([44, 64]);
+    frame.extend(src);
+    frame.extend(dst);
+    frame.extend([next, 0]);
+    frame.extend((offset as u16 | more as u16).to_be_bytes());
+    frame.extend(id.to_be_bytes());
+    frame.extend(data);
+    frame
+}
+
 #[test]
-fn fragments_are_never_a_bypass() {
+fn fragments_are_judged_as_their_flow() {
     let mut dp = datapath(Mode::Enforce);
-    // A non-first fragment of an otherwise allowed flow: it carries no ports to judge.
-    let mut later = tcp4(WEB, API, 40000, 8080);
-    later[14 + 6..14 + 8].copy_from_slice(&185u16.to_be_bytes());
-    let (outcome, n) = judge_counted(&mut dp, &later, Verdict::Deny, Reason::Fragment);
+    let allowed = tcp_segment(40000, 8080, &[7; 40]);
+    // Cut after 24 bytes: the first fragment holds the whole TCP header.
+    let (head, tail) = allowed.split_at(24);
+    let (outcome, n) = judge_counted(&mut dp, &ipv4_fragment(WEB, API, 1, 0, true, head), Verdict::Allow, Reason::PolicyAllow);
+    assert_eq!((outcome, n), (Outcome::Pass, 1), "the first fragment is judged by its ports");
+    let (outcome, n) = judge_counted(&mut dp, &ipv4_fragment(WEB, API, 1, 24, false, tail), Verdict::Allow, Reason::Established);
+    assert_eq!((outcome, n), (Outcome::Pass, 3), "the fragment after it belongs to the admitted flow");
+
+    let denied = tcp_segment(40000, 22, &[7; 40]);
+    let (head, tail) = denied.split_at(24);
+    assert_eq!(judge(&mut dp, &ipv4_fragment(WEB, API, 2, 0, true, head)), Outcome::Drop);
+    let (outcome, n) = judge_counted(&mut dp, &ipv4_fragment(WEB, API, 2, 24, false, tail), Verdict::Deny, Reason::DefaultDeny);
+    assert_eq!((outcome, n), (Outcome::Drop, 3), "a fragment of a denied flow is denied as that flow");
+
+    // IPv6: the same, with the fragment header.
+    let (head, tail) = allowed.split_at(24);
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 6, 9, 0, true, head)), Outcome::Pass);
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 6, 9, 24, false, tail)), Outcome::Pass);
+    let (head, tail) = denied.split_at(24);
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 6, 10, 0, true, head)), Outcome::Drop);
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 6, 10, 24, false, tail)), Outcome::Drop);
+    // An atomic fragment (offset 0, no more fragments) is a whole packet.
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 6, 11, 0, false, &allowed)), Outcome::Pass);
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 6, 12, 0, false, &denied)), Outcome::Drop);
+}
+
+#[test]
+fn evasive_fragments_are_dropped_each_with_its_reason() {
+    let mut dp = datapath(Mode::Enforce);
+    let mut ring = dp.take_events().unwrap();
+    let segment = tcp_segment(40000, 8080, &[7; 40]);
+    let (head, tail) = segment.split_at(24);
+
+    // Out of order: the later fragment comes first, so nothing says which flow it belongs to.
+    let later_first = ipv4_fragment(WEB, API, 20, 24, false, tail);
+    let (outcome, n) = judge_counted(&mut dp, &later_first, Verdict::Deny, Reason::FragmentOrphan);
     assert_eq!((outcome, n), (Outcome::Drop, 3));
-    // The first fragment carries the ports and is judged like any packet.
-    let mut first = tcp4(WEB, API, 40000, 8080);
-    first[14 + 6] = 0x20; // more fragments, offset 0
-    assert_eq!(judge(&mut dp, &first), Outcome::Pass);
-    let mut first_denied = tcp4(INTRUDER, API, 40000, 8080);
-    first_denied[14 + 6] = 0x20;
-    assert_eq!(judge(&mut dp, &first_denied), Outcome::Drop);
-    // Any IPv6 fragment header.
-    let (outcome, n) =
-        judge_counted(&mut dp, &tcp6_with_extensions(&[44], 8080), Verdict::Deny, Reason::Fragment);
-    assert_eq!((outcome, n), (Outcome::Drop, 3));
+    let orphan = drain(&mut ring).into_iter().find(|e| e.reason == Reason::FragmentOrphan as u8).expect("an orphan event");
+    let identities = compiled(POLICY).identities;
+    let (web, api) = (identities.id("web").unwrap(), identities.id("api").unwrap());
+    assert_eq!((orphan.src_identity, orphan.dst_identity), (web, api), "fragment events name the ends by address");
+    let v6_orphan = ipv6_fragment(WEB6, API6, 6, 21, 24, false, tail);
+    assert_eq!(judge_counted(&mut dp, &v6_orphan, Verdict::Deny, Reason::FragmentOrphan), (Outcome::Drop, 3));
+
+    // Overlap: after an allowed first fragment, one at offset 8 would rewrite the TCP header
+    // (its ports among them) after the verdict was taken on it.
+    assert_eq!(judge(&mut dp, &ipv4_fragment(WEB, API, 22, 0, true, head)), Outcome::Pass);
+    let rewrite = ipv4_fragment(WEB, API, 22, 8, false, &tcp_segment(40000, 22, &[])[8..]);
+    assert_eq!(judge_counted(&mut dp, &rewrite, Verdict::Deny, Reason::FragmentOverlap), (Outcome::Drop, 3));
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 6, 23, 0, true, head)), Outcome::Pass);
+    let rewrite6 = ipv6_fragment(WEB6, API6, 6, 23, 16, false, &segment[16..]);
+    assert_eq!(judge_counted(&mut dp, &rewrite6, Verdict::Deny, Reason::FragmentOverlap), (Outcome::Drop, 3));
+
+    // Tiny: a first fragment of 8 bytes holds the ports but not the rest of the TCP header.
+    let tiny = ipv4_fragment(WEB, API, 24, 0, true, &segment[..8]);
+    assert_eq!(judge_counted(&mut dp, &tiny, Verdict::Deny, Reason::FragmentTiny), (Outcome::Drop, 3));
+    let tiny6 = ipv6_fragment(WEB6, API6, 6, 25, 0, true, &segment[..8]);
+    assert_eq!(judge_counted(&mut dp, &tiny6, Verdict::Deny, Reason::FragmentTiny), (Outcome::Drop, 3));
+    // ...and the fragment after a tiny one has no train to join.
+    let after_tiny = ipv4_fragment(WEB, API, 24, 8, false, &segment[8..]);
+    assert_eq!(judge_counted(&mut dp, &after_tiny, Verdict::Deny, Reason::FragmentOrphan), (Outcome::Drop, 3));
+
+    // IPv6 header chain split: a 16-byte destination-options header cut by the first fragment,
+    // so TCP starts in a later one.
+    let mut chain = vec![6, 1];
+    chain.extend([0; 14]);
+    chain.extend(&segment);
+    let split = ipv6_fragment(WEB6, API6, 60, 26, 0, true, &chain[..8]);
+    assert_eq!(judge_counted(&mut dp, &split, Verdict::Deny, Reason::FragmentSplitHeaders), (Outcome::Drop, 3));
+    // The whole chain in the first fragment is fine.
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 60, 27, 0, true, &chain[..40])), Outcome::Pass);
+    assert_eq!(judge(&mut dp, &ipv6_fragment(WEB6, API6, 60, 27, 40, false, &chain[40..])), Outcome::Pass);
 }
 
 #[test]
@@ -283,17 +381,23 @@ fn ipv6_extension_chains_are_walked_up_to_the_limit() {
 }
 
 #[test]
-fn one_vlan_tag_is_parsed_anything_else_unknown_is_denied() {
+fn one_or_two_vlan_tags_are_parsed_anything_else_unknown_is_denied() {
     let mut dp = datapath(Mode::Enforce);
-    assert_eq!(judge(&mut dp, &with_vlan_tags(&tcp4(WEB, API, 40000, 8080), 1)), Outcome::Pass);
-    assert_eq!(judge(&mut dp, &with_vlan_tags(&tcp4(INTRUDER, API, 40000, 8080), 1)), Outcome::Drop);
+    for tags in [1, 2] {
+        assert_eq!(judge(&mut dp, &with_vlan_tags(&tcp4(WEB, API, 40000, 8080), tags)), Outcome::Pass, "{tags} tags");
+        assert_eq!(judge(&mut dp, &with_vlan_tags(&tcp4(INTRUDER, API, 40000, 8080), tags)), Outcome::Drop, "{tags} tags");
+    }
+    // 802.1ad outer tag over an 802.1Q inner one.
+    let mut qinq = with_vlan_tags(&tcp4(INTRUDER, API, 40000, 8080), 2);
+    qinq[12..14].copy_from_slice(&0x88a8u16.to_be_bytes());
+    assert_eq!(judge_counted(&mut dp, &qinq, Verdict::Deny, Reason::DefaultDeny), (Outcome::Drop, 3));
     let (outcome, n) = judge_counted(
         &mut dp,
-        &with_vlan_tags(&tcp4(WEB, API, 40000, 8080), 2),
+        &with_vlan_tags(&tcp4(WEB, API, 40000, 8080), 3),
         Verdict::Deny,
         Reason::UnsupportedProtocol,
     );
-    assert_eq!((outcome, n), (Outcome::Drop, 3), "QinQ is not parsed, so it is denied");
+    assert_eq!((outcome, n), (Outcome::Drop, 3), "a third tag is not parsed, so it is denied");
     let mut lldp = vec![0u8; 60];
     lldp[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
     let (outcome, n) = judge_counted(&mut dp, &lldp, Verdict::Deny, Reason::UnsupportedProtocol);

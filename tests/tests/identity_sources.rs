@@ -58,11 +58,11 @@ fn the_same_program_is_allowed_or_denied_by_the_cgroup_it_runs_in() {
     let deny = wait_for(&agent, "other's denied flow", |e| e["verdict"] == "deny" && e["dst"]["identity"] == "db");
     assert_eq!(deny["hook"], "cgroup-egress", "{deny:#}");
     // other.service matches no selector, so it is identified by its address: the node's side of
-    // lxc-db, which lies in db's /24. Both processes sent from that address; only backup's
-    // cgroup made it `backup`.
+    // lxc-db. That address lies in db's /24 but is the node's own, so it is `host`, never db.
+    // Both processes sent from it; only backup's cgroup made it `backup`.
     assert_eq!(deny["src"]["ip"], allow["src"]["ip"], "{deny:#}");
-    assert_eq!(deny["src"]["identity"], "db", "{deny:#}");
-    assert_eq!(deny["src"]["source"], "cidr", "{deny:#}");
+    assert_eq!(deny["src"]["identity"], "host", "{deny:#}");
+    assert_eq!(deny["src"]["source"], Value::Null, "{deny:#}");
     assert_eq!(deny["reason"], "default-deny", "{deny:#}");
 }
 

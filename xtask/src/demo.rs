@@ -279,8 +279,8 @@ fn guided_run() -> Result<()> {
     let mut surprises = cluster.attempt_all(&ATTEMPTS, &agent, "monitor")?;
     println!("Everything connected. `audit` marks what enforce mode would drop: the intruder, and");
     println!("other.service: no identity selects its cgroup, so the agent knows it by the address it");
-    println!("sends from, node-a's side of lxc-db. That address lies in db's subnet, and db may send");
-    println!("nothing.");
+    println!("sends from, node-a's side of lxc-db. That address lies in db's subnet but is node-a's own,");
+    println!("so it is `host` (never db), and no policy lets host reach db.");
 
     heading("4. Phase 2: enforce");
     println!("Switching the running agent with `zt-agent mode enforce`: one map write, no restart.");

@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub metrics_addr: SocketAddr,
     /// Where events go; checked together by `events::sinks::spec::validate`.
     pub sinks: Vec<SinkSpec>,
+    /// Map capacities (`--capacity`).
+    pub capacities: crate::datapath::capacity::Capacities,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -98,7 +100,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     // Subscribed before the interfaces are listed, so none that appears in between is missed.
     let links = if options.attach.is_empty() { None } else { Some(LinkWatch::start().await?) };
-    let mut datapath = Datapath::load_pinned(pins, options.mode)?;
+    let mut datapath = Datapath::load_pinned(pins, options.mode, options.capacities.clone())?;
     let start = datapath.start_report().clone();
     datapath.set_event_limits(&options.event_limits)?;
     let installing = Instant::now();
@@ -126,6 +128,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         if !present.iter().any(|(present, _)| present == name) {
             anyhow::bail!("--attach {name}: no such interface (a pattern such as '{name}*' follows interfaces that appear later)");
         }
+    }
+    if !options.attach.is_empty() {
+        warn_if_not_forwarding();
     }
     for (name, _) in present.iter().filter(|(name, _)| options.attach.matches(name)) {
         datapath.attach_workload(name)?;
@@ -225,6 +230,21 @@ async fn refresh_sources(sources: Arc<Mutex<IdentitySources>>, shared: Arc<state
     }
 }
 
+/// The source check on workload interfaces asks the kernel how it would route a workload's
+/// address, as a router: without IP forwarding it cannot answer, and every packet a workload
+/// sends is reported as spoofed. Say so up front.
+fn warn_if_not_forwarding() {
+    for (family, path) in [("IPv4", "/proc/sys/net/ipv4/conf/all/forwarding"), ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding")] {
+        if std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "0") {
+            tracing::warn!(
+                path,
+                "{family} forwarding is off on this node: the source check on workload interfaces needs it, \
+                 and will report {family} packets from workloads as spoofed (set {path} to 1)"
+            );
+        }
+    }
+}
+
 /// Attaches to every interface matching `--attach` that appears, as soon as netlink reports it,
 /// and forgets those that go away.
 async fn follow_interfaces(
@@ -248,8 +268,11 @@ async fn follow_interfaces(
                     Err(err) => tracing::warn!(interface = %name, error = %format!("{err:#}"), "new interface not attached"),
                 }
             }
-            LinkChange::Gone { name, .. } if patterns.matches(&name) => {
-                shared.datapath.lock().expect("datapath lock poisoned").forget_interface(&name)?;
+            LinkChange::Gone { name, ifindex } if patterns.matches(&name) => {
+                let mut datapath = shared.datapath.lock().expect("datapath lock poisoned");
+                datapath.forget_interface(&name, ifindex)?;
+                // The sources learn it is gone now, not at their next scan.
+                sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?;
                 tracing::info!(interface = %name, "interface gone");
             }
             _ => {}

@@ -4,7 +4,12 @@ use clap::{Parser, Subcommand};
 use zt_agent::{
     agent::{self, RunOptions},
     control::{self, flows, Request, Status, DEFAULT_SOCKET},
-    datapath::{pins, watch::InterfacePatterns, Mode},
+    datapath::{
+        capacity::{Capacities, CapacitySetting},
+        pins,
+        watch::InterfacePatterns,
+        Mode,
+    },
     events::{
         limits::{self, EventLimitSettings},
         record::{Filter, FlowVerdict},
@@ -83,6 +88,11 @@ enum Command {
         /// [,verdicts=deny,audit][,identity=NAME][,queue=4096][,name=NAME]. See docs/events.md.
         #[arg(long = "sink", value_name = "SPEC")]
         sinks: Vec<SinkSpec>,
+        /// Size of a map, as MAP=ENTRIES; repeatable. MAP: conntrack, fragments, ipcache and
+        /// policy (per policy generation), cgroups, interfaces, event-flows. A policy that does
+        /// not fit is rejected whole; a changed capacity migrates the pinned map.
+        #[arg(long = "capacity", value_name = "MAP=ENTRIES")]
+        capacities: Vec<CapacitySetting>,
     },
     /// Remove everything zt pinned (links, so programs detach; programs; maps) and say what was
     /// removed. Refuses while an agent runs on the directory.
@@ -240,6 +250,7 @@ fn main() -> ExitCode {
             event_burst,
             metrics_addr,
             mut sinks,
+            capacities,
         } => {
             let node_name = node_name.unwrap_or_else(|| {
                 nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
@@ -259,6 +270,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let capacities = match Capacities::new(&capacities) {
+                Ok(capacities) => capacities,
+                Err(err) => {
+                    eprintln!("zt-agent: --capacity: {err:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let event_limits = EventLimitSettings { window: event_window, rate: event_rate, burst: event_burst };
             let options = RunOptions {
                 policy,
@@ -273,6 +291,7 @@ fn main() -> ExitCode {
                 event_limits,
                 metrics_addr,
                 sinks,
+                capacities,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

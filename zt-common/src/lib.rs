@@ -21,6 +21,8 @@ pub mod maps {
     pub const EVENT_LIMITS: &str = "ZT_EVENT_LIMITS";
     pub const EVENT_FLOWS: &str = "ZT_EVENT_FLOWS";
     pub const EVENT_BUCKET: &str = "ZT_EVENT_BUCKET";
+    /// IPv4 and IPv6 fragment trains: the first fragment's ports, for the fragments after it.
+    pub const FRAGMENTS: &str = "ZT_FRAGMENTS";
     /// What the last agent had seen, for its successor ([`super::agent_state`]). The programs
     /// never touch it; it is in the object so it is pinned and checked like every other map.
     pub const AGENT: &str = "ZT_AGENT";
@@ -40,6 +42,8 @@ pub mod maps {
     pub const INTERFACES_CAPACITY: u32 = 4_096;
     /// Flows whose last event the per-flow suppression window remembers (LRU).
     pub const EVENT_FLOWS_CAPACITY: u32 = 65_536;
+    /// Fragment trains in flight (LRU).
+    pub const FRAGMENTS_CAPACITY: u32 = 16_384;
 }
 
 /// Entries of `ZT_AGENT` (u64 each), written by the agent only.
@@ -186,14 +190,26 @@ pub enum Reason {
     DefaultDeny = 5,
     /// Truncated or inconsistent headers.
     Malformed = 6,
-    /// IPv4 non-first fragment or any IPv6 fragment.
-    Fragment = 7,
+    /// A non-first fragment of a train whose first fragment was not seen (lost, evicted, out of
+    /// order or never sent): its ports are unknown.
+    FragmentOrphan = 7,
     /// IPv6 extension-header chain longer than the bounded walk.
     ExtHeaderLimit = 8,
-    /// A frame that is neither IPv4, IPv6, ARP, nor singly VLAN-tagged.
+    /// A frame that is neither IPv4, IPv6 nor ARP, or has more than two VLAN tags.
     UnsupportedProtocol = 9,
+    /// A non-first fragment that would overwrite part of the L4 header of its train.
+    FragmentOverlap = 10,
+    /// A first fragment too short to hold its L4 header.
+    FragmentTiny = 11,
+    /// An IPv6 first fragment whose header chain does not reach the L4 header (RFC 7112).
+    FragmentSplitHeaders = 12,
+    /// A source address the sending workload does not own, or the node's own address arriving
+    /// from outside.
+    Spoof = 13,
+    /// Conntrack or the fragment table refused a new entry: the new flow is not admitted.
+    TableFull = 14,
 }
-pub const REASON_COUNT: u32 = 10;
+pub const REASON_COUNT: u32 = 15;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [Self::Allow, Self::Deny, Self::Audit];
@@ -270,9 +286,14 @@ impl Reason {
         Self::PolicyDeny,
         Self::DefaultDeny,
         Self::Malformed,
-        Self::Fragment,
+        Self::FragmentOrphan,
         Self::ExtHeaderLimit,
         Self::UnsupportedProtocol,
+        Self::FragmentOverlap,
+        Self::FragmentTiny,
+        Self::FragmentSplitHeaders,
+        Self::Spoof,
+        Self::TableFull,
     ];
 
     pub const fn from_u8(v: u8) -> Option<Self> {
@@ -293,9 +314,14 @@ impl Reason {
             Self::PolicyDeny => "policy-deny",
             Self::DefaultDeny => "default-deny",
             Self::Malformed => "malformed",
-            Self::Fragment => "fragment",
+            Self::FragmentOrphan => "fragment-orphan",
             Self::ExtHeaderLimit => "ext-header-limit",
             Self::UnsupportedProtocol => "unsupported-protocol",
+            Self::FragmentOverlap => "fragment-overlap",
+            Self::FragmentTiny => "fragment-tiny",
+            Self::FragmentSplitHeaders => "fragment-split-headers",
+            Self::Spoof => "spoof",
+            Self::TableFull => "table-full",
         }
     }
 }
@@ -558,6 +584,56 @@ pub struct FlowEvent {
     pub suppressed: u64,
 }
 
+/// Key of `ZT_FRAGMENTS`: a fragment train as the receiver reassembles it. `protocol` is the IPv4
+/// protocol, or the IPv6 fragment header's next header (the same in every fragment of a train).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: IpKey,
+    pub dst: IpKey,
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the first fragment of a train said, for the fragments after it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentValue {
+    pub first_seen_ns: u64,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Where the L4 header ends, in bytes from the start of the fragmented data: a later
+    /// fragment starting before it would rewrite the header the verdict was taken on.
+    pub l4_end: u16,
+    /// The L4 protocol.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// How long a fragment train is followed after its first fragment (Linux gives up reassembly
+/// after 30 s for IPv4 and 60 s for IPv6).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 60_000_000_000;
+
+/// Value of `ZT_INTERFACES`: what the agent knows about an interface it attached to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceInfo {
+    /// The identity of the workload behind it, or [`identity::ANY`]: identify it by address.
+    pub identity: u32,
+    /// [`interface_flags`].
+    pub flags: u32,
+}
+
+/// [`InterfaceInfo::flags`]: which source-address checks the interface's packets get.
+pub mod interface_flags {
+    /// A workload's host-side interface: a source must be routed back through it (strict
+    /// reverse path), and must not belong to another identity.
+    pub const WORKLOAD: u32 = 1;
+    /// An uplink: a source must not be the node's own or a local workload's.
+    pub const UPLINK: u32 = 2;
+}
+
 /// [`FlowEvent::flags`]: an end not flagged was identified by its address (the ipcache).
 pub mod event_flags {
     pub const SRC_CGROUP: u8 = 1;
@@ -587,6 +663,9 @@ assert_layout!(FlowEvent, 88, 8);
 assert_layout!(EventLimits, 24, 8);
 assert_layout!(EventFlowKey, 38, 2);
 assert_layout!(EventFlowState, 24, 8);
+assert_layout!(FragmentKey, 40, 4);
+assert_layout!(FragmentValue, 16, 8);
+assert_layout!(InterfaceInfo, 8, 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -603,4 +682,7 @@ mod pod {
     unsafe impl aya::Pod for super::EventLimits {}
     unsafe impl aya::Pod for super::EventFlowKey {}
     unsafe impl aya::Pod for super::EventFlowState {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentValue {}
+    unsafe impl aya::Pod for super::InterfaceInfo {}
 }

@@ -78,18 +78,24 @@ pub fn lookup(key: &CtKey, pkt: &Packet, node_mode: u32, now: u64) -> Option<&'s
     Some(entry)
 }
 
-/// Records an admitted flow, and the direction its replies take.
+/// Records an admitted flow, and the direction its replies take; false if the table refused
+/// either entry. (A full LRU evicts its least recently used entries instead: an evicted flow's
+/// next packet is judged again as new.)
 #[inline(always)]
-pub fn admit(key: &mut CtKey, pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64) {
+pub fn admit(key: &mut CtKey, pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64) -> bool {
     let mut value = CtValue { last_seen_ns: now, rule_id, generation, flags, port: pkt.dst_port, _pad: 0 };
     forward(key, pkt);
-    // A full LRU evicts; an insert failure only costs a policy lookup on the next packet.
-    let _ = ZT_CONNTRACK.insert(&*key, &value, 0);
+    if ZT_CONNTRACK.insert(&*key, &value, 0).is_err() {
+        return false;
+    }
     if let Some(ports) = reply_ports(pkt) {
         reverse(key, pkt, ports);
         value.flags |= ct::REPLY;
-        let _ = ZT_CONNTRACK.insert(&*key, &value, 0);
+        if ZT_CONNTRACK.insert(&*key, &value, 0).is_err() {
+            return false;
+        }
     }
+    true
 }
 
 /// Removes the entry `pkt` belongs to and the other direction's: the reply entry of a forward

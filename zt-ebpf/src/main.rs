@@ -8,9 +8,11 @@
 #![allow(internal_features)]
 
 mod conntrack;
+mod fragment;
 mod maps;
 mod parse;
 mod policy;
+mod spoof;
 mod verdict;
 
 use aya_ebpf::{
@@ -23,7 +25,7 @@ use zt_common::{ct, event_flags, identity, mode, Config, Direction, Hook, Reason
 
 use crate::{
     maps::{ZT_CONFIG, ZT_SCRATCH},
-    parse::{Packet, Parsed},
+    parse::{Fragment, Packet, Parsed},
     policy::At,
     verdict::Report,
 };
@@ -35,9 +37,12 @@ const TC_PULL_BYTES: u32 = if option_env!("ZT_DATAPATH_VARIANT").is_some() { 264
 
 /// Judges one parsed packet and records the verdict; true = let it through.
 #[inline(always)]
-fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
+fn judge(pkt: &mut Packet, parsed: Result<Parsed, Reason>, frag: &Fragment, at: At) -> bool {
     // Read once: mode, generation and slot belong together. Never written, it reads as enforce.
     let config = unsafe { ZT_CONFIG.get(0) }.copied().unwrap_or(Config { mode: mode::ENFORCE, generation: 0, slot: 0 });
+    let now = unsafe { bpf_ktime_get_ns() };
+    let parsed = fragment::track(pkt, frag, parsed, now);
+    let pkt = &*pkt;
     let mut report = Report {
         pkt,
         at,
@@ -51,7 +56,7 @@ fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
         mode: config.mode,
         generation: config.generation,
     };
-    let pass = verdict_of(pkt, parsed, at, &config, &mut report);
+    let pass = verdict_of(pkt, parsed, at, &config, now, &mut report);
     // One place records, so the event is built on the stack once.
     verdict::record(&report);
     pass
@@ -59,16 +64,33 @@ fn judge(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At) -> bool {
 
 /// The pipeline after parsing: fills in `report` and says whether the packet passes.
 #[inline(always)]
-fn verdict_of(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At, config: &Config, report: &mut Report) -> bool {
-    match parsed {
+fn verdict_of(
+    pkt: &Packet,
+    parsed: Result<Parsed, Reason>,
+    at: At,
+    config: &Config,
+    now: u64,
+    report: &mut Report,
+) -> bool {
+    let refused = match parsed {
         Ok(Parsed::ControlPlane) => return true,
-        Ok(Parsed::Ip) => {}
-        Err(reason) => {
-            report.reason = reason;
-            return deny(report);
+        Ok(Parsed::Ip) if spoof::source_owned(config.slot, pkt, &at) => None,
+        Ok(Parsed::Ip) => Some(Reason::Spoof),
+        // `fragment::track` gave every later fragment its ports or a reason.
+        Ok(Parsed::LaterFragment) => Some(Reason::FragmentOrphan),
+        Err(reason) => Some(reason),
+    };
+    if let Some(reason) = refused {
+        report.reason = reason;
+        // Name the ends the addresses parsed so far belong to.
+        if pkt.family != 0 {
+            let ends = policy::identify(config.slot, pkt, at);
+            report.src_identity = ends.src;
+            report.dst_identity = ends.dst;
+            report.flags = ends.flags;
         }
+        return deny(report);
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     let mut key = conntrack::key_of(pkt);
     let mut entry = conntrack::lookup(&key, pkt, config.mode, now);
     if let Some(entry) = entry.as_mut() {
@@ -120,8 +142,10 @@ fn verdict_of(pkt: &Packet, parsed: Result<Parsed, Reason>, at: At, config: &Con
         // per packet (and judged again once the node enforces).
         (deny(report), ct::AUDIT)
     };
-    if pass {
-        conntrack::admit(&mut key, pkt, decision.rule_id, config.generation, admitted, now);
+    if pass && !conntrack::admit(&mut key, pkt, decision.rule_id, config.generation, admitted, now) && admitted == 0 {
+        // An allowed flow conntrack cannot hold would lose its replies: refuse it whole.
+        report.reason = Reason::TableFull;
+        return deny(report);
     }
     pass
 }
@@ -149,11 +173,12 @@ fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
     // Headers may sit in paged data; a failed pull leaves them unreadable and the parser denies.
     let _ = ctx.pull_data(if len < TC_PULL_BYTES { len } else { TC_PULL_BYTES });
-    let at = At { hook, ifindex: unsafe { (*ctx.skb.skb).ifindex }, cgroup_id: 0 };
+    let at = At { ctx: ctx.skb.skb as *mut _, hook, ifindex: unsafe { (*ctx.skb.skb).ifindex }, cgroup_id: 0 };
     let Some(pkt) = scratch_packet() else { return TC_ACT_SHOT };
-    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt);
+    let mut frag = Fragment::none();
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt, &mut frag);
     // UNSPEC hands the packet on to the next program in the chain instead of ending it.
-    if judge(pkt, parsed, at) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
+    if judge(pkt, parsed, &frag, at) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
 }
 
 /// Host-side veth ingress: traffic leaving a workload.
@@ -171,10 +196,11 @@ pub fn zt_tc_egress(ctx: TcContext) -> i32 {
 /// Uplink: traffic from other nodes, judged before an skb exists.
 #[xdp]
 pub fn zt_xdp(ctx: XdpContext) -> u32 {
-    let at = At { hook: Hook::Xdp, ifindex: unsafe { (*ctx.ctx).ingress_ifindex }, cgroup_id: 0 };
+    let at = At { ctx: ctx.ctx as *mut _, hook: Hook::Xdp, ifindex: unsafe { (*ctx.ctx).ingress_ifindex }, cgroup_id: 0 };
     let Some(pkt) = scratch_packet() else { return xdp_action::XDP_DROP };
-    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt);
-    if judge(pkt, parsed, at) { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
+    let mut frag = Fragment::none();
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt, &mut frag);
+    if judge(pkt, parsed, &frag, at) { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
 }
 
 /// cgroup hooks see packets from their IP header on, and know the local socket's cgroup.
@@ -183,10 +209,11 @@ fn cgroup(ctx: &SkBuffContext, hook: Hook) -> i32 {
     let skb = ctx.skb.skb;
     let (data, end, protocol, ifindex) =
         unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).protocol, (*skb).ifindex) };
-    let at = At { hook, ifindex, cgroup_id: unsafe { bpf_skb_cgroup_id(skb) } };
+    let at = At { ctx: skb as *mut _, hook, ifindex, cgroup_id: unsafe { bpf_skb_cgroup_id(skb) } };
     let Some(pkt) = scratch_packet() else { return 0 };
-    let parsed = parse::parse_packet(data, end, u16::from_be(protocol as u16), pkt);
-    if judge(pkt, parsed, at) { 1 } else { 0 }
+    let mut frag = Fragment::none();
+    let parsed = parse::parse_packet(data, end, u16::from_be(protocol as u16), pkt, &mut frag);
+    if judge(pkt, parsed, &frag, at) { 1 } else { 0 }
 }
 
 /// Traffic delivered to a process in an attached cgroup.

@@ -1,7 +1,7 @@
 //! The maps the agent fills and reads. Names and layouts come from `zt_common`.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -10,11 +10,11 @@ use crate::parse::Packet;
 use zt_common::{
     agent_state, counters,
     maps::{
-        CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, EVENT_FLOWS_CAPACITY, INTERFACES_CAPACITY,
-        IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
+        CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, EVENT_FLOWS_CAPACITY, FRAGMENTS_CAPACITY,
+        INTERFACES_CAPACITY, IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
     },
-    Config, CtKey, CtValue, EventFlowKey, EventFlowState, EventLimits, IpKey, IsolationKey, PolicyKey, PolicyValue,
-    Slotted,
+    Config, CtKey, CtValue, EventFlowKey, EventFlowState, EventLimits, FragmentKey, FragmentValue, InterfaceInfo, IpKey,
+    IsolationKey, PolicyKey, PolicyValue, Slotted,
 };
 
 /// Key 0 → the node's mode, generation and slot. A hash map without preallocation rather than
@@ -33,9 +33,10 @@ pub static ZT_IPCACHE: LpmTrie<Slotted<IpKey>, u32> = LpmTrie::with_max_entries(
 #[map]
 pub static ZT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUPS_CAPACITY, 0);
 
-/// Host-side interface index → identity of the workload behind it. Not slotted, as cgroups.
+/// Interface index → what the agent attached there: the identity of the workload behind it (if
+/// it is selected by interface) and the source checks it gets. Not slotted, as cgroups.
 #[map]
-pub static ZT_INTERFACES: HashMap<u32, u32> = HashMap::with_max_entries(INTERFACES_CAPACITY, 0);
+pub static ZT_INTERFACES: HashMap<u32, InterfaceInfo> = HashMap::with_max_entries(INTERFACES_CAPACITY, 0);
 
 /// (slot, subject, peer, direction, protocol, port prefix) → rule.
 #[map]
@@ -56,6 +57,14 @@ pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter
 
 #[map]
 pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Fragment train → its first fragment's ports (see `fragment`).
+#[map]
+pub static ZT_FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
+
+/// The route lookup of the source check, one per CPU: 64 bytes the stack has no room for.
+#[map]
+pub static ZT_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 /// The packet being judged, one per CPU: kernel-internal scratch space, off the 512-byte stack.
 #[map]

@@ -1,6 +1,8 @@
-//! Header parsing: Ethernet (one 802.1Q tag), IPv4, IPv6 with a bounded extension-header walk,
-//! and the L4 fields policy needs. Every read is bounds-checked against the packet end; anything
-//! that does not parse is an `Err(reason)` that the caller denies, never a silent pass.
+//! Header parsing: Ethernet with up to two VLAN tags, IPv4, IPv6 with a bounded extension-header
+//! walk, and the L4 fields policy needs. Every read is bounds-checked against the packet end and
+//! against the length the IP header claims; anything that does not parse is an `Err(reason)`
+//! that the caller denies, never a silent pass. Fragments are described in a [`Fragment`] for
+//! `fragment::track`, which gives the fragments after the first their train's ports.
 
 use core::mem::size_of;
 
@@ -18,6 +20,9 @@ use zt_common::{proto, IpKey, Reason};
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+/// VLAN tags parsed (802.1Q, or 802.1ad outer + 802.1Q inner); a frame with more is denied.
+const MAX_VLAN_TAGS: usize = 2;
 const ETH_P_IPV6: u16 = 0x86DD;
 
 const IPV6_HOP_BY_HOP: u8 = 0;
@@ -58,8 +63,39 @@ fn mapped_v4(addr: [u8; 4]) -> IpKey {
 pub enum Parsed {
     /// ARP or neighbour discovery: always passes.
     ControlPlane,
-    /// An IP packet whose fields are in the `Packet`.
+    /// An IP packet whose fields are in the `Packet` (a first fragment included).
     Ip,
+    /// A fragment after the first: its addresses are in the `Packet`, its ports are not.
+    LaterFragment,
+}
+
+/// [`Fragment::kind`]
+pub const NOT_FRAGMENT: u8 = 0;
+pub const FIRST_FRAGMENT: u8 = 1;
+pub const LATER_FRAGMENT: u8 = 2;
+
+/// Where a packet stands in a fragment train.
+pub struct Fragment {
+    pub kind: u8,
+    /// The train's key protocol (see `zt_common::FragmentKey`).
+    pub key_protocol: u8,
+    /// Later fragment: its offset in bytes. First fragment: where its L4 header ends, in bytes
+    /// from the start of the fragmented data.
+    pub offset: u16,
+    pub id: u32,
+}
+
+impl Fragment {
+    pub const fn none() -> Self {
+        Self { kind: NOT_FRAGMENT, key_protocol: 0, offset: 0, id: 0 }
+    }
+}
+
+/// The parse position: the next header's offset, and where the IP packet ends by its own
+/// length field (padding after it is not packet data).
+struct Cursor {
+    offset: usize,
+    limit: usize,
 }
 
 #[inline(always)]
@@ -70,15 +106,26 @@ fn ptr_at<T>(data: usize, end: usize, offset: usize) -> Result<*const T, Reason>
     Ok((data + offset) as *const T)
 }
 
+/// A header of type `T` at `at`, also within the IP packet's own length.
+#[inline(always)]
+fn header_at<T>(data: usize, end: usize, at: &Cursor) -> Result<*const T, Reason> {
+    if at.offset + size_of::<T>() > at.limit {
+        return Err(Reason::Malformed);
+    }
+    ptr_at(data, end, at.offset)
+}
 
 /// Parses the Ethernet frame in `[data, end)` into `pkt`. On `Err`, `pkt` holds what was parsed
 /// so far (addresses of a fragment, for example) so the verdict can still name them.
 #[inline(always)]
-pub fn parse_frame(data: usize, end: usize, pkt: &mut Packet) -> Result<Parsed, Reason> {
+pub fn parse_frame(data: usize, end: usize, pkt: &mut Packet, frag: &mut Fragment) -> Result<Parsed, Reason> {
     let eth: *const EthHdr = ptr_at(data, end, 0)?;
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = EthHdr::LEN;
-    if ether_type == ETH_P_8021Q {
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
         let vlan: *const VlanHdr = ptr_at(data, end, offset)?;
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         offset += VlanHdr::LEN;
@@ -86,29 +133,65 @@ pub fn parse_frame(data: usize, end: usize, pkt: &mut Packet) -> Result<Parsed, 
     if ether_type == ETH_P_ARP {
         return Ok(Parsed::ControlPlane);
     }
-    parse_l3(data, end, offset, ether_type, pkt)
+    parse_l3(data, end, offset, ether_type, pkt, frag)
 }
 
 /// Parses a packet that starts at its IP header (cgroup hooks), given its ethertype.
 #[inline(always)]
-pub fn parse_packet(data: usize, end: usize, ether_type: u16, pkt: &mut Packet) -> Result<Parsed, Reason> {
-    parse_l3(data, end, 0, ether_type, pkt)
+pub fn parse_packet(
+    data: usize,
+    end: usize,
+    ether_type: u16,
+    pkt: &mut Packet,
+    frag: &mut Fragment,
+) -> Result<Parsed, Reason> {
+    parse_l3(data, end, 0, ether_type, pkt, frag)
 }
 
 #[inline(always)]
-fn parse_l3(data: usize, end: usize, offset: usize, ether_type: u16, pkt: &mut Packet) -> Result<Parsed, Reason> {
-    let l4 = match ether_type {
-        ETH_P_IP => parse_ipv4(data, end, offset, pkt)?,
-        ETH_P_IPV6 => parse_ipv6(data, end, offset, pkt)?,
-        // Double tags (QinQ) and every other protocol: nothing is implicitly allowed.
+fn parse_l3(
+    data: usize,
+    end: usize,
+    offset: usize,
+    ether_type: u16,
+    pkt: &mut Packet,
+    frag: &mut Fragment,
+) -> Result<Parsed, Reason> {
+    // Where the fragmented data starts (IPv4: after the IP header; IPv6: after the fragment
+    // header), so a first fragment can say where its L4 header ends within it.
+    let (l4, fragmented_from) = match ether_type {
+        ETH_P_IP => parse_ipv4(data, end, offset, pkt, frag)?,
+        ETH_P_IPV6 => parse_ipv6(data, end, offset, pkt, frag)?,
+        // More than two VLAN tags and every other protocol: nothing is implicitly allowed.
         _ => return Err(Reason::UnsupportedProtocol),
     };
-    parse_l4(data, end, l4, pkt)
+    if frag.kind == LATER_FRAGMENT {
+        return Ok(Parsed::LaterFragment);
+    }
+    match parse_l4(data, end, &l4, pkt) {
+        Ok((parsed, l4_end)) => {
+            frag.offset = (l4_end - fragmented_from) as u16;
+            Ok(parsed)
+        }
+        // The ports of a first fragment must be in it: otherwise a later fragment supplies them
+        // unseen (the "tiny fragment" evasion). An IPv6 chain that ends where the first fragment
+        // does puts all of the L4 header in a later one.
+        Err(Reason::Malformed) if frag.kind == FIRST_FRAGMENT => {
+            Err(if pkt.family == 6 && l4.offset >= l4.limit { Reason::FragmentSplitHeaders } else { Reason::FragmentTiny })
+        }
+        Err(reason) => Err(reason),
+    }
 }
 
-/// Returns the L4 offset.
+/// Returns the L4 position and where the fragmented data starts.
 #[inline(always)]
-fn parse_ipv4(data: usize, end: usize, offset: usize, pkt: &mut Packet) -> Result<usize, Reason> {
+fn parse_ipv4(
+    data: usize,
+    end: usize,
+    offset: usize,
+    pkt: &mut Packet,
+    frag: &mut Fragment,
+) -> Result<(Cursor, usize), Reason> {
     let ip: *const Ipv4Hdr = ptr_at(data, end, offset)?;
     let ip = unsafe { &*ip };
     pkt.family = 4;
@@ -119,18 +202,32 @@ fn parse_ipv4(data: usize, end: usize, offset: usize, pkt: &mut Packet) -> Resul
     if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
         return Err(Reason::Malformed);
     }
-    if (u16::from_be_bytes(ip.tot_len) as usize) < header_len {
+    let total_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if total_len < header_len {
         return Err(Reason::Malformed);
     }
-    // A non-first fragment carries no ports: it cannot be judged on its own.
-    if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
-        return Err(Reason::Fragment);
+    let l4 = Cursor { offset: offset + header_len, limit: offset + total_len };
+    let frags = u16::from_be_bytes(ip.frags);
+    let fragment_offset = (frags & 0x1fff) * 8;
+    let more_fragments = frags & 0x2000 != 0;
+    if fragment_offset != 0 || more_fragments {
+        frag.kind = if fragment_offset != 0 { LATER_FRAGMENT } else { FIRST_FRAGMENT };
+        frag.key_protocol = ip.proto;
+        frag.offset = fragment_offset;
+        frag.id = u16::from_be_bytes(ip.id) as u32;
     }
-    Ok(offset + header_len)
+    let fragmented_from = l4.offset;
+    Ok((l4, fragmented_from))
 }
 
 #[inline(always)]
-fn parse_ipv6(data: usize, end: usize, offset: usize, pkt: &mut Packet) -> Result<usize, Reason> {
+fn parse_ipv6(
+    data: usize,
+    end: usize,
+    offset: usize,
+    pkt: &mut Packet,
+    frag: &mut Fragment,
+) -> Result<(Cursor, usize), Reason> {
     let ip: *const Ipv6Hdr = ptr_at(data, end, offset)?;
     let ip = unsafe { &*ip };
     pkt.family = 6;
@@ -139,79 +236,119 @@ fn parse_ipv6(data: usize, end: usize, offset: usize, pkt: &mut Packet) -> Resul
     if ip.vcf[0] >> 4 != 6 {
         return Err(Reason::Malformed);
     }
+    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
+    let mut at = Cursor { offset: offset + Ipv6Hdr::LEN, limit: offset + Ipv6Hdr::LEN + payload_len };
+    // A jumbogram says 0 and carries its length in a hop-by-hop option: bound by the buffer.
+    if payload_len == 0 {
+        at.limit = end - data;
+    }
+    let mut fragmented_from = at.offset;
     let mut next = ip.next_hdr;
-    let mut l4 = offset + Ipv6Hdr::LEN;
     for _ in 0..MAX_EXT_HEADERS {
-        let ext_len = match next {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => 8,
-            IPV6_AUTH => 4,
-            IPV6_FRAGMENT => {
-                pkt.protocol = next;
-                return Err(Reason::Fragment);
+        // Every walked header starts with (next header, length). AH counts 4-byte units beyond
+        // its first 8 bytes; hop-by-hop, routing and destination options 8-byte units beyond
+        // their first 8; the fragment header is always 8 bytes.
+        let len = match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
+                let hdr: *const [u8; 8] = match header_at(data, end, &at) {
+                    Ok(hdr) => hdr,
+                    // The rest of the chain is in a later fragment.
+                    Err(_) if frag.kind == FIRST_FRAGMENT => return Err(Reason::FragmentSplitHeaders),
+                    Err(reason) => return Err(reason),
+                };
+                let hdr = unsafe { *hdr };
+                let this = next;
+                next = hdr[0];
+                match this {
+                    IPV6_AUTH => (hdr[1] as usize + 2) * 4,
+                    IPV6_FRAGMENT => {
+                        // One fragment header per packet (RFC 8200).
+                        if frag.kind != NOT_FRAGMENT {
+                            return Err(Reason::Malformed);
+                        }
+                        let offset_flags = u16::from_be_bytes([hdr[2], hdr[3]]);
+                        let fragment_offset = offset_flags & !7;
+                        // Offset 0 without "more fragments" is an atomic fragment: a whole packet.
+                        if fragment_offset != 0 || offset_flags & 1 != 0 {
+                            frag.kind = if fragment_offset != 0 { LATER_FRAGMENT } else { FIRST_FRAGMENT };
+                            frag.key_protocol = next;
+                            frag.offset = fragment_offset;
+                            frag.id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                        }
+                        fragmented_from = at.offset + 8;
+                        8
+                    }
+                    _ => (hdr[1] as usize + 1) * 8,
+                }
             }
             _ => {
                 pkt.protocol = next;
-                return Ok(l4);
+                return Ok((at, fragmented_from));
             }
         };
-        // Every walked header starts with (next header, length); AH counts 4-byte units
-        // beyond the first 8 bytes, the others 8-byte units beyond the first 8.
-        let hdr: *const [u8; 2] = ptr_at(data, end, l4)?;
-        let hdr = unsafe { *hdr };
-        next = hdr[0];
-        l4 += (hdr[1] as usize + 1) * ext_len + if ext_len == 4 { 4 } else { 0 };
+        at.offset += len;
+        if frag.kind == LATER_FRAGMENT {
+            pkt.protocol = next;
+            return Ok((at, fragmented_from));
+        }
     }
     pkt.protocol = next;
     match next {
         IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
             Err(Reason::ExtHeaderLimit)
         }
-        _ => Ok(l4),
+        _ => Ok((at, fragmented_from)),
     }
 }
 
 #[inline(always)]
-fn parse_l4(data: usize, end: usize, l4: usize, pkt: &mut Packet) -> Result<Parsed, Reason> {
-    match pkt.protocol {
+/// Returns the L4 header's end offset with the verdict input.
+fn parse_l4(data: usize, end: usize, l4: &Cursor, pkt: &mut Packet) -> Result<(Parsed, usize), Reason> {
+    let header_len = match pkt.protocol {
         proto::TCP => {
-            let tcp: *const TcpHdr = ptr_at(data, end, l4)?;
+            let tcp: *const TcpHdr = header_at(data, end, l4)?;
             let tcp = unsafe { &*tcp };
             pkt.src_port = u16::from_be_bytes(tcp.source);
             pkt.dst_port = u16::from_be_bytes(tcp.dest);
+            TcpHdr::LEN
         }
         proto::UDP => {
-            let udp: *const UdpHdr = ptr_at(data, end, l4)?;
+            let udp: *const UdpHdr = header_at(data, end, l4)?;
             let udp = unsafe { &*udp };
             pkt.src_port = u16::from_be_bytes(udp.src);
             pkt.dst_port = u16::from_be_bytes(udp.dst);
+            UdpHdr::LEN
         }
         proto::SCTP => {
-            let sctp: *const SctpHdr = ptr_at(data, end, l4)?;
+            let sctp: *const SctpHdr = header_at(data, end, l4)?;
             let sctp = unsafe { &*sctp };
             pkt.src_port = u16::from_be_bytes(sctp.src);
             pkt.dst_port = u16::from_be_bytes(sctp.dst);
+            SctpHdr::LEN
         }
         proto::ICMP => {
-            let icmp: *const Icmpv4Hdr = ptr_at(data, end, l4)?;
+            let icmp: *const Icmpv4Hdr = header_at(data, end, l4)?;
             let icmp = unsafe { &*icmp };
             pkt.dst_port = icmp.type_ as u16;
             if icmp.type_ == ICMP_ECHO_REQUEST || icmp.type_ == ICMP_ECHO_REPLY {
                 pkt.src_port = u16::from_be_bytes([icmp.data[0], icmp.data[1]]);
             }
+            Icmpv4Hdr::LEN
         }
         proto::ICMPV6 => {
-            let icmp: *const Icmpv6Hdr = ptr_at(data, end, l4)?;
+            let icmp: *const Icmpv6Hdr = header_at(data, end, l4)?;
             let icmp = unsafe { &*icmp };
             if icmp.type_ >= NDP_FIRST && icmp.type_ <= NDP_LAST {
-                return Ok(Parsed::ControlPlane);
+                return Ok((Parsed::ControlPlane, l4.offset + Icmpv6Hdr::LEN));
             }
             pkt.dst_port = icmp.type_ as u16;
             if icmp.type_ == ICMPV6_ECHO_REQUEST || icmp.type_ == ICMPV6_ECHO_REPLY {
                 pkt.src_port = u16::from_be_bytes([icmp.data[0], icmp.data[1]]);
             }
+            Icmpv6Hdr::LEN
         }
         // Other protocols are judged on the protocol alone (port 0).
-        _ => {}
-    }
-    Ok(Parsed::Ip)
+        _ => 0,
+    };
+    Ok((Parsed::Ip, l4.offset + header_len))
 }

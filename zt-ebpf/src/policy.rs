@@ -22,7 +22,7 @@ use crate::{
 const IP_BITS: u32 = 128;
 
 #[inline(always)]
-fn by_address(slot: u32, addr: &zt_common::IpKey) -> u32 {
+pub fn by_address(slot: u32, addr: &zt_common::IpKey) -> u32 {
     match ZT_IPCACHE.get(Key::new(SLOT_BITS + IP_BITS, Slotted::new(slot, *addr))) {
         Some(id) => *id,
         None => identity::UNKNOWN,
@@ -32,6 +32,8 @@ fn by_address(slot: u32, addr: &zt_common::IpKey) -> u32 {
 /// Where a packet is judged, and what that hook knows about its local end.
 #[derive(Clone, Copy)]
 pub struct At {
+    /// The program's context, for helpers that take it.
+    pub ctx: *mut core::ffi::c_void,
     pub hook: Hook,
     pub ifindex: u32,
     /// The local socket's cgroup on cgroup hooks, else 0.
@@ -45,13 +47,20 @@ pub struct Ends {
     pub flags: u8,
 }
 
+/// The identity an interface is bound to, if any.
+#[inline(always)]
+fn bound_interface(ifindex: u32) -> Option<u32> {
+    let info = unsafe { ZT_INTERFACES.get(ifindex) }?;
+    if info.identity == identity::ANY { None } else { Some(info.identity) }
+}
+
 /// The local end is identified by its cgroup (a process) or its interface (a workload) where
 /// the hook knows them and the agent mapped them; every other end by its address.
 #[inline(always)]
 pub fn identify(slot: u32, pkt: &Packet, at: At) -> Ends {
     let local = match at.hook {
-        Hook::TcIngress => unsafe { ZT_INTERFACES.get(at.ifindex) }.map(|id| (*id, event_flags::SRC_INTERFACE)),
-        Hook::TcEgress => unsafe { ZT_INTERFACES.get(at.ifindex) }.map(|id| (*id, event_flags::DST_INTERFACE)),
+        Hook::TcIngress => bound_interface(at.ifindex).map(|id| (id, event_flags::SRC_INTERFACE)),
+        Hook::TcEgress => bound_interface(at.ifindex).map(|id| (id, event_flags::DST_INTERFACE)),
         Hook::CgroupEgress => unsafe { ZT_CGROUPS.get(at.cgroup_id) }.map(|id| (*id, event_flags::SRC_CGROUP)),
         Hook::CgroupIngress => unsafe { ZT_CGROUPS.get(at.cgroup_id) }.map(|id| (*id, event_flags::DST_CGROUP)),
         Hook::Xdp => None,

@@ -19,7 +19,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use zt_common::programs;
+use zt_common::{interface_flags, programs};
 
 use super::{sys, Attachment, Datapath};
 
@@ -50,6 +50,7 @@ impl Datapath {
             }
         }
         let ifindex = ifindex(interface)?;
+        self.mark_interface(ifindex, interface_flags::WORKLOAD)?;
         for (name, attach_type, hook) in [
             (programs::TC_INGRESS, TcAttachType::Ingress, "tc-ingress"),
             (programs::TC_EGRESS, TcAttachType::Egress, "tc-egress"),
@@ -66,6 +67,7 @@ impl Datapath {
     /// Native XDP on an uplink: traffic from other nodes is judged before an skb exists.
     pub fn attach_uplink(&mut self, interface: &str) -> Result<()> {
         let ifindex = ifindex(interface)?;
+        self.mark_interface(ifindex, interface_flags::UPLINK)?;
         self.attach_pinned(programs::XDP, "xdp", interface, |info| info.ifindex == ifindex, |program| {
             let program: &mut Xdp = program.try_into()?;
             let id = program
@@ -116,6 +118,11 @@ impl Datapath {
                 std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
                 continue;
             }
+            match hook {
+                "tc-ingress" | "tc-egress" => self.mark_interface(info.ifindex, interface_flags::WORKLOAD)?,
+                "xdp" => self.mark_interface(info.ifindex, interface_flags::UPLINK)?,
+                _ => {}
+            }
             let link = sys::obj_get(&pin)?;
             let ours = self.ebpf.program(program).context("eBPF object has no such program")?;
             sys::link_update(link.as_fd(), ours.fd()?.as_fd()).with_context(|| format!("adopting {}", pin.display()))?;
@@ -133,8 +140,10 @@ impl Datapath {
         Ok(kept)
     }
 
-    /// A workload interface went away: the kernel already detached its links; their pins go.
-    pub fn forget_interface(&mut self, interface: &str) -> Result<()> {
+    /// A workload interface went away: the kernel already detached its links; their pins go, and
+    /// its entry, so an interface that reuses the index starts with nothing.
+    pub fn forget_interface(&mut self, interface: &str, ifindex: u32) -> Result<()> {
+        self.write_interface(ifindex, zt_common::InterfaceInfo::default())?;
         let Some(pins) = &self.pins else { return Ok(()) };
         for hook in ["tc-ingress", "tc-egress", "xdp"] {
             let pin = pins.link(hook, interface);

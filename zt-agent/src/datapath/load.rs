@@ -29,7 +29,7 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use zt_common::{maps, Config, CtKey, CtValue};
 
-use super::{pins::PinDir, Datapath, Mode};
+use super::{capacity::Capacities, pins::PinDir, Datapath, Mode};
 
 /// How the agent found the datapath when it started: for `status`, `/readyz` and the log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,10 +155,16 @@ impl Datapath {
     /// unchanged, migrated otherwise (see the module docs). Nothing is attached here, and a
     /// reused map is not written; `mode`, when given, replaces the pinned one, and must be
     /// given when the pinned mode cannot be carried over.
-    pub fn load_pinned(pins: PinDir, mode: Option<Mode>) -> Result<Self> {
+    pub fn load_pinned(pins: PinDir, mode: Option<Mode>, capacities: Capacities) -> Result<Self> {
         recover_interrupted_migration(&pins)?;
         let adopted = pins.holds_state();
-        let definitions = object_definitions()?;
+        let mut definitions = object_definitions()?;
+        // A capacity other than the pinned map's is a definition change like any other.
+        for (name, definition) in &mut definitions {
+            if let Some(max_entries) = capacities.max_entries(name) {
+                definition.max_entries = max_entries;
+            }
+        }
         let mut migrating = BTreeSet::new();
         for (name, wanted) in &definitions {
             let pin = pins.maps().join(name);
@@ -177,6 +183,7 @@ impl Datapath {
         migrating.retain(|name| pins.maps().join(name).exists());
 
         let mut loader = EbpfLoader::new();
+        capacities.apply(&mut loader);
         let mut paths: Vec<(String, PathBuf)> = Vec::new();
         for (name, _) in &definitions {
             let path = if migrating.contains(name) { pins.maps_next().join(name) } else { pins.maps().join(name) };
@@ -189,7 +196,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(super::object()?).context("loading the eBPF object onto the pinned maps (are you root?)")?;
-        let mut datapath = Self::from_object(ebpf)?;
+        let mut datapath = Self::from_object(ebpf, capacities)?;
 
         if migrating.contains(maps::CONFIG) {
             datapath.carry_config_over(&pins, mode)?;

@@ -14,6 +14,7 @@
 //! derived from names and so equal in every generation that declares the name.
 
 pub mod attach;
+pub mod capacity;
 pub mod counters;
 pub mod load;
 pub mod pins;
@@ -28,7 +29,8 @@ use aya::{
     Ebpf,
 };
 use zt_common::{
-    maps, programs, Config, EventLimits, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted, SLOT_BITS,
+    identity, maps, programs, Config, EventLimits, InterfaceInfo, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted,
+    SLOT_BITS,
 };
 
 pub use load::{StartKind, StartReport};
@@ -39,6 +41,7 @@ use crate::{
     events::limits::EventLimitSettings,
     policy::compile::{ipcache_prefix, Compiled},
 };
+use capacity::Capacities;
 use counters::Counters;
 use probe::Probe;
 
@@ -97,7 +100,7 @@ pub struct Datapath {
     policy: LpmTrie<MapData, Slotted<PolicyKey>, PolicyValue>,
     isolation: HashMap<MapData, IsolationKey, u32>,
     cgroups: HashMap<MapData, u64, u32>,
-    interfaces: HashMap<MapData, u32, u32>,
+    interfaces: HashMap<MapData, u32, InterfaceInfo>,
     counters: PerCpuArray<MapData, u64>,
     event_limits: Array<MapData, EventLimits>,
     agent_state: Array<MapData, u64>,
@@ -106,6 +109,7 @@ pub struct Datapath {
     /// Where this datapath is pinned; `None` for a private one ([`Datapath::load`]).
     pins: Option<PinDir>,
     start: StartReport,
+    capacities: Capacities,
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -117,11 +121,19 @@ impl Datapath {
     /// Loads every program (the verifier runs here) on maps of its own, pinning and attaching
     /// nothing: for `policy test` and the kernel tests.
     pub fn load() -> Result<Self> {
-        Self::from_object(Ebpf::load(object()?).context("loading the eBPF object (are you root?)")?)
+        Self::load_sized(Capacities::default())
+    }
+
+    /// [`load`](Self::load), with the maps sized by `capacities`.
+    pub fn load_sized(capacities: Capacities) -> Result<Self> {
+        let mut loader = aya::EbpfLoader::new();
+        capacities.apply(&mut loader);
+        let ebpf = loader.load(object()?).context("loading the eBPF object (are you root?)")?;
+        Self::from_object(ebpf, capacities)
     }
 
     /// Verifies the programs of a loaded object and takes its maps.
-    fn from_object(mut ebpf: Ebpf) -> Result<Self> {
+    fn from_object(mut ebpf: Ebpf, capacities: Capacities) -> Result<Self> {
         for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             program.load().with_context(|| format!("verifying {name}"))?;
@@ -147,6 +159,7 @@ impl Datapath {
             grace_period: GracePeriod::new()?,
             pins: None,
             start: StartReport::default(),
+            capacities,
         })
     }
 
@@ -229,13 +242,16 @@ impl Datapath {
     /// Writes `compiled` into the slot not in force, emptied first; packets keep using the
     /// other slot until [`switch`](Self::switch). On an error, [`discard_staged`](Self::discard_staged).
     pub fn stage(&mut self, compiled: &Compiled) -> Result<()> {
+        // Refused before anything is written: the generation in force stays whole.
+        capacity::check_fits(maps::IPCACHE, compiled.ipcache.len(), self.capacities.per_generation(maps::IPCACHE))?;
+        capacity::check_fits(maps::POLICY, compiled.policy.len(), self.capacities.per_generation(maps::POLICY))?;
         let slot = self.staging_slot()?;
         self.clear_slot(slot)?;
         for (net, id) in &compiled.ipcache {
             let (prefix_len, key) = ipcache_prefix(net);
             self.ipcache
                 .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
-                .with_context(|| format!("ipcache full at {net} (capacity {})", maps::IPCACHE_CAPACITY))?;
+                .with_context(|| format!("ipcache full at {net} (capacity {})", self.capacities.per_generation(maps::IPCACHE)))?;
         }
         for (id, flags) in &compiled.isolation {
             self.isolation
@@ -245,7 +261,7 @@ impl Datapath {
         for (prefix_len, key, value) in &compiled.policy {
             self.policy
                 .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, *key)), value, 0)
-                .with_context(|| format!("policy map full (capacity {})", maps::POLICY_CAPACITY))?;
+                .with_context(|| format!("policy map full (capacity {})", self.capacities.per_generation(maps::POLICY)))?;
         }
         Ok(())
     }
@@ -329,7 +345,7 @@ impl Datapath {
     pub fn bind_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<()> {
         self.cgroups
             .insert(cgroup_id, id, 0)
-            .with_context(|| format!("cgroup map full (capacity {})", maps::CGROUPS_CAPACITY))
+            .with_context(|| format!("cgroup map full (capacity {})", self.capacities.per_generation(maps::CGROUPS)))
     }
 
     /// The cgroup ids bound to an identity, as the kernel has them.
@@ -339,7 +355,34 @@ impl Datapath {
 
     /// The interface indexes bound to an identity, as the kernel has them.
     pub fn interface_bindings(&self) -> Result<Vec<u32>> {
-        Ok(self.interfaces.keys().collect::<Result<_, _>>()?)
+        let mut bound = Vec::new();
+        for entry in self.interfaces.iter() {
+            let (ifindex, info) = entry?;
+            if info.identity != identity::ANY {
+                bound.push(ifindex);
+            }
+        }
+        Ok(bound)
+    }
+
+    fn interface_info(&self, ifindex: u32) -> InterfaceInfo {
+        self.interfaces.get(&ifindex, 0).unwrap_or_default()
+    }
+
+    fn write_interface(&mut self, ifindex: u32, info: InterfaceInfo) -> Result<()> {
+        if info == InterfaceInfo::default() {
+            return remove_if_present(self.interfaces.remove(&ifindex));
+        }
+        self.interfaces
+            .insert(ifindex, info, 0)
+            .with_context(|| format!("interface map full (capacity {})", self.capacities.per_generation(maps::INTERFACES)))
+    }
+
+    /// Marks an interface the agent attaches to with the source checks its packets get
+    /// (`zt_common::interface_flags`), before its programs run.
+    pub(super) fn mark_interface(&mut self, ifindex: u32, flags: u32) -> Result<()> {
+        let info = self.interface_info(ifindex);
+        self.write_interface(ifindex, InterfaceInfo { flags: info.flags | flags, ..info })
     }
 
     pub fn unbind_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
@@ -348,9 +391,8 @@ impl Datapath {
 
     /// The workload behind host-side interface `ifindex` is identity `id`.
     pub fn bind_interface(&mut self, ifindex: u32, id: u32) -> Result<()> {
-        self.interfaces
-            .insert(ifindex, id, 0)
-            .with_context(|| format!("interface map full (capacity {})", maps::INTERFACES_CAPACITY))
+        let info = self.interface_info(ifindex);
+        self.write_interface(ifindex, InterfaceInfo { identity: id, ..info })
     }
 
     /// `addr` alone is identity `id` (a certificate binding), over any prefix that covers it,
@@ -371,7 +413,7 @@ impl Datapath {
         let (prefix_len, key) = ipcache_prefix(&addr.into());
         self.ipcache
             .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
-            .with_context(|| format!("ipcache full at {addr} (capacity {})", maps::IPCACHE_CAPACITY))
+            .with_context(|| format!("ipcache full at {addr} (capacity {})", self.capacities.per_generation(maps::IPCACHE)))
     }
 
     pub fn unbind_address(&mut self, addr: std::net::IpAddr) -> Result<()> {
@@ -395,8 +437,10 @@ impl Datapath {
         Ok(counts)
     }
 
+    /// The interface is identified by address again; its source checks stay.
     pub fn unbind_interface(&mut self, ifindex: u32) -> Result<()> {
-        remove_if_present(self.interfaces.remove(&ifindex))
+        let info = self.interface_info(ifindex);
+        self.write_interface(ifindex, InterfaceInfo { identity: identity::ANY, ..info })
     }
 
     pub fn attachments(&self) -> &[Attachment] {
@@ -424,6 +468,7 @@ impl Datapath {
     pub fn probe(&self) -> Result<Probe> {
         let conntrack = self.ebpf.map(maps::CONNTRACK).context("eBPF object has no conntrack map")?;
         let event_flows = self.ebpf.map(maps::EVENT_FLOWS).context("eBPF object has no event flow map")?;
+        let fragments = self.ebpf.map(maps::FRAGMENTS).context("eBPF object has no fragment map")?;
         Probe::open(&probe::Ids {
             config: self.config.map().info()?.id(),
             counters: self.counters.map().info()?.id(),
@@ -433,6 +478,7 @@ impl Datapath {
             cgroups: self.cgroups.map().info()?.id(),
             interfaces: self.interfaces.map().info()?.id(),
             conntrack: probe::map_id(conntrack)?,
+            fragments: probe::map_id(fragments)?,
             event_flows: probe::map_id(event_flows)?,
         })
     }

@@ -22,6 +22,7 @@ pub struct Ids {
     pub cgroups: u32,
     pub interfaces: u32,
     pub conntrack: u32,
+    pub fragments: u32,
     pub event_flows: u32,
 }
 
@@ -39,7 +40,8 @@ pub fn map_id(map: &Map) -> Result<u32> {
 /// How full one map is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapUsage {
-    /// Short name: `ipcache`, `policy`, `isolation`, `conntrack`, `cgroups`, `interfaces`, `event_flows`.
+    /// Short name: `ipcache`, `policy`, `isolation`, `conntrack`, `fragments`, `cgroups`,
+    /// `interfaces`, `event_flows`.
     pub name: &'static str,
     pub entries: u64,
     /// The map's `max_entries` (both policy slots for the slotted maps).
@@ -53,8 +55,9 @@ pub struct Probe {
     policy: LpmTrie<MapData, Slotted<PolicyKey>, PolicyValue>,
     isolation: HashMap<MapData, IsolationKey, u32>,
     cgroups: HashMap<MapData, u64, u32>,
-    interfaces: HashMap<MapData, u32, u32>,
+    interfaces: HashMap<MapData, u32, zt_common::InterfaceInfo>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    fragments: HashMap<MapData, zt_common::FragmentKey, zt_common::FragmentValue>,
     event_flows: HashMap<MapData, EventFlowKey, EventFlowState>,
 }
 
@@ -74,6 +77,7 @@ impl Probe {
             cgroups: open(ids.cgroups, Map::HashMap)?,
             interfaces: open(ids.interfaces, Map::HashMap)?,
             conntrack: open(ids.conntrack, Map::LruHashMap)?,
+            fragments: open(ids.fragments, Map::LruHashMap)?,
             event_flows: open(ids.event_flows, Map::LruHashMap)?,
         })
     }
@@ -98,6 +102,7 @@ impl Probe {
             usage("policy", self.policy.map(), self.policy.keys())?,
             usage("isolation", self.isolation.map(), self.isolation.keys())?,
             usage("conntrack", self.conntrack.map(), self.conntrack.keys())?,
+            usage("fragments", self.fragments.map(), self.fragments.keys())?,
             usage("cgroups", self.cgroups.map(), self.cgroups.keys())?,
             usage("interfaces", self.interfaces.map(), self.interfaces.keys())?,
             usage("event_flows", self.event_flows.map(), self.event_flows.keys())?,

@@ -25,9 +25,11 @@ use ipnet::IpNet;
 use thiserror::Error;
 use zt_common::{
     action,
-    identity::{ANY, FIRST_CIDR, WORLD},
+    identity::{ANY, FIRST_CIDR, HOST, WORLD},
     isolation, maps, Direction, IpKey, PolicyKey, PolicyValue,
 };
+
+use crate::datapath::capacity::{IPCACHE_CEILING, POLICY_CEILING};
 
 use super::{Action, Peer, PolicyMode, PolicySet, PortRange, Protocol, Subject};
 use crate::identity::{IdentityError, IdentityTable};
@@ -156,6 +158,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
         match peer {
             Peer::Any => vec![ANY],
             Peer::World => std::iter::once(WORLD).chain(ranges.iter().map(|(_, id)| *id)).collect(),
+            Peer::Host => vec![HOST],
             Peer::Identity(name) => vec![id_of(name)],
             Peer::Cidr { net, except } => ranges
                 .iter()
@@ -209,9 +212,11 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
 
     let policy: Vec<_> = groups.iter().flat_map(|(base, group)| group.entries(*base)).collect();
     let isolation: Vec<_> = isolation_flags.into_iter().collect();
-    check_capacity(maps::IPCACHE, ipcache.len(), maps::IPCACHE_CAPACITY)?;
+    // The node's own capacities (`--capacity`) are checked when the policy is staged; these are
+    // the ceilings no node can hold more than.
+    check_capacity(maps::IPCACHE, ipcache.len(), IPCACHE_CEILING)?;
     check_capacity(maps::ISOLATION, isolation.len(), maps::ISOLATION_CAPACITY)?;
-    check_capacity(maps::POLICY, policy.len(), maps::POLICY_CAPACITY)?;
+    check_capacity(maps::POLICY, policy.len(), POLICY_CEILING)?;
     Ok(Compiled { identities, ipcache, ranges, cgroups, spiffe, interfaces, isolation, policy, rules })
 }
 

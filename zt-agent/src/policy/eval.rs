@@ -329,6 +329,7 @@ mod tests {
                                 let peer_any = match (peer_ref, peer) {
                                     (Peer::Any, _) => true,
                                     (Peer::Identity(name), Some(peer)) if name == peer => false,
+                                    (Peer::Host, Some("host")) => false,
                                     (_, None) if peer_ref.matches_world_address(peer_addr) => false,
                                     _ => continue,
                                 };

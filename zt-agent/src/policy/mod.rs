@@ -118,6 +118,8 @@ pub enum Peer {
     Any,
     /// Every address no declared identity owns.
     World,
+    /// The node's own addresses, and its processes no cgroup selector names.
+    Host,
     Identity(String),
     /// The addresses of `net`, outside every `except` prefix, that no declared identity owns.
     /// `except` prefixes lie strictly inside `net`.
@@ -129,7 +131,7 @@ impl Peer {
     pub fn matches_world_address(&self, addr: IpAddr) -> bool {
         match self {
             Peer::Any | Peer::World => true,
-            Peer::Identity(_) => false,
+            Peer::Host | Peer::Identity(_) => false,
             Peer::Cidr { net, except } => net.contains(&addr) && !except.iter().any(|e| e.contains(&addr)),
         }
     }
@@ -646,6 +648,7 @@ impl Loader {
                 PeerItem::Name(name) => Some(match name.as_str() {
                     "any" => Peer::Any,
                     "world" => Peer::World,
+                    "host" => Peer::Host,
                     _ => Peer::Identity(name),
                 }),
                 PeerItem::Cidr(cidr) => self.cidr_peer(doc, &peers_path.index(index), cidr),
@@ -837,10 +840,10 @@ impl Loader {
                     for (index, peer) in rule.peers.iter().enumerate() {
                         let problem = match peer {
                             Peer::Identity(name) => {
-                                reference_problem(name, &peers_path, &known, "a declared identity, world, or any")
+                                reference_problem(name, &peers_path, &known, "a declared identity, world, host, or any")
                             }
                             Peer::Cidr { net, .. } => owned_range_problem(net, &owned),
-                            Peer::Any | Peer::World => None,
+                            Peer::Any | Peer::World | Peer::Host => None,
                         };
                         if let Some(message) = problem {
                             let at = match peer {

@@ -232,14 +232,19 @@ fn reserved_names_cannot_be_declared_or_misused() {
         single_error(text),
         "t.yaml:4:9: identity name \"world\" is reserved; choose another name (any, unknown, world and host have fixed meanings)"
     );
-    let text = with_policy_spec("  subject: [world]\n  ingress:\n    - from: [host]\n");
+    let text = with_policy_spec("  subject: [world]\n  ingress:\n    - from: [unknown]\n");
     let errors = errors(&text);
     assert_eq!(errors.len(), 2, "{errors:#?}");
     assert!(errors[0].starts_with("t.yaml:30:13: world cannot be a subject"), "{errors:#?}");
     assert_eq!(
         errors[1],
-        "t.yaml:32:14: reserved identity \"host\" cannot be used in spec.ingress[0].from; use a declared identity, world, or any"
+        "t.yaml:32:14: reserved identity \"unknown\" cannot be used in spec.ingress[0].from; use a declared identity, world, host, or any"
     );
+    // The node itself is a peer, never a subject.
+    let text = with_policy_spec("  subject: [host]\n  ingress:\n    - from: [any]\n");
+    assert!(single_error(&text).contains("reserved identity \"host\" cannot be used in spec.subject"), "{}", single_error(&text));
+    let text = with_policy_spec("  subject: [any]\n  ingress:\n    - from: [host]\n");
+    assert!(super::parse_str(&text, "t.yaml").is_ok(), "host is a valid peer");
 }
 
 #[test]

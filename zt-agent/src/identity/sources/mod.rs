@@ -13,6 +13,7 @@
 
 pub mod certificate;
 pub mod cgroup;
+pub mod host;
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::{Duration, SystemTime}};
 
@@ -62,12 +63,12 @@ impl IdentitySources {
 
     /// Whether `addr` is identified because a certificate bound it.
     pub fn bound_by_certificate(&self, addr: IpAddr) -> bool {
-        self.kernel_addresses.contains_key(&addr)
+        self.kernel_addresses.get(&addr).is_some_and(|&id| id != zt_common::identity::HOST)
     }
 
     /// Brings the maps in line with the sources. Returns identity events to report.
     pub fn refresh(&mut self, datapath: &mut Datapath) -> Result<Vec<Value>> {
-        let (addresses, certificate_cgroups, events) = self.certificate_bindings();
+        let (addresses, certificate_cgroups, events) = self.address_bindings()?;
         let mut cgroups = match &mut self.cgroups {
             Some(source) => source.scan(&self.compiled.cgroups),
             None => BTreeMap::new(),
@@ -87,7 +88,7 @@ impl IdentitySources {
     /// reload fails, [`unstage`](Self::unstage).
     pub fn stage(&mut self, compiled: Arc<Compiled>, datapath: &mut Datapath) -> Result<Vec<Value>> {
         let previous = std::mem::replace(&mut self.compiled, compiled);
-        let (addresses, _, events) = self.certificate_bindings();
+        let (addresses, _, events) = self.address_bindings()?;
         self.staged = Some((previous, addresses.clone()));
         for (&addr, &identity) in &addresses {
             datapath.stage_address(addr, identity)?;
@@ -109,6 +110,17 @@ impl IdentitySources {
             self.kernel_addresses = addresses;
         }
         self.refresh(datapath)
+    }
+
+    /// Address → identity: the node's own addresses are `host`, and each verified
+    /// certificate's addresses its identity; cgroup id → identity for the certificates; and the
+    /// identity events of the certificates whose state changed.
+    #[allow(clippy::type_complexity)]
+    fn address_bindings(&mut self) -> Result<(BTreeMap<IpAddr, u32>, BTreeMap<u64, u32>, Vec<Value>)> {
+        let (mut addresses, cgroups, events) = self.certificate_bindings();
+        // The node's addresses are its own, whatever a certificate claims.
+        addresses.extend(host::node_addresses()?.into_iter().map(|addr| (addr, zt_common::identity::HOST)));
+        Ok((addresses, cgroups, events))
     }
 
     /// Address → identity and cgroup id → identity for every verified certificate, judged with
