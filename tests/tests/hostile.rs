@@ -155,3 +155,17 @@ fn a_policy_over_the_nodes_capacity_is_rejected_whole_and_the_running_one_stays(
     assert!(tcp_connect(t.ns("intruder"), api, Duration::from_millis(700)).is_err());
     assert_eq!(agent.status_json()["generation"], 1);
 }
+
+#[test]
+fn an_over_long_admin_request_is_refused_and_the_agent_keeps_answering() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let t = topology();
+    let agent = Agent::start_on(t.node(), policy(), "monitor").unwrap();
+    let mut stream = std::os::unix::net::UnixStream::connect(agent.socket()).unwrap();
+    // Past the 64 KiB limit, without a newline: the agent answers without waiting for one.
+    stream.write_all(&vec![b' '; 70 << 10]).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    assert!(reply.contains("request longer than 65536 bytes"), "{reply}");
+    assert_eq!(agent.status_json()["mode"], "monitor", "the next client is served");
+}

@@ -334,3 +334,21 @@ fn suggest_prints_rules_and_names_the_lines_it_cannot_use() {
         format!("zt-agent: {}:2: not a JSON event: expected ident (column 2)", events.display())
     );
 }
+
+#[test]
+fn policy_check_refuses_devices_fifos_and_oversized_files_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("policy.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let huge = dir.path().join("huge.yaml");
+    std::fs::write(&huge, "# padding\n".repeat(500_000)).unwrap();
+    for (path, says) in [
+        (Path::new("/dev/zero"), "not a regular file"),
+        (fifo.as_path(), "not a regular file"),
+        (huge.as_path(), "larger than 4194304 bytes"),
+    ] {
+        let output = run(&["policy", "check", path_str(path)]);
+        assert!(!output.status.success(), "{}", path.display());
+        assert!(stderr(&output).contains(says), "{}: {}", path.display(), stderr(&output));
+    }
+}

@@ -1,6 +1,7 @@
 //! zt-agent: turns workload identities and YAML policy into BPF maps, runs the datapath, and
 //! streams its verdicts.
 pub mod agent;
+pub mod bounded;
 pub mod control;
 pub mod datapath;
 pub mod events;

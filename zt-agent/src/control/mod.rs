@@ -170,6 +170,11 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// The longest request the admin socket reads (requests are one short JSON line).
+const MAX_REQUEST_BYTES: u64 = 64 << 10;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -184,8 +189,19 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             let (read, mut write) = stream.into_split();
             let mut read = tokio::io::BufReader::new(read);
             let mut line = String::new();
-            if read.read_line(&mut line).await.is_err() {
-                return;
+            // One line, bounded in size and time: a client cannot make the agent buffer without
+            // end, nor hold a task by never finishing its request.
+            let mut limited = tokio::io::AsyncReadExt::take(&mut read, MAX_REQUEST_BYTES + 1);
+            match tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line)).await {
+                Ok(Ok(_)) if line.len() as u64 <= MAX_REQUEST_BYTES => {}
+                Ok(Ok(_)) => {
+                    let message = format!("request longer than {MAX_REQUEST_BYTES} bytes");
+                    let mut out = serde_json::to_vec(&Response::Error { message }).expect("response serializes");
+                    out.push(b'\n');
+                    let _ = write.write_all(&out).await;
+                    return;
+                }
+                _ => return,
             }
             let request = serde_json::from_str::<Request>(&line).context("malformed request");
             if let Ok(Request::Flows { follow, filter }) = request {
@@ -223,11 +239,11 @@ async fn stream_flows(
         return;
     }
     let mut reported = 0;
-    let mut ignored = String::new();
+    let mut ignored = [0u8; 64];
     loop {
         tokio::select! {
             // The client sends nothing more; a read that ends means it hung up.
-            _ = read.read_line(&mut ignored) => return,
+            _ = tokio::io::AsyncReadExt::read(&mut read, &mut ignored) => return,
             event = subscription.events.recv() => {
                 let Some(event) = event else { return };
                 let dropped = subscription.dropped();

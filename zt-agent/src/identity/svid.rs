@@ -31,16 +31,16 @@
 //! Not done here: revocation (SVIDs are short-lived), and matching the SPIFFE ID's trust domain
 //! against the bundle's (a bundle is a plain set of roots; see [`Svid::trust_domain`]).
 
-use std::fmt;
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
+use std::io;
 use std::net::IpAddr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+
+use crate::bounded::{self, ReadError};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use serde::Deserialize;
@@ -116,7 +116,7 @@ pub struct TrustBundle {
 impl TrustBundle {
     /// Reads a PEM bundle file (one or more `CERTIFICATE` sections, at most [`MAX_FILE_SIZE`]).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let pem = read_bounded(path).with_context(|| format!("reading trust bundle {}", path.display()))?;
+        let pem = bounded::read(path, MAX_FILE_SIZE as u64).with_context(|| format!("reading trust bundle {}", path.display()))?;
         Self::from_pem(&pem).with_context(|| format!("trust bundle {}", path.display()))
     }
 
@@ -405,52 +405,10 @@ pub fn scan(dir: &Path, bundle: &TrustBundle, now: SystemTime) -> anyhow::Result
 }
 
 fn read_workload_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
-    read_bounded(&dir.join(name)).map_err(|e| match e {
+    bounded::read(&dir.join(name), MAX_FILE_SIZE as u64).map_err(|e| match e {
         ReadError::NotFound => format!("no {name}"),
         e => format!("{name}: {e}"),
     })
-}
-
-#[derive(Debug)]
-enum ReadError {
-    NotFound,
-    TooLarge,
-    NotRegular,
-    Io(io::Error),
-}
-
-impl fmt::Display for ReadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReadError::NotFound => f.write_str("no such file"),
-            ReadError::TooLarge => write!(f, "larger than {MAX_FILE_SIZE} bytes"),
-            ReadError::NotRegular => f.write_str("not a regular file"),
-            ReadError::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for ReadError {}
-
-/// Reads a regular file of at most [`MAX_FILE_SIZE`] bytes, following symlinks. Opens without
-/// blocking, so a FIFO planted under the name cannot hang the agent, and reads at most one byte
-/// past the limit, so a huge or growing file costs nothing.
-fn read_bounded(path: &Path) -> Result<Vec<u8>, ReadError> {
-    let io_error = |e: io::Error| match e.kind() {
-        io::ErrorKind::NotFound => ReadError::NotFound,
-        _ => ReadError::Io(e),
-    };
-    let file =
-        File::options().read(true).custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits()).open(path).map_err(io_error)?;
-    if !file.metadata().map_err(io_error)?.is_file() {
-        return Err(ReadError::NotRegular);
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_SIZE as u64 + 1).read_to_end(&mut bytes).map_err(io_error)?;
-    if bytes.len() > MAX_FILE_SIZE {
-        return Err(ReadError::TooLarge);
-    }
-    Ok(bytes)
 }
 
 /// The DER of every `CERTIFICATE` section, in order; other sections are skipped.

@@ -18,7 +18,6 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    fs,
     io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -383,7 +382,8 @@ pub fn run_cases(cases: &[Case], judge: &mut dyn Judge, out: &mut dyn Write) -> 
 /// passes.
 pub fn run(cases_file: &Path, policy: &[PathBuf], offline: bool, out: &mut dyn Write) -> Result<()> {
     let label = cases_file.display().to_string();
-    let text = fs::read_to_string(cases_file).with_context(|| format!("cannot read the cases file {label}"))?;
+    let text = crate::bounded::read_text(cases_file, crate::bounded::POLICY_FILE_LIMIT)
+        .with_context(|| format!("cannot read the cases file {label}"))?;
     let cases = parse_cases(&text, &label)?;
     let set = super::load_paths(policy)?;
     let compiled = compile::compile(&set)?;

@@ -281,8 +281,12 @@ fn loader_for(paths: &[PathBuf]) -> Loader {
             }
         };
         for file in files {
-            match fs::read_to_string(&file) {
+            match crate::bounded::read_text(&file, crate::bounded::POLICY_FILE_LIMIT) {
                 Ok(text) => loader.add_file(&file.display().to_string(), &text),
+                Err(err @ crate::bounded::ReadError::TooLarge { .. }) => loader.errors.push(file_error(
+                    &file,
+                    format!("cannot read the file: {err}; split it into several files, or trim it"),
+                )),
                 Err(err) => loader.errors.push(file_error(
                     &file,
                     format!("cannot read the file: {err}; check the path and its permissions"),

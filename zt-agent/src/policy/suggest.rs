@@ -16,8 +16,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::{self, Write as _},
-    fs,
-    io::Read as _,
     path::{Path, PathBuf},
 };
 
@@ -454,12 +452,11 @@ fn paths_text(paths: &[PathBuf]) -> String {
 /// load (with the policy, when given).
 pub fn run(from: &Path, policy: &[PathBuf]) -> Result<String> {
     let label = from.display().to_string();
+    let limit = crate::bounded::EVENTS_FILE_LIMIT;
     let text = if label == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading events from stdin")?;
-        text
+        crate::bounded::read_stdin(limit).context("reading events from stdin")?
     } else {
-        fs::read_to_string(from).with_context(|| format!("cannot read the events file {label}"))?
+        crate::bounded::read_text(from, limit).with_context(|| format!("cannot read the events file {label}"))?
     };
     let observations = parse_events(&text, &label)?;
     let base = if policy.is_empty() {
