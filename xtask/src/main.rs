@@ -1,6 +1,7 @@
-//! Developer tasks: `cargo xtask setup | build | test | sweep | bench | demo`.
+//! Developer tasks: `cargo xtask setup | build | test | sweep | fuzz | bench | demo`.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -40,6 +41,15 @@ enum Task {
         #[arg(long)]
         seed: Option<String>,
     },
+    /// The cargo-fuzz targets (policy loader, sink specs, event decoder), each for `--runs`
+    /// executions (installs cargo-fuzz if needed).
+    Fuzz {
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Flow events per second from the ring buffer to a JSON sink, as ratios against the raw
     /// ring-buffer drain measured in the same run (as root; optimized build).
     Bench,
@@ -53,6 +63,7 @@ fn main() {
         Task::Build => setup::run().and_then(|()| build_agent()),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Sweep { cases, seed } => sweep(cases, seed.as_deref()),
+        Task::Fuzz { runs, target } => setup::run().and_then(|()| fuzz::run(runs, None, target.as_deref())),
         Task::Bench => bench(),
         Task::Demo => demo::run(),
     };
@@ -77,6 +88,10 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         .env(zt_tests::agent::UPGRADE_BIN_ENV, upgrade_variant_bin())
         .status()
         .context("spawn cargo test")?;
+    // The whole suite (no narrowing arguments) ends with a short pass of every fuzz target.
+    if status.success() && cargo_test_args.is_empty() {
+        fuzz::run(fuzz::SMOKE_RUNS, Some(fuzz::SMOKE_SECONDS), None)?;
+    }
     std::process::exit(status.code().unwrap_or(1));
 }
 

@@ -29,6 +29,19 @@ pub fn run() -> Result<()> {
     ensure_bpffs()
 }
 
+/// The toolchain `cargo fuzz` runs with (the eBPF build's nightly), with cargo-fuzz installed.
+pub fn fuzz_toolchain() -> Result<&'static str> {
+    let toolchain = ebpf_toolchain()?;
+    if !succeeds("cargo", &["fuzz", "--version"]) {
+        println!("setup: installing cargo-fuzz with cargo install (takes about 2 minutes)");
+        run_checked(
+            cargo().args(["install", "cargo-fuzz", "--locked"]),
+            "see cargo's errors above; a network problem or a full disk are the usual causes",
+        )?;
+    }
+    Ok(toolchain)
+}
+
 fn ebpf_toolchain() -> Result<&'static str> {
     if succeeds("rustup", &["run", PINNED_NIGHTLY, "rustc", "--version"]) {
         return Ok(PINNED_NIGHTLY);

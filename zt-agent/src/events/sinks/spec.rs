@@ -209,9 +209,10 @@ fn parse_size(size: &str) -> Result<u64, String> {
         "G" => 1 << 30,
         _ => 0,
     };
-    match digits.parse::<u64>() {
-        Ok(n) if n > 0 && scale > 0 => Ok(n * scale),
-        _ => Err(format!("max-bytes=`{size}`: write a size such as 1048576, 512k, 10M or 1G")),
+    // A product past u64 is refused, not wrapped into some other size.
+    match digits.parse::<u64>().ok().filter(|n| *n > 0 && scale > 0).and_then(|n| n.checked_mul(scale)) {
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("max-bytes=`{size}`: write a size such as 1048576, 512k, 10M or 1G")),
     }
 }
 
@@ -292,6 +293,15 @@ impl Options {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_size_past_u64_is_refused_not_wrapped() {
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        // Found by the sink_spec fuzz target: 9223372036854775803 MiB overflowed.
+        assert!(parse_size("9223372036854775803M").unwrap_err().contains("max-bytes"));
+        assert!(parse_size("18446744073709551615").is_ok());
+    }
+
     use super::*;
 
     fn parse_ok(spec: &str) -> SinkSpec {
