@@ -343,9 +343,9 @@ fn policy_check_refuses_devices_fifos_and_oversized_files_with_a_clear_error() {
     let huge = dir.path().join("huge.yaml");
     std::fs::write(&huge, "# padding\n".repeat(500_000)).unwrap();
     for (path, says) in [
-        (Path::new("/dev/zero"), "not a regular file"),
-        (fifo.as_path(), "not a regular file"),
-        (huge.as_path(), "larger than 4194304 bytes"),
+        (Path::new("/dev/zero"), "not a regular file (a character device)"),
+        (fifo.as_path(), "not a regular file (a FIFO)"),
+        (huge.as_path(), "it is 4.8 MiB; the limit is 4 MiB"),
     ] {
         let output = run(&["policy", "check", path_str(path)]);
         assert!(!output.status.success(), "{}", path.display());

@@ -63,7 +63,8 @@ fn main() {
         Task::Build => setup::run().and_then(|()| build_agent()),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Sweep { cases, seed } => sweep(cases, seed.as_deref()),
-        Task::Fuzz { runs, target } => setup::run().and_then(|()| fuzz::run(runs, None, target.as_deref())),
+        // Needs no root: only the nightly and cargo-fuzz, which it installs if missing.
+        Task::Fuzz { runs, target } => fuzz::run(runs, None, target.as_deref()),
         Task::Bench => bench(),
         Task::Demo => demo::run(),
     };
@@ -134,8 +135,7 @@ fn build_upgrade_variant() -> Result<()> {
 }
 
 fn upgrade_variant_dir() -> PathBuf {
-    let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
-    workspace_root().join(target_dir).join("upgrade-variant")
+    target_dir().join("upgrade-variant")
 }
 
 fn upgrade_variant_bin() -> PathBuf {
@@ -146,10 +146,15 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
-/// The debug agent binary, under `$CARGO_TARGET_DIR` when set (relative to the workspace root).
-fn agent_bin() -> PathBuf {
+/// `$CARGO_TARGET_DIR` when set (relative to the workspace root), else `target`.
+fn target_dir() -> PathBuf {
     let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
-    workspace_root().join(target_dir).join("debug/zt-agent")
+    workspace_root().join(target_dir)
+}
+
+/// The debug agent binary.
+fn agent_bin() -> PathBuf {
+    target_dir().join("debug/zt-agent")
 }
 
 /// The cargo that runs this xtask, in the workspace root.

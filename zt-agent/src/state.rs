@@ -48,6 +48,11 @@ impl Policies {
         }
     }
 
+    /// The generation in force, as this agent last switched or adopted it.
+    pub fn generation(&self) -> u32 {
+        self.in_force
+    }
+
     /// The policy in force.
     pub fn current(&self) -> &Arc<Compiled> {
         self.find(self.in_force).expect("the generation in force is kept")

@@ -8,17 +8,22 @@ pub mod reload;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
+    future::Future,
+    io::{BufRead as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
-    net::{unix::OwnedWriteHalf, UnixListener},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+        UnixListener,
+    },
 };
 use zt_common::{Reason, Verdict};
 
@@ -173,50 +178,57 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 /// The longest request the admin socket reads (requests are one short JSON line).
 const MAX_REQUEST_BYTES: u64 = 64 << 10;
 /// How long a client may take to send its request.
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    accept_each(listener, move |stream| connection(stream, shared.clone())).await
+}
+
+/// Serves every connection on a task of its own: what one client does only costs its own task.
+async fn accept_each<F, Fut>(listener: UnixListener, mut on_connection: F)
+where
+    F: FnMut(tokio::net::UnixStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::warn!(%err, "admin socket accept failed");
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut read = tokio::io::BufReader::new(read);
-            let mut line = String::new();
-            // One line, bounded in size and time: a client cannot make the agent buffer without
-            // end, nor hold a task by never finishing its request.
-            let mut limited = tokio::io::AsyncReadExt::take(&mut read, MAX_REQUEST_BYTES + 1);
-            match tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line)).await {
-                Ok(Ok(_)) if line.len() as u64 <= MAX_REQUEST_BYTES => {}
-                Ok(Ok(_)) => {
-                    let message = format!("request longer than {MAX_REQUEST_BYTES} bytes");
-                    let mut out = serde_json::to_vec(&Response::Error { message }).expect("response serializes");
-                    out.push(b'\n');
-                    let _ = write.write_all(&out).await;
-                    return;
-                }
-                _ => return,
-            }
-            let request = serde_json::from_str::<Request>(&line).context("malformed request");
-            if let Ok(Request::Flows { follow, filter }) = request {
-                stream_flows(&shared.sinks, follow, filter, read, write).await;
-                return;
-            }
-            let response = match request.and_then(|request| handle(&shared, request)) {
-                Ok(status) => Response::Ok { status },
-                Err(err) => Response::Error { message: format!("{err:#}") },
-            };
-            let mut out = serde_json::to_vec(&response).expect("response serializes");
-            out.push(b'\n');
-            let _ = write.write_all(&out).await;
-        });
+        match listener.accept().await {
+            Ok((stream, _)) => drop(tokio::spawn(on_connection(stream))),
+            Err(err) => tracing::warn!(%err, "admin socket accept failed"),
+        }
     }
+}
+
+async fn connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let Some(line) = read_request(&mut read, &mut write, REQUEST_TIMEOUT).await else { return };
+    let request = serde_json::from_str::<Request>(&line).context("malformed request");
+    if let Ok(Request::Flows { follow, filter }) = request {
+        stream_flows(&shared.sinks, follow, filter, read, write).await;
+        return;
+    }
+    let response = match request.and_then(|request| handle(&shared, request)) {
+        Ok(status) => Response::Ok { status },
+        Err(err) => Response::Error { message: format!("{err:#}") },
+    };
+    let _ = write_event(&mut write, &response).await;
+}
+
+/// The client's request line, bounded in size and time: a client cannot make the agent buffer
+/// without end, nor hold a task by never finishing its request. None when the connection is
+/// done, after an error reply if the client is still there to read it.
+async fn read_request(read: &mut BufReader<OwnedReadHalf>, write: &mut OwnedWriteHalf, timeout: Duration) -> Option<String> {
+    let mut line = String::new();
+    let mut limited = (&mut *read).take(MAX_REQUEST_BYTES + 1);
+    let message = match tokio::time::timeout(timeout, limited.read_line(&mut line)).await {
+        Ok(Ok(_)) if line.len() as u64 <= MAX_REQUEST_BYTES => return Some(line),
+        Ok(Ok(_)) => format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => "the request is not UTF-8 text".into(),
+        Ok(Err(_)) => return None,
+        Err(_) => format!("no request within {}", humantime::format_duration(timeout)),
+    };
+    let _ = write_event(write, &Response::Error { message }).await;
+    None
 }
 
 /// Writes the recent flows the client asked for and, with `follow`, every new one until the
@@ -226,7 +238,7 @@ async fn stream_flows(
     sinks: &Sinks,
     follow: bool,
     filter: Filter,
-    mut read: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut read: BufReader<OwnedReadHalf>,
     mut write: OwnedWriteHalf,
 ) {
     let (recent, mut subscription) = sinks.subscribe(filter, FLOWS_CLIENT_QUEUE);
@@ -243,7 +255,7 @@ async fn stream_flows(
     loop {
         tokio::select! {
             // The client sends nothing more; a read that ends means it hung up.
-            _ = tokio::io::AsyncReadExt::read(&mut read, &mut ignored) => return,
+            _ = read.read(&mut ignored) => return,
             event = subscription.events.recv() => {
                 let Some(event) = event else { return };
                 let dropped = subscription.dropped();
@@ -283,9 +295,68 @@ pub fn request(socket: &Path, request: &Request) -> Result<Status> {
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut response = String::new();
-    BufReader::new(stream).read_line(&mut response)?;
+    std::io::BufReader::new(stream).read_line(&mut response)?;
     match serde_json::from_str::<Response>(&response).context("malformed response from zt-agent")? {
         Response::Ok { status } => Ok(status),
         Response::Error { message } => bail!("zt-agent refused: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket served as the agent serves it, each request answered with its length.
+    fn server(dir: &Path, timeout: Duration) -> std::path::PathBuf {
+        let path = dir.join("agent.sock");
+        let listener = bind(&path).unwrap();
+        tokio::spawn(accept_each(listener, move |stream| async move {
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            if let Some(line) = read_request(&mut read, &mut write, timeout).await {
+                let _ = write.write_all(format!("{} bytes\n", line.len()).as_bytes()).await;
+            }
+        }));
+        path
+    }
+
+    /// Sends `request` on a new connection; the reply line, and whether the agent then closed.
+    async fn exchange(socket: &Path, request: &[u8]) -> (String, bool) {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut read = BufReader::new(stream);
+        let mut reply = String::new();
+        read.read_line(&mut reply).await.unwrap();
+        // The end of the stream, or a reset (the agent left part of the request unread).
+        let closed = !matches!(read.read(&mut [0; 1]).await, Ok(1..));
+        (reply, closed)
+    }
+
+    #[tokio::test]
+    async fn an_over_long_request_is_refused_and_the_next_connection_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = server(dir.path(), Duration::from_secs(5));
+        let mut long = vec![b' '; MAX_REQUEST_BYTES as usize + 100];
+        long.push(b'\n');
+        let (reply, closed) = exchange(&socket, &long).await;
+        assert_eq!(reply, "{\"result\":\"error\",\"message\":\"request longer than 65536 bytes\"}\n");
+        assert!(closed);
+        // At the limit, newline included, is still a request.
+        let mut longest = vec![b' '; MAX_REQUEST_BYTES as usize - 1];
+        longest.push(b'\n');
+        assert_eq!(exchange(&socket, &longest).await.0, "65536 bytes\n");
+        assert_eq!(exchange(&socket, b"{}\n").await.0, "3 bytes\n");
+        let (reply, _) = exchange(&socket, b"\xff\n").await;
+        assert!(reply.contains("the request is not UTF-8 text"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_answered_and_dropped_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = server(dir.path(), Duration::from_millis(100));
+        let (reply, closed) = exchange(&socket, b"").await;
+        assert!(reply.contains("no request within 100ms"), "{reply}");
+        assert!(closed);
+        assert_eq!(exchange(&socket, b"{}\n").await.0, "3 bytes\n");
     }
 }

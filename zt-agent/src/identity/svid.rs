@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use crate::bounded::{self, ReadError};
+use crate::bounded::{self, ReadError, BIND_FILE_LIMIT, CERTIFICATE_FILE_LIMIT};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use serde::Deserialize;
@@ -51,8 +51,6 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-/// Largest file read (an SVID chain, a bundle, a `bind.yaml`): real ones are a few KiB.
-pub const MAX_FILE_SIZE: usize = 1 << 20;
 /// Longest SPIFFE ID, in bytes (SPIFFE ID spec §2.3).
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Longest trust domain name, in bytes (SPIFFE ID spec §2.1).
@@ -114,9 +112,11 @@ pub struct TrustBundle {
 }
 
 impl TrustBundle {
-    /// Reads a PEM bundle file (one or more `CERTIFICATE` sections, at most [`MAX_FILE_SIZE`]).
+    /// Reads a PEM bundle file (one or more `CERTIFICATE` sections, at most
+    /// [`CERTIFICATE_FILE_LIMIT`] bytes).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let pem = bounded::read(path, MAX_FILE_SIZE as u64).with_context(|| format!("reading trust bundle {}", path.display()))?;
+        let pem = bounded::read(path, CERTIFICATE_FILE_LIMIT)
+            .with_context(|| format!("reading trust bundle {}", path.display()))?;
         Self::from_pem(&pem).with_context(|| format!("trust bundle {}", path.display()))
     }
 
@@ -295,8 +295,8 @@ impl Binding {
     /// Parses a `bind.yaml`: `addresses` (a list), `cgroup` (a string), at least one of the two,
     /// nothing else.
     pub fn from_yaml(yaml: &[u8]) -> Result<Self, String> {
-        if yaml.len() > MAX_FILE_SIZE {
-            return Err(format!("larger than {MAX_FILE_SIZE} bytes"));
+        if yaml.len() as u64 > BIND_FILE_LIMIT {
+            return Err(too_large(yaml, BIND_FILE_LIMIT));
         }
         let file: BindFile = serde_yaml::from_slice(yaml).map_err(|e| e.to_string())?;
         if file.addresses.is_empty() && file.cgroup.is_none() {
@@ -361,7 +361,8 @@ pub struct Presentation {
 /// with `.` (editors' and atomic writers' temporaries, `..data` links) are skipped, as is an
 /// entry that vanishes during the scan. A subdirectory without `svid.pem` yields
 /// `svid: Err(Malformed("no svid.pem"))`, one without `bind.yaml` `binding: Err("no bind.yaml")`.
-/// Each file is read once, at most [`MAX_FILE_SIZE`] bytes of it. A missing or unreadable `dir`
+/// Each file is read once, at most [`CERTIFICATE_FILE_LIMIT`] or [`BIND_FILE_LIMIT`] bytes of it,
+/// and only if it is a regular file (a FIFO or device is refused). A missing or unreadable `dir`
 /// is an error.
 pub fn scan(dir: &Path, bundle: &TrustBundle, now: SystemTime) -> anyhow::Result<Vec<Presentation>> {
     let entries = fs::read_dir(dir).with_context(|| format!("reading SVID directory {}", dir.display()))?;
@@ -393,10 +394,10 @@ pub fn scan(dir: &Path, bundle: &TrustBundle, now: SystemTime) -> anyhow::Result
             presentations.push(unreadable("the workload directory's name is not UTF-8".into()));
             continue;
         }
-        let svid = read_workload_file(&path, SVID_FILE)
+        let svid = read_workload_file(&path, SVID_FILE, CERTIFICATE_FILE_LIMIT)
             .map_err(SvidError::Malformed)
             .and_then(|pem| verify(&pem, bundle, now));
-        let binding = read_workload_file(&path, BIND_FILE)
+        let binding = read_workload_file(&path, BIND_FILE, BIND_FILE_LIMIT)
             .and_then(|yaml| Binding::from_yaml(&yaml).map_err(|e| format!("{BIND_FILE}: {e}")));
         presentations.push(Presentation { workload, dir: path, binding, svid });
     }
@@ -404,17 +405,23 @@ pub fn scan(dir: &Path, bundle: &TrustBundle, now: SystemTime) -> anyhow::Result
     Ok(presentations)
 }
 
-fn read_workload_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
-    bounded::read(&dir.join(name), MAX_FILE_SIZE as u64).map_err(|e| match e {
+fn read_workload_file(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, String> {
+    bounded::read(&dir.join(name), limit).map_err(|e| match e {
         ReadError::NotFound => format!("no {name}"),
         e => format!("{name}: {e}"),
     })
 }
 
+/// What a file read in full says when over `limit`: the bytes given here need not come from
+/// [`bounded::read`].
+fn too_large(bytes: &[u8], limit: u64) -> String {
+    ReadError::TooLarge { size: Some(bytes.len() as u64), limit }.to_string()
+}
+
 /// The DER of every `CERTIFICATE` section, in order; other sections are skipped.
 fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, SvidError> {
-    if pem.len() > MAX_FILE_SIZE {
-        return Err(SvidError::Malformed(format!("larger than {MAX_FILE_SIZE} bytes")));
+    if pem.len() as u64 > CERTIFICATE_FILE_LIMIT {
+        return Err(SvidError::Malformed(too_large(pem, CERTIFICATE_FILE_LIMIT)));
     }
     if pem.iter().all(u8::is_ascii_whitespace) {
         return Err(SvidError::Malformed("empty file".into()));
@@ -765,9 +772,9 @@ mod tests {
         assert!(matches!(&err, SvidError::Malformed(m) if m.contains("trailing")), "{err}");
         // Over the size limit, even if it would parse.
         let mut huge = chain(&[&leaf]);
-        huge.resize(MAX_FILE_SIZE + 1, b'\n');
+        huge.resize(CERTIFICATE_FILE_LIMIT as usize + 1, b'\n');
         let err = verify(&huge, &bundle, now()).unwrap_err();
-        assert!(matches!(&err, SvidError::Malformed(m) if m.contains("larger")), "{err}");
+        assert_eq!(err.to_string(), "malformed SVID: it is 1048577 bytes; the limit is 1048576 bytes");
         // Bundles too.
         assert!(matches!(TrustBundle::from_pem(b""), Err(SvidError::Malformed(_))));
         assert!(matches!(TrustBundle::from_pem(b"nothing here"), Err(SvidError::Malformed(_))));
@@ -902,7 +909,11 @@ mod tests {
         workload("nosvid", None, Some(bind));
         workload("badbind", Some(&chain(&[&good])), Some(b"addresses: [10.20.1.2]\nport: 1\n"));
         workload("nobind", Some(&chain(&[&good])), None);
-        workload("huge", Some(&vec![b'\n'; MAX_FILE_SIZE + 1]), Some(bind));
+        workload(
+            "huge",
+            Some(&vec![b'\n'; CERTIFICATE_FILE_LIMIT as usize + 1]),
+            Some(&vec![b'\n'; BIND_FILE_LIMIT as usize + 1]),
+        );
         workload(".tmp-write", Some(&chain(&[&good])), Some(bind));
         fs::write(dir.join("README"), "not a workload").unwrap();
         fs::create_dir(dir.join("fifo")).unwrap();
@@ -933,8 +944,10 @@ mod tests {
         assert!(badbind.binding.as_ref().unwrap_err().contains("unknown field `port`"), "{:?}", badbind.binding);
 
         assert_eq!(by_name("nobind").binding, Err("no bind.yaml".into()));
-        assert!(matches!(&by_name("huge").svid, Err(SvidError::Malformed(m)) if m.contains("larger")));
-        assert!(matches!(&by_name("fifo").svid, Err(SvidError::Malformed(m)) if m.contains("regular file")));
+        let huge = by_name("huge");
+        assert_eq!(huge.svid, Err(SvidError::Malformed("svid.pem: it is 1048577 bytes; the limit is 1048576 bytes".into())));
+        assert_eq!(huge.binding, Err("bind.yaml: it is 65537 bytes; the limit is 65536 bytes".into()));
+        assert_eq!(by_name("fifo").svid, Err(SvidError::Malformed("svid.pem: not a regular file (a FIFO)".into())));
 
         // A missing directory is an error, an empty one is not.
         assert!(scan(&dir.join("missing"), &bundle, now()).is_err());
@@ -955,5 +968,9 @@ mod tests {
         fs::write(&path, "no certificates").unwrap();
         let err = TrustBundle::load(&path).unwrap_err();
         assert!(format!("{err:#}").contains("no CERTIFICATE"), "{err:#}");
+        let fifo = tmp.path().join("fifo.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = TrustBundle::load(&fifo).unwrap_err();
+        assert_eq!(format!("{err:#}"), format!("reading trust bundle {}: not a regular file (a FIFO)", fifo.display()));
     }
 }

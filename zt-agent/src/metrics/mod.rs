@@ -61,14 +61,17 @@ impl Sources {
         let config = self.probe.config()?;
         let counters = self.probe.counters()?;
         let maps = self.probe.map_usage()?;
-        let (reloads_applied, reloads_rejected, last_apply, rules, identities) = {
+        // The generation and its counters come from one lock, so a scrape never sees a switched
+        // generation before the reload that switched it is counted.
+        let (generation, reloads_applied, reloads_rejected, last_apply, rules, identities) = {
             let policies = self.policies.lock().expect("policies lock poisoned");
             let current = policies.current();
-            (policies.reloads, policies.rejected, policies.last_apply, current.rules.len(), current.identities.len())
+            let counters = (policies.reloads, policies.rejected, policies.last_apply);
+            (policies.generation(), counters.0, counters.1, counters.2, current.rules.len(), current.identities.len())
         };
         Ok(Snapshot {
             mode: Mode::from_raw(config.mode),
-            generation: config.generation,
+            generation,
             counters,
             reloads_applied,
             reloads_rejected,

@@ -382,7 +382,7 @@ pub fn run_cases(cases: &[Case], judge: &mut dyn Judge, out: &mut dyn Write) -> 
 /// passes.
 pub fn run(cases_file: &Path, policy: &[PathBuf], offline: bool, out: &mut dyn Write) -> Result<()> {
     let label = cases_file.display().to_string();
-    let text = crate::bounded::read_text(cases_file, crate::bounded::POLICY_FILE_LIMIT)
+    let text = crate::bounded::read_text(cases_file, crate::bounded::CASES_FILE_LIMIT)
         .with_context(|| format!("cannot read the cases file {label}"))?;
     let cases = parse_cases(&text, &label)?;
     let set = super::load_paths(policy)?;

@@ -271,7 +271,10 @@ pub fn load_paths_with(paths: &[PathBuf], label: &str, text: &str) -> Result<Pol
 
 /// A loader holding every policy file of `paths` (and the errors reading them).
 fn loader_for(paths: &[PathBuf]) -> Loader {
+    use crate::bounded::{self, ReadError, POLICY_FILE_LIMIT, POLICY_SET_LIMIT};
     let mut loader = Loader::default();
+    // Bytes read so far: many files, each under the file limit, are still held to the set's.
+    let mut total = 0;
     for path in paths {
         let files = match policy_files(path) {
             Ok(files) => files,
@@ -281,9 +284,21 @@ fn loader_for(paths: &[PathBuf]) -> Loader {
             }
         };
         for file in files {
-            match crate::bounded::read_text(&file, crate::bounded::POLICY_FILE_LIMIT) {
-                Ok(text) => loader.add_file(&file.display().to_string(), &text),
-                Err(err @ crate::bounded::ReadError::TooLarge { .. }) => loader.errors.push(file_error(
+            match bounded::read_text(&file, POLICY_FILE_LIMIT) {
+                Ok(text) => {
+                    total += text.len() as u64;
+                    if total > POLICY_SET_LIMIT {
+                        let message = format!(
+                            "cannot read the file: with it, the policy files are over {} MiB together, the \
+                             limit of a policy set; trim the policy",
+                            POLICY_SET_LIMIT >> 20
+                        );
+                        loader.errors.push(file_error(&file, message));
+                        return loader;
+                    }
+                    loader.add_file(&file.display().to_string(), &text);
+                }
+                Err(err @ ReadError::TooLarge { .. }) => loader.errors.push(file_error(
                     &file,
                     format!("cannot read the file: {err}; split it into several files, or trim it"),
                 )),

@@ -440,6 +440,49 @@ fn unreadable_paths_and_empty_directories_are_errors() {
     );
 }
 
+#[test]
+fn devices_fifos_and_oversized_files_are_refused_in_the_file_error_style() {
+    let scratch = ScratchDir::new("bounded");
+    let fifo = scratch.0.join("fifo.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let huge = scratch.0.join("huge.yaml");
+    fs::File::create(&huge).unwrap().set_len(crate::bounded::POLICY_FILE_LIMIT + 1).unwrap();
+    let errors = load_paths(&[PathBuf::from("/dev/zero"), fifo.clone(), huge.clone()]).unwrap_err();
+    let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        [
+            "/dev/zero:1:1: cannot read the file: not a regular file (a character device); check the path and its \
+             permissions"
+                .to_owned(),
+            format!(
+                "{}:1:1: cannot read the file: not a regular file (a FIFO); check the path and its permissions",
+                fifo.display()
+            ),
+            format!(
+                "{}:1:1: cannot read the file: it is 4194305 bytes; the limit is 4194304 bytes; split it into \
+                 several files, or trim it",
+                huge.display()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_policy_set_over_its_total_limit_is_refused_at_the_file_that_crosses_it() {
+    use crate::bounded::{POLICY_FILE_LIMIT, POLICY_SET_LIMIT};
+    let scratch = ScratchDir::new("set-limit");
+    // Sparse files at the file limit: the set limit is crossed by the one after the 16th.
+    let count = POLICY_SET_LIMIT / POLICY_FILE_LIMIT + 1;
+    for i in 0..count {
+        fs::File::create(scratch.0.join(format!("{i:02}.yaml"))).unwrap().set_len(POLICY_FILE_LIMIT).unwrap();
+    }
+    let errors = load_paths(std::slice::from_ref(&scratch.0)).unwrap_err();
+    let last = errors.0.last().unwrap();
+    assert_eq!(last.file, scratch.0.join(format!("{:02}.yaml", count - 1)).display().to_string());
+    assert!(last.message.contains("over 64 MiB together, the limit of a policy set"), "{}", last.message);
+}
+
 /// One identity whose selectors are `items` (each a `- key: value` line), starting on line 7.
 fn identity_with(name: &str, items: &[&str]) -> String {
     let items: String = items.iter().map(|item| format!("    - {item}\n")).collect();

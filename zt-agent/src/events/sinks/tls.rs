@@ -19,9 +19,9 @@ pub struct TlsOptions {
 pub fn connector(options: &TlsOptions) -> Result<(TlsConnector, ServerName<'static>)> {
     let ca = &options.ca;
     let mut roots = rustls::RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(ca)
+    let pem = crate::bounded::read(ca, crate::bounded::CERTIFICATE_FILE_LIMIT)
         .with_context(|| format!("reading the syslog TLS trust anchors (ca=) from {}", ca.display()))?;
-    for certificate in certificates {
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
         let certificate = certificate.with_context(|| format!("{}: not a PEM certificate", ca.display()))?;
         roots.add(certificate).with_context(|| format!("{}: a certificate that cannot be a trust anchor", ca.display()))?;
     }
@@ -149,5 +149,7 @@ mod tests {
         assert!(format!("{err:#}").contains("holds no certificate"), "{err:#}");
         let missing = connector(&TlsOptions { ca: dir.path().join("missing.pem"), server_name: "x".into() }).err().unwrap();
         assert!(format!("{missing:#}").contains("missing.pem"), "{missing:#}");
+        let device = connector(&TlsOptions { ca: "/dev/zero".into(), server_name: "x".into() }).err().unwrap();
+        assert!(format!("{device:#}").ends_with("/dev/zero: not a regular file (a character device)"), "{device:#}");
     }
 }
