@@ -9,7 +9,7 @@ use aya::{
 };
 use etherparse::PacketBuilder;
 use zt_agent::{
-    datapath::{counters::EventCounts, Datapath, Mode},
+    datapath::{capacity::Capacities, counters::EventCounts, Datapath, Mode},
     events::{self, limits::EventLimitSettings},
     policy::{self, compile::Compiled},
 };
@@ -370,6 +370,57 @@ fn evasive_fragments_are_dropped_each_with_its_reason() {
 }
 
 #[test]
+fn full_conntrack_and_fragment_tables_fail_closed() {
+    const CAPACITY: u64 = 64;
+    /// Sixteen times what each table holds.
+    const FLOWS: u16 = 16 * CAPACITY as u16;
+    let settings = [format!("conntrack={CAPACITY}").parse().unwrap(), format!("fragments={CAPACITY}").parse().unwrap()];
+    let mut dp = Datapath::load_sized(Capacities::new(&settings).unwrap()).expect("loading the datapath needs root");
+    dp.install(&compiled(POLICY)).unwrap();
+    dp.set_mode(Mode::Enforce).unwrap();
+    let xdp = [programs::XDP];
+    let count = |dp: &Datapath, verdict, reason| dp.counters().unwrap().by_verdict_reason(verdict, reason);
+    // Run `frames` through XDP; how many passed, and how many were counted under each reason.
+    let run = |dp: &mut Datapath, frames: &[Vec<u8>], reasons: &[(Verdict, Reason)]| {
+        let before: Vec<u64> = reasons.iter().map(|&(v, r)| count(dp, v, r)).collect();
+        let passed = frames.iter().filter(|frame| judge_on(dp, frame, &xdp) == Outcome::Pass).count() as u64;
+        let counted: Vec<u64> = reasons.iter().zip(before).map(|(&(v, r), before)| count(dp, v, r) - before).collect();
+        (passed, counted)
+    };
+
+    // Connections web → api and fragment trains (each its own flow), far more than fit.
+    let segment = |port: u16| tcp_segment(port, 8080, &[7; 40]);
+    let opens: Vec<Vec<u8>> = (0..FLOWS).map(|i| tcp4(WEB, API, 41000 + i, 8080)).collect();
+    let firsts: Vec<Vec<u8>> = (0..FLOWS).map(|i| ipv4_fragment(WEB, API, i, 0, true, &segment(45000 + i)[..24])).collect();
+    for frames in [&opens, &firsts] {
+        let (passed, counted) = run(&mut dp, frames, &[(Verdict::Deny, Reason::TableFull)]);
+        // The LRU tables make room; a flow they cannot hold is refused as table-full, never
+        // passed without an entry.
+        assert_eq!(passed + counted[0], u64::from(FLOWS), "an allowed flow is refused only as table-full");
+        assert!(passed >= u64::from(FLOWS) / 2, "{passed} of {FLOWS} passed");
+    }
+    let usage = dp.probe().unwrap().map_usage().unwrap();
+    for name in ["conntrack", "fragments"] {
+        let map = usage.iter().find(|m| m.name == name).unwrap();
+        assert_eq!(map.capacity, CAPACITY, "{name}");
+        assert!(map.entries <= CAPACITY, "{name}: {} entries", map.entries);
+    }
+
+    // Every connection's reply: established while its entry lasts; once evicted, a new flow
+    // that no policy allows (api may not open connections to web), dropped. Never passed.
+    let replies: Vec<Vec<u8>> = (0..FLOWS).map(|i| tcp4(API, WEB, 8080, 41000 + i)).collect();
+    let reasons = [(Verdict::Allow, Reason::Established), (Verdict::Deny, Reason::DefaultDeny)];
+    let (passed, counted) = run(&mut dp, &replies, &reasons);
+    assert_eq!(counted, [passed, u64::from(FLOWS) - passed], "each reply passed as established or was denied");
+    assert!(passed <= CAPACITY, "{passed} replies passed: more than conntrack holds");
+    // Every train's rest: judged as its flow while the train is known, an orphan once evicted.
+    let rests: Vec<Vec<u8>> = (0..FLOWS).map(|i| ipv4_fragment(WEB, API, i, 24, false, &segment(45000 + i)[24..])).collect();
+    let (passed, counted) = run(&mut dp, &rests, &[(Verdict::Deny, Reason::FragmentOrphan)]);
+    assert_eq!(counted[0], u64::from(FLOWS) - passed, "a fragment is dropped only as an orphan");
+    assert!(passed <= CAPACITY, "{passed} fragments passed: more trains than the table holds");
+}
+
+#[test]
 fn ipv6_extension_chains_are_walked_up_to_the_limit() {
     let mut dp = datapath(Mode::Enforce);
     assert_eq!(judge(&mut dp, &tcp6_with_extensions(&[0, 60, 43], 8080)), Outcome::Pass, "3 headers, allowed port");
@@ -419,6 +470,16 @@ fn arp_and_neighbour_discovery_always_pass() {
     // Echo requests are not neighbour discovery.
     let ping = write_icmp6(PacketBuilder::ethernet2([2; 6], [4; 6]).ipv6(intruder6, API6, 64), 128);
     assert_eq!(judge(&mut dp, &ping), Outcome::Drop);
+    // Nor is a solicitation that crossed a router (receivers discard it, RFC 4861), nor ICMPv6's
+    // numbers over IPv4: policy judges them, and nobody allows the intruder.
+    let routed = write_icmp6(PacketBuilder::ethernet2([2; 6], [4; 6]).ipv6(intruder6, API6, 254), 135);
+    assert_eq!(judge(&mut dp, &routed), Outcome::Drop);
+    let mut over_ipv4 = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(INTRUDER, API, 255)
+        .write(&mut over_ipv4, etherparse::IpNumber(58), &[135, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    assert_eq!(judge(&mut dp, &over_ipv4), Outcome::Drop);
 }
 
 fn write_icmp6(builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>, icmp_type: u8) -> Vec<u8> {

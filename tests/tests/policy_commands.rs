@@ -106,14 +106,14 @@ fn policy_test_offline_passes_fails_and_points_at_case_errors() {
 
 /// Cases beyond the fixture's: the same ICMP message twice (its conntrack key has nothing per
 /// case, so the kernel run starts a fresh datapath for the second), ICMP in the other address
-/// family, neighbour discovery over IPv4, port 0.
+/// family, neighbour discovery's types over IPv4 (judged by policy there), port 0.
 const EDGE_CASES: &str = "\
 cases:
   - {name: world unreachable once, src: 8.8.8.8, dst: 9.9.9.9, protocol: icmp, type: 3, expect: allow, reason: not-isolated}
   - {name: world unreachable twice, src: 8.8.8.8, dst: 9.9.9.9, protocol: icmp, type: 3, expect: allow, reason: not-isolated}
   - {name: web ping over IPv6 with ICMPv4, src: \"fd00:20:1::2\", dst: \"fd00:20:2::2\", protocol: icmp, type: 8, expect: allow, rule: api/ingress/0}
   - {name: ICMPv6 echo over IPv4, src: 10.20.1.2, dst: 10.20.2.2, protocol: icmpv6, type: 128, expect: allow, rule: api/ingress/0}
-  - {name: neighbour discovery over IPv4, src: 10.20.9.2, dst: 10.20.3.2, protocol: icmpv6, type: 136, expect: allow, reason: control-plane}
+  - {name: neighbour discovery over IPv4 is policy's, src: 10.20.9.2, dst: 10.20.3.2, protocol: icmpv6, type: 136, expect: deny, rule: default-deny}
   - {name: tcp port 0, src: 10.20.1.2, dst: 10.20.2.2, protocol: tcp, port: 0, expect: deny, rule: default-deny}
   - {name: api answers web on port 8080 only as a reply, src: 10.20.2.2, dst: 10.20.1.2, protocol: tcp, port: 8080, expect: deny}
   - {name: reports by udp, src: 10.30.1.2, dst: 10.20.2.2, protocol: udp, port: 8080, expect: deny}

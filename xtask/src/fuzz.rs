@@ -59,7 +59,9 @@ pub fn run(runs: u64, seconds: Option<u64>, only: Option<&str>) -> Result<()> {
                 .arg(target)
                 .arg(&grown)
                 .arg(root.join("fuzz/corpus").join(target))
-                .args(["--", &format!("-runs={runs}"), "-max_len=65536", "-timeout=10"])
+                // Plain scheduling: with the whole agent instrumented, entropic's per-input
+                // bookkeeping took 60% of the policy loader's time (2.5 times fewer inputs).
+                .args(["--", &format!("-runs={runs}"), "-max_len=65536", "-timeout=10", "-entropic=0"])
                 .arg(format!("-artifact_prefix={}/", artifacts.display()))
                 .args(seconds.map(|s| format!("-max_total_time={s}"))),
             &format!(

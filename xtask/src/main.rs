@@ -32,12 +32,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
-    /// The kernel-vs-reference-evaluator differential test at soak size (as root).
+    /// The kernel-vs-reference-evaluator tests at soak size (as root): the differential test
+    /// and the packet fuzzer.
     Sweep {
         /// New flows to check, 4000 per random policy set (the test suite runs 100000).
         #[arg(long, default_value_t = 2_000_000)]
         cases: u64,
-        /// Seed of the random policies and flows (decimal or 0x-hex); default: the suite's.
+        /// Frames the packet fuzzer sends, 10000 per random policy set (the suite sends 100000).
+        #[arg(long, default_value_t = 2_000_000)]
+        frames: u64,
+        /// Seed of the random policies, flows and frames (decimal or 0x-hex); default: the suite's.
         #[arg(long)]
         seed: Option<String>,
     },
@@ -62,7 +66,7 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Build => setup::run().and_then(|()| build_agent()),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
-        Task::Sweep { cases, seed } => sweep(cases, seed.as_deref()),
+        Task::Sweep { cases, frames, seed } => sweep(cases, frames, seed.as_deref()),
         // Needs no root: only the nightly and cargo-fuzz, which it installs if missing.
         Task::Fuzz { runs, target } => fuzz::run(runs, None, target.as_deref()),
         Task::Bench => bench(),
@@ -97,13 +101,16 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
 }
 
 /// Runs only the differential test, with `cases` flows.
-fn sweep(cases: u64, seed: Option<&str>) -> Result<()> {
-    // Read by the test; set before any thread exists.
+fn sweep(cases: u64, frames: u64, seed: Option<&str>) -> Result<()> {
+    // Read by the tests; set before any thread exists.
     env::set_var("ZT_DIFF_CASES", cases.to_string());
+    env::set_var("ZT_FUZZ_FRAMES", frames.to_string());
     if let Some(seed) = seed {
         env::set_var("ZT_DIFF_SEED", seed);
+        env::set_var("ZT_FUZZ_SEED", seed);
     }
-    test(&["--package", "zt-tests", "--test", "differential", "--", "--nocapture"].map(String::from))
+    let tests = ["--package", "zt-tests", "--test", "differential", "--test", "packet_fuzz", "--", "--nocapture"];
+    test(&tests.map(String::from))
 }
 
 /// Runs the event-pipeline benchmark (tests/benches/events.rs).

@@ -17,7 +17,7 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_xdp_get_buff_len},
     macros::{cgroup_skb, classifier, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
@@ -176,7 +176,7 @@ fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     let at = At { ctx: ctx.skb.skb as *mut _, hook, ifindex: unsafe { (*ctx.skb.skb).ifindex }, cgroup_id: 0 };
     let Some(pkt) = scratch_packet() else { return TC_ACT_SHOT };
     let mut frag = Fragment::none();
-    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt, &mut frag);
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), len as usize, pkt, &mut frag);
     // UNSPEC hands the packet on to the next program in the chain instead of ending it.
     if judge(pkt, parsed, &frag, at) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
 }
@@ -199,7 +199,9 @@ pub fn zt_xdp(ctx: XdpContext) -> u32 {
     let at = At { ctx: ctx.ctx as *mut _, hook: Hook::Xdp, ifindex: unsafe { (*ctx.ctx).ingress_ifindex }, cgroup_id: 0 };
     let Some(pkt) = scratch_packet() else { return xdp_action::XDP_DROP };
     let mut frag = Fragment::none();
-    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), pkt, &mut frag);
+    // The whole frame's length: the headers are in the linear part, the rest may be in fragments.
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
+    let parsed = parse::parse_frame(ctx.data(), ctx.data_end(), len, pkt, &mut frag);
     if judge(pkt, parsed, &frag, at) { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
 }
 
@@ -207,12 +209,12 @@ pub fn zt_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn cgroup(ctx: &SkBuffContext, hook: Hook) -> i32 {
     let skb = ctx.skb.skb;
-    let (data, end, protocol, ifindex) =
-        unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).protocol, (*skb).ifindex) };
+    let (data, end, len, protocol, ifindex) =
+        unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).len, (*skb).protocol, (*skb).ifindex) };
     let at = At { ctx: skb as *mut _, hook, ifindex, cgroup_id: unsafe { bpf_skb_cgroup_id(skb) } };
     let Some(pkt) = scratch_packet() else { return 0 };
     let mut frag = Fragment::none();
-    let parsed = parse::parse_packet(data, end, u16::from_be(protocol as u16), pkt, &mut frag);
+    let parsed = parse::parse_packet(data, end, len as usize, u16::from_be(protocol as u16), pkt, &mut frag);
     if judge(pkt, parsed, &frag, at) { 1 } else { 0 }
 }
 

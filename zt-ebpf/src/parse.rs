@@ -98,6 +98,17 @@ struct Cursor {
     limit: usize,
 }
 
+/// What the IP layer leaves for L4.
+struct L3 {
+    l4: Cursor,
+    /// Where the fragmented data starts (IPv4: after the IP header; IPv6: after the fragment
+    /// header), so a first fragment can say where its L4 header ends within it.
+    fragmented_from: usize,
+    /// IPv6 with hop limit 255: a neighbour discovery message may be genuine (RFC 4861 has
+    /// receivers discard any other), so it may pass as control plane.
+    link_local: bool,
+}
+
 #[inline(always)]
 fn ptr_at<T>(data: usize, end: usize, offset: usize) -> Result<*const T, Reason> {
     if data + offset + size_of::<T>() > end {
@@ -115,10 +126,18 @@ fn header_at<T>(data: usize, end: usize, at: &Cursor) -> Result<*const T, Reason
     ptr_at(data, end, at.offset)
 }
 
-/// Parses the Ethernet frame in `[data, end)` into `pkt`. On `Err`, `pkt` holds what was parsed
-/// so far (addresses of a fragment, for example) so the verdict can still name them.
+/// Parses the Ethernet frame in `[data, end)` into `pkt`. `packet_len` is the whole packet's
+/// length, of which `[data, end)` may be only the linear part: an IP length field past it is
+/// malformed. On `Err`, `pkt` holds what was parsed so far (addresses of a fragment, for
+/// example) so the verdict can still name them.
 #[inline(always)]
-pub fn parse_frame(data: usize, end: usize, pkt: &mut Packet, frag: &mut Fragment) -> Result<Parsed, Reason> {
+pub fn parse_frame(
+    data: usize,
+    end: usize,
+    packet_len: usize,
+    pkt: &mut Packet,
+    frag: &mut Fragment,
+) -> Result<Parsed, Reason> {
     let eth: *const EthHdr = ptr_at(data, end, 0)?;
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = EthHdr::LEN;
@@ -133,7 +152,7 @@ pub fn parse_frame(data: usize, end: usize, pkt: &mut Packet, frag: &mut Fragmen
     if ether_type == ETH_P_ARP {
         return Ok(Parsed::ControlPlane);
     }
-    parse_l3(data, end, offset, ether_type, pkt, frag)
+    parse_l3(data, end, offset, packet_len, ether_type, pkt, frag)
 }
 
 /// Parses a packet that starts at its IP header (cgroup hooks), given its ethertype.
@@ -141,11 +160,12 @@ pub fn parse_frame(data: usize, end: usize, pkt: &mut Packet, frag: &mut Fragmen
 pub fn parse_packet(
     data: usize,
     end: usize,
+    packet_len: usize,
     ether_type: u16,
     pkt: &mut Packet,
     frag: &mut Fragment,
 ) -> Result<Parsed, Reason> {
-    parse_l3(data, end, 0, ether_type, pkt, frag)
+    parse_l3(data, end, 0, packet_len, ether_type, pkt, frag)
 }
 
 #[inline(always)]
@@ -153,22 +173,23 @@ fn parse_l3(
     data: usize,
     end: usize,
     offset: usize,
+    packet_len: usize,
     ether_type: u16,
     pkt: &mut Packet,
     frag: &mut Fragment,
 ) -> Result<Parsed, Reason> {
-    // Where the fragmented data starts (IPv4: after the IP header; IPv6: after the fragment
-    // header), so a first fragment can say where its L4 header ends within it.
-    let (l4, fragmented_from) = match ether_type {
-        ETH_P_IP => parse_ipv4(data, end, offset, pkt, frag)?,
-        ETH_P_IPV6 => parse_ipv6(data, end, offset, pkt, frag)?,
+    let L3 { l4, fragmented_from, link_local } = match ether_type {
+        ETH_P_IP => parse_ipv4(data, end, offset, packet_len, pkt, frag)?,
+        ETH_P_IPV6 => parse_ipv6(data, end, offset, packet_len, pkt, frag)?,
         // More than two VLAN tags and every other protocol: nothing is implicitly allowed.
         _ => return Err(Reason::UnsupportedProtocol),
     };
     if frag.kind == LATER_FRAGMENT {
         return Ok(Parsed::LaterFragment);
     }
-    match parse_l4(data, end, &l4, pkt) {
+    // Neighbour discovery is never fragmented (RFC 6980).
+    let neighbour_discovery = link_local && frag.kind == NOT_FRAGMENT;
+    match parse_l4(data, end, &l4, neighbour_discovery, pkt) {
         Ok((parsed, l4_end)) => {
             frag.offset = (l4_end - fragmented_from) as u16;
             Ok(parsed)
@@ -183,15 +204,15 @@ fn parse_l3(
     }
 }
 
-/// Returns the L4 position and where the fragmented data starts.
 #[inline(always)]
 fn parse_ipv4(
     data: usize,
     end: usize,
     offset: usize,
+    packet_len: usize,
     pkt: &mut Packet,
     frag: &mut Fragment,
-) -> Result<(Cursor, usize), Reason> {
+) -> Result<L3, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(data, end, offset)?;
     let ip = unsafe { &*ip };
     pkt.family = 4;
@@ -203,10 +224,10 @@ fn parse_ipv4(
         return Err(Reason::Malformed);
     }
     let total_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if total_len < header_len {
+    if total_len < header_len || offset + total_len > packet_len {
         return Err(Reason::Malformed);
     }
-    let l4 = Cursor { offset: offset + header_len, limit: offset + total_len };
+    let mut l4 = Cursor { offset: offset + header_len, limit: offset + total_len };
     let frags = u16::from_be_bytes(ip.frags);
     let fragment_offset = (frags & 0x1fff) * 8;
     let more_fragments = frags & 0x2000 != 0;
@@ -217,7 +238,22 @@ fn parse_ipv4(
         frag.id = u16::from_be_bytes(ip.id) as u32;
     }
     let fragmented_from = l4.offset;
-    Ok((l4, fragmented_from))
+    // AH authenticates and hides nothing: what it carries is judged, as in IPv6 (RFC 4302).
+    if ip.proto == IPV6_AUTH && frag.kind != LATER_FRAGMENT {
+        let hdr: *const [u8; 8] = match header_at(data, end, &l4) {
+            Ok(hdr) => hdr,
+            Err(_) if frag.kind == FIRST_FRAGMENT => return Err(Reason::FragmentTiny),
+            Err(reason) => return Err(reason),
+        };
+        let hdr = unsafe { *hdr };
+        // Its shortest is 12 bytes; AH in AH is no configuration anyone deploys.
+        if hdr[1] == 0 || hdr[0] == IPV6_AUTH {
+            return Err(Reason::Malformed);
+        }
+        pkt.protocol = hdr[0];
+        l4.offset += (hdr[1] as usize + 2) * 4;
+    }
+    Ok(L3 { l4, fragmented_from, link_local: false })
 }
 
 #[inline(always)]
@@ -225,9 +261,10 @@ fn parse_ipv6(
     data: usize,
     end: usize,
     offset: usize,
+    packet_len: usize,
     pkt: &mut Packet,
     frag: &mut Fragment,
-) -> Result<(Cursor, usize), Reason> {
+) -> Result<L3, Reason> {
     let ip: *const Ipv6Hdr = ptr_at(data, end, offset)?;
     let ip = unsafe { &*ip };
     pkt.family = 6;
@@ -241,10 +278,17 @@ fn parse_ipv6(
     // A jumbogram says 0 and carries its length in a hop-by-hop option: bound by the buffer.
     if payload_len == 0 {
         at.limit = end - data;
+    } else if at.limit > packet_len {
+        return Err(Reason::Malformed);
     }
+    let link_local = ip.hop_limit == 255;
     let mut fragmented_from = at.offset;
     let mut next = ip.next_hdr;
-    for _ in 0..MAX_EXT_HEADERS {
+    for walked in 0..MAX_EXT_HEADERS {
+        // Hop-by-hop options come first or not at all (RFC 8200): receivers discard the rest.
+        if next == IPV6_HOP_BY_HOP && walked > 0 {
+            return Err(Reason::Malformed);
+        }
         // Every walked header starts with (next header, length). AH counts 4-byte units beyond
         // its first 8 bytes; hop-by-hop, routing and destination options 8-byte units beyond
         // their first 8; the fragment header is always 8 bytes.
@@ -260,6 +304,8 @@ fn parse_ipv6(
                 let this = next;
                 next = hdr[0];
                 match this {
+                    // Its shortest is 12 bytes (RFC 4302).
+                    IPV6_AUTH if hdr[1] == 0 => return Err(Reason::Malformed),
                     IPV6_AUTH => (hdr[1] as usize + 2) * 4,
                     IPV6_FRAGMENT => {
                         // One fragment header per packet (RFC 8200).
@@ -283,13 +329,13 @@ fn parse_ipv6(
             }
             _ => {
                 pkt.protocol = next;
-                return Ok((at, fragmented_from));
+                return Ok(L3 { l4: at, fragmented_from, link_local });
             }
         };
         at.offset += len;
         if frag.kind == LATER_FRAGMENT {
             pkt.protocol = next;
-            return Ok((at, fragmented_from));
+            return Ok(L3 { l4: at, fragmented_from, link_local });
         }
     }
     pkt.protocol = next;
@@ -297,13 +343,25 @@ fn parse_ipv6(
         IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT => {
             Err(Reason::ExtHeaderLimit)
         }
-        _ => Ok((at, fragmented_from)),
+        _ => Ok(L3 { l4: at, fragmented_from, link_local }),
     }
 }
 
+/// Returns the L4 header's end offset with the verdict input. Neighbour discovery passes as
+/// control plane only where `neighbour_discovery` says it can be genuine; elsewhere an ICMPv6
+/// message of its types is judged like any other.
 #[inline(always)]
-/// Returns the L4 header's end offset with the verdict input.
-fn parse_l4(data: usize, end: usize, l4: &Cursor, pkt: &mut Packet) -> Result<(Parsed, usize), Reason> {
+fn parse_l4(
+    data: usize,
+    end: usize,
+    l4: &Cursor,
+    neighbour_discovery: bool,
+    pkt: &mut Packet,
+) -> Result<(Parsed, usize), Reason> {
+    // The headers walked so far must end inside the packet, even where no L4 header is read.
+    if l4.offset > l4.limit {
+        return Err(Reason::Malformed);
+    }
     let header_len = match pkt.protocol {
         proto::TCP => {
             let tcp: *const TcpHdr = header_at(data, end, l4)?;
@@ -338,7 +396,7 @@ fn parse_l4(data: usize, end: usize, l4: &Cursor, pkt: &mut Packet) -> Result<(P
         proto::ICMPV6 => {
             let icmp: *const Icmpv6Hdr = header_at(data, end, l4)?;
             let icmp = unsafe { &*icmp };
-            if icmp.type_ >= NDP_FIRST && icmp.type_ <= NDP_LAST {
+            if neighbour_discovery && icmp.type_ >= NDP_FIRST && icmp.type_ <= NDP_LAST {
                 return Ok((Parsed::ControlPlane, l4.offset + Icmpv6Hdr::LEN));
             }
             pkt.dst_port = icmp.type_ as u16;

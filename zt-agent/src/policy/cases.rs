@@ -324,7 +324,7 @@ pub trait Judge {
 }
 
 /// The reference evaluator, plus what the kernel decides before policy: IPv6 neighbour
-/// discovery (ICMPv6 types 133–137, whatever the address family) always passes.
+/// discovery always passes.
 pub struct Offline<'a> {
     compiled: &'a Compiled,
     evaluator: Evaluator,
@@ -338,12 +338,18 @@ impl<'a> Offline<'a> {
 
 impl Judge for Offline<'_> {
     fn judge(&mut self, case: &Case) -> Result<Outcome> {
-        if case.protocol == Protocol::Icmpv6 && (133..=137).contains(&case.port) {
+        if is_neighbour_discovery(case) {
             return Ok(Outcome::new(self.compiled, Verdict::Allow, Reason::ControlPlane, Direction::None, NO_RULE));
         }
         let decision = self.evaluator.evaluate(&case.flow());
         Ok(Outcome::new(self.compiled, decision.verdict, decision.reason, decision.direction, decision.rule_id))
     }
+}
+
+/// ICMPv6 types 133–137 over IPv6: neighbour discovery, which the kernel passes before policy
+/// when it can be genuine (hop limit 255, as `frame` sends it). Over IPv4 they are just numbers.
+fn is_neighbour_discovery(case: &Case) -> bool {
+    case.protocol == Protocol::Icmpv6 && (133..=137).contains(&case.port) && case.src.is_ipv6()
 }
 
 /// Passed and failed cases.
@@ -567,7 +573,10 @@ pub mod kernel {
         let ethernet = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
         let ip = match (case.src, case.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => ethernet.ipv4(src.octets(), dst.octets(), 64),
-            (IpAddr::V6(src), IpAddr::V6(dst)) => ethernet.ipv6(src.octets(), dst.octets(), 64),
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let hop_limit = if is_neighbour_discovery(case) { 255 } else { 64 };
+                ethernet.ipv6(src.octets(), dst.octets(), hop_limit)
+            }
             _ => unreachable!("the parser accepts one address family per case"),
         };
         let [id_hi, id_lo] = unique.to_be_bytes();
