@@ -51,7 +51,10 @@ use zt_agent::{
 };
 use zt_common::{event_flags, identity, mode, proto, Direction, FlowEvent, Hook, Reason, Verdict};
 
-use common::scenario::{Case, Draw as _, Scenario, FIRST_SOURCE_PORT};
+use common::{
+    env_number,
+    scenario::{Case, Draw as _, Scenario, FIRST_SOURCE_PORT},
+};
 
 const DEFAULT_CASES: usize = 100_000;
 /// Loading a datapath runs the verifier over five programs, seconds per load in a debug build
@@ -101,16 +104,6 @@ fn kernel_and_reference_evaluator_agree_on_random_policies_and_flows() {
     );
     assert_eq!(stats.cases, cases);
     stats.check_coverage();
-}
-
-fn env_number(name: &str) -> Option<u64> {
-    let text = std::env::var(name).ok()?;
-    let text = text.trim();
-    let parsed = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
-        None => text.replace('_', "").parse(),
-    };
-    Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
 }
 
 /// Generates policy set `set`, installs it in a fresh datapath and checks `flows` flows; then

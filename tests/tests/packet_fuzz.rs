@@ -56,7 +56,10 @@ use zt_agent::{
 };
 use zt_common::{programs, proto, FlowEvent, Reason, Verdict};
 
-use common::scenario::{Case, Draw as _, Scenario};
+use common::{
+    env_number,
+    scenario::{Case, Draw as _, Scenario},
+};
 
 const DEFAULT_FRAMES: usize = 100_000;
 const FRAMES_PER_SET: usize = 10_000;
@@ -97,16 +100,6 @@ fn the_kernel_never_passes_a_frame_the_model_denies() {
     eprintln!("packet fuzz: {} frames in {:.1?} (seed {seed:#x})\n{stats}", stats.frames, started.elapsed());
     assert!(stats.frames >= frames);
     stats.check_coverage();
-}
-
-fn env_number(name: &str) -> Option<u64> {
-    let text = std::env::var(name).ok()?;
-    let text = text.trim().replace('_', "");
-    let parsed = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
 }
 
 fn fuzz_policy_set(seed: u64, set: usize, count: usize, stats: &mut Stats) -> Result<(), String> {
