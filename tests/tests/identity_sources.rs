@@ -86,6 +86,35 @@ fn cgroups_created_after_start_are_identified_within_a_second() {
     assert!(connect_from(&nested, &t, db, 2000), "nested cgroup\n{}", agent.stderr());
 }
 
+#[test]
+fn a_cgroup_binding_the_map_cannot_hold_is_refused_and_the_others_carry_on() {
+    ensure_root().unwrap();
+    let t = Topology::new(TopologySpec::new().workload("db", 3)).unwrap();
+    let scope = Cgroup::new_scope().unwrap();
+    let backup = scope.child("backup.service").unwrap();
+    let mut options = AgentOptions::for_node(t.node(), fixture("cgroup.yaml"), "enforce");
+    options.extra_args = vec!["--cgroup".into(), scope.relative().into(), "--capacity".into(), "cgroups=1".into()];
+    let agent = Agent::start(t.node().ns(), &options).unwrap();
+    let db = SocketAddr::new(t.ipv4("db"), 5432);
+    let _server = tcp_server(t.ns("db"), db).unwrap();
+    assert!(connect_from(&backup, &t, db, 2000), "backup.service fits\n{}", agent.stderr());
+
+    // A second cgroup of backup's, with no room left in the map for it.
+    let worker = backup.child("worker").unwrap();
+    let refused = wait_for(&agent, "the refused binding", |e| e["kind"] == "identity" && e["result"] == "rejected");
+    assert_eq!((refused["source"].as_str(), refused["identity"].as_str()), (Some("cgroup"), Some("backup")), "{refused:#}");
+    assert!(refused["binding"].as_str().is_some_and(|b| b.ends_with("backup.service/worker")), "{refused:#}");
+    let detail = refused["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("it holds 1") && detail.contains("--capacity cgroups=N"), "{refused:#}");
+    // Closed for what did not fit: the worker is known by its address, the node's, which policy
+    // does not let reach db. The rest carries on, and the agent with it.
+    assert!(!connect_from(&worker, &t, db, 700), "an unbound cgroup is not backup");
+    assert!(connect_from(&backup, &t, db, 2000), "the bound one still is\n{}", agent.stderr());
+    assert_eq!(agent.status_json()["mode"], "enforce", "the agent is up\n{}", agent.stderr());
+    let refusals = agent.events().iter().filter(|e| e["result"] == "rejected" && e["source"] == "cgroup").count();
+    assert_eq!(refusals, 1, "reported once, not on every refresh");
+}
+
 fn identities_of(agent: &Agent) -> serde_json::Map<String, Value> {
     let out = run_agent_command(["status", "--json", "--socket", agent.socket().to_str().unwrap()]).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

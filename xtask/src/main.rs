@@ -91,6 +91,7 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         .args(cargo_test_args)
         .env(zt_tests::agent::AGENT_BIN_ENV, agent_bin())
         .env(zt_tests::agent::UPGRADE_BIN_ENV, upgrade_variant_bin())
+        .env("ZT_KUSTOMIZE", setup::kustomize_bin())
         .status()
         .context("spawn cargo test")?;
     // The whole suite (no narrowing arguments) ends with a short pass of every fuzz target.

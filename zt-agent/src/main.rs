@@ -38,18 +38,19 @@ enum Command {
         policy: Vec<PathBuf>,
         /// monitor reports would-be denials as audit events; enforce drops them. Default: monitor
         /// on a fresh start; the mode in force when adopting an earlier agent's pinned state.
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, env = "ZT_MODE")]
         mode: Option<Mode>,
         /// Host-side interface of a workload (TC ingress + egress), or a glob pattern such as
-        /// 'lxc*' that also attaches to matching interfaces as they appear; repeatable.
-        #[arg(long)]
+        /// 'lxc*' that also attaches to matching interfaces as they appear; repeatable (in
+        /// ZT_ATTACH, separated by spaces).
+        #[arg(long, env = "ZT_ATTACH", value_delimiter = ' ')]
         attach: Vec<String>,
         /// zt's bpffs directory: every map, program and link is pinned there, so enforcement
         /// outlives the agent. One agent per directory.
         #[arg(long, default_value = pins::DEFAULT_DIR)]
         bpffs_dir: PathBuf,
-        /// Uplink to other nodes (native XDP); repeatable.
-        #[arg(long)]
+        /// Uplink to other nodes (native XDP); repeatable (in ZT_UPLINK, separated by spaces).
+        #[arg(long, env = "ZT_UPLINK", value_delimiter = ' ')]
         uplink: Vec<String>,
         /// cgroup v2 directory (relative to the v2 root, or absolute) whose processes, and those
         /// of every cgroup below it, are judged by cgroup hooks; repeatable.
@@ -65,7 +66,7 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Node name in events (default: the host name).
-        #[arg(long)]
+        #[arg(long, env = "ZT_NODE_NAME")]
         node_name: Option<String>,
         /// After a flow's event, suppress its further events (same 5-tuple, verdict and reason)
         /// for this long and count them; its next event says how many. 0: no window.
@@ -79,20 +80,25 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         event_burst: u64,
         /// Where to serve /metrics (Prometheus), /healthz and /readyz.
-        #[arg(long, default_value = metrics::server::DEFAULT_ADDR)]
+        #[arg(long, default_value = metrics::server::DEFAULT_ADDR, env = "ZT_METRICS_ADDR")]
         metrics_addr: SocketAddr,
         /// Where events go; repeatable, every sink gets every event it takes (default:
         /// json:stdout). FORMAT:TARGET[,OPTION=VALUE...]: json|ocsf|cef with stdout or
         /// file=PATH[,max-bytes=10M,keep=5]; syslog+udp|syslog+tcp|syslog+tls://HOST:PORT
         /// [,msg=json|ocsf|cef][,facility=local0][,ca=PEM][,server-name=NAME]; any sink
         /// [,verdicts=deny,audit][,identity=NAME][,queue=4096][,name=NAME]. See docs/events.md.
-        #[arg(long = "sink", value_name = "SPEC")]
+        /// In ZT_SINKS, separated by spaces.
+        #[arg(long = "sink", value_name = "SPEC", env = "ZT_SINKS", value_delimiter = ' ')]
         sinks: Vec<SinkSpec>,
         /// Size of a map, as MAP=ENTRIES; repeatable. MAP: conntrack, fragments, ipcache and
         /// policy (per policy generation), cgroups, interfaces, event-flows. A policy that does
         /// not fit is rejected whole; a changed capacity migrates the pinned map.
         #[arg(long = "capacity", value_name = "MAP=ENTRIES")]
         capacities: Vec<CapacitySetting>,
+        /// Check the configuration — arguments, environment, sinks, the policy — say what would
+        /// run, and exit, touching neither the kernel nor the network.
+        #[arg(long)]
+        check: bool,
     },
     /// Remove everything zt pinned (links, so programs detach; programs; maps) and say what was
     /// removed. Refuses while an agent runs on the directory.
@@ -226,6 +232,21 @@ fn print_status(status: &Status) {
     }
 }
 
+/// `run --check`: the policy loads and compiles, and what the agent would do is printed.
+fn check_run(policy: &[PathBuf], mode: Option<Mode>, attach: &InterfacePatterns, uplinks: &[String], sinks: &[SinkSpec]) -> anyhow::Result<()> {
+    let compiled = policy::compile::compile(&policy::load_paths(policy)?)?;
+    let mode = mode.map_or("monitor on a new node, else the mode in force", Mode::name);
+    println!("ok: the configuration is valid");
+    println!("  policy:  {} identities, {} rules", compiled.identities.len(), compiled.rules.len());
+    println!("  mode:    {mode}");
+    println!("  attach:  {}", if attach.patterns().is_empty() { "nothing".into() } else { attach.patterns().join(" ") });
+    println!("  uplinks: {}", if uplinks.is_empty() { "none".into() } else { uplinks.join(" ") });
+    for sink in sinks {
+        println!("  sink:    {} ({})", sink.name, sink.kind());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -251,6 +272,7 @@ fn main() -> ExitCode {
             metrics_addr,
             mut sinks,
             capacities,
+            check,
         } => {
             let node_name = node_name.unwrap_or_else(|| {
                 nix::unistd::gethostname().map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned())
@@ -277,6 +299,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if check {
+                return match check_run(&policy, mode, &attach, &uplink, &sinks) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => {
+                        eprintln!("zt-agent: {err:#}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             let event_limits = EventLimitSettings { window: event_window, rate: event_rate, burst: event_burst };
             let options = RunOptions {
                 policy,

@@ -345,7 +345,7 @@ impl Datapath {
     pub fn bind_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<()> {
         self.cgroups
             .insert(cgroup_id, id, 0)
-            .with_context(|| format!("cgroup map full (capacity {})", self.capacities.per_generation(maps::CGROUPS)))
+            .with_context(|| full("cgroup map", self.capacities.per_generation(maps::CGROUPS), "cgroups"))
     }
 
     /// The cgroup ids bound to an identity, as the kernel has them.
@@ -375,7 +375,7 @@ impl Datapath {
         }
         self.interfaces
             .insert(ifindex, info, 0)
-            .with_context(|| format!("interface map full (capacity {})", self.capacities.per_generation(maps::INTERFACES)))
+            .with_context(|| full("interface map", self.capacities.per_generation(maps::INTERFACES), "interfaces"))
     }
 
     /// Marks an interface the agent attaches to with the source checks its packets get
@@ -413,7 +413,7 @@ impl Datapath {
         let (prefix_len, key) = ipcache_prefix(&addr.into());
         self.ipcache
             .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
-            .with_context(|| format!("ipcache full at {addr} (capacity {})", self.capacities.per_generation(maps::IPCACHE)))
+            .with_context(|| full(&format!("ipcache at {addr}"), self.capacities.per_generation(maps::IPCACHE), "ipcache"))
     }
 
     pub fn unbind_address(&mut self, addr: std::net::IpAddr) -> Result<()> {
@@ -498,6 +498,11 @@ where
 {
     let program = ebpf.program_mut(name).with_context(|| format!("eBPF object has no program {name}"))?;
     program.try_into().with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// The error of a map write the kernel refused, most likely for want of room.
+fn full(map: &str, capacity: u32, option: &str) -> String {
+    format!("the {map} refused the entry (it holds {capacity}; if it is full, raise that with --capacity {option}=N at start)")
 }
 
 fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {

@@ -52,6 +52,11 @@ impl InterfacePatterns {
         self.patterns.is_empty()
     }
 
+    /// The patterns as given.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
     /// Patterns that are plain names (no glob metacharacters): these must exist at start.
     pub fn exact_names(&self) -> impl Iterator<Item = &str> {
         self.patterns.iter().map(String::as_str).filter(|p| !is_glob(p))

@@ -15,10 +15,15 @@ pub mod certificate;
 pub mod cgroup;
 pub mod host;
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::{Duration, SystemTime}};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Result;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::{datapath::Datapath, policy::compile::Compiled};
 use certificate::CertificateSource;
@@ -41,6 +46,9 @@ pub struct IdentitySources {
     /// During a reload: the policy in force before it, and the addresses written into the
     /// staged generation.
     staged: Option<(Arc<Compiled>, BTreeMap<IpAddr, u32>)>,
+    /// Bindings the kernel refused (a full map, most likely), as "source what": each is
+    /// reported once while it lasts and retried on every refresh. The rest are applied.
+    refused: BTreeSet<String>,
 }
 
 impl IdentitySources {
@@ -53,6 +61,7 @@ impl IdentitySources {
             kernel_cgroups: BTreeMap::new(),
             kernel_addresses: BTreeMap::new(),
             staged: None,
+            refused: BTreeSet::new(),
         }
     }
 
@@ -68,16 +77,16 @@ impl IdentitySources {
 
     /// Brings the maps in line with the sources. Returns identity events to report.
     pub fn refresh(&mut self, datapath: &mut Datapath) -> Result<Vec<Value>> {
-        let (addresses, certificate_cgroups, events) = self.address_bindings()?;
+        let (addresses, certificate_cgroups, mut events) = self.address_bindings()?;
         let mut cgroups = match &mut self.cgroups {
             Some(source) => source.scan(&self.compiled.cgroups),
             None => BTreeMap::new(),
         };
         // A certificate names a cgroup more precisely than a selector does.
         cgroups.extend(certificate_cgroups);
-        self.apply_cgroups(datapath, cgroups)?;
-        self.apply_addresses(datapath, addresses)?;
-        self.refresh_interfaces(datapath)?;
+        self.apply_cgroups(datapath, cgroups, &mut events)?;
+        self.apply_addresses(datapath, addresses, &mut events)?;
+        self.refresh_interfaces(datapath, &mut events)?;
         Ok(events)
     }
 
@@ -141,36 +150,78 @@ impl IdentitySources {
         (addresses, cgroups, events)
     }
 
-    fn apply_cgroups(&mut self, datapath: &mut Datapath, wanted: BTreeMap<u64, u32>) -> Result<()> {
+    fn apply_cgroups(&mut self, datapath: &mut Datapath, wanted: BTreeMap<u64, u32>, events: &mut Vec<Value>) -> Result<()> {
+        let mut bound = BTreeMap::new();
         for (&cgroup_id, &identity) in &wanted {
-            if self.kernel_cgroups.get(&cgroup_id) != Some(&identity) {
-                datapath.bind_cgroup(cgroup_id, identity)?;
-                let path = self.cgroup_path(cgroup_id).unwrap_or("?");
+            let path = self.cgroup_path(cgroup_id).unwrap_or("?").to_owned();
+            let kept = self.kernel_cgroups.get(&cgroup_id).copied();
+            if kept != Some(identity) {
+                let result = datapath.bind_cgroup(cgroup_id, identity);
+                if !self.applied("cgroup", &path, identity, result, events) {
+                    // Refused: the kernel keeps what it had, if anything.
+                    bound.extend(kept.map(|kept| (cgroup_id, kept)));
+                    continue;
+                }
                 tracing::info!(cgroup = %path, cgroup_id, identity = self.name(identity), "cgroup identified");
             }
+            bound.insert(cgroup_id, identity);
         }
         for &cgroup_id in self.kernel_cgroups.keys().filter(|id| !wanted.contains_key(id)) {
             datapath.unbind_cgroup(cgroup_id)?;
             tracing::info!(cgroup = %self.cgroup_path(cgroup_id).unwrap_or("?"), cgroup_id, "cgroup no longer identified");
         }
-        self.kernel_cgroups = wanted;
+        self.kernel_cgroups = bound;
         Ok(())
     }
 
-    fn apply_addresses(&mut self, datapath: &mut Datapath, wanted: BTreeMap<IpAddr, u32>) -> Result<()> {
+    fn apply_addresses(&mut self, datapath: &mut Datapath, wanted: BTreeMap<IpAddr, u32>, events: &mut Vec<Value>) -> Result<()> {
+        let mut bound = BTreeMap::new();
         for (&addr, &identity) in &wanted {
-            if self.kernel_addresses.get(&addr) != Some(&identity) {
-                datapath.bind_address(addr, identity)?;
+            let kept = self.kernel_addresses.get(&addr).copied();
+            if kept != Some(identity) {
+                let result = datapath.bind_address(addr, identity);
+                if !self.applied("address", &addr.to_string(), identity, result, events) {
+                    bound.extend(kept.map(|kept| (addr, kept)));
+                    continue;
+                }
             }
+            bound.insert(addr, identity);
         }
         for &addr in self.kernel_addresses.keys().filter(|a| !wanted.contains_key(a)) {
             datapath.unbind_address(addr)?;
         }
-        self.kernel_addresses = wanted;
+        self.kernel_addresses = bound;
         Ok(())
     }
 
-    fn refresh_interfaces(&mut self, datapath: &mut Datapath) -> Result<()> {
+    /// Whether a binding was written. One the kernel refused is left out, whole, and reported
+    /// once (an error and an identity event) until it is written: the rest of the node's
+    /// bindings go on, and what it would have identified stays identified by its address.
+    fn applied(&mut self, source: &str, what: &str, identity: u32, result: Result<()>, events: &mut Vec<Value>) -> bool {
+        let key = format!("{source} {what}");
+        let Err(err) = result else {
+            self.refused.remove(&key);
+            return true;
+        };
+        if self.refused.insert(key) {
+            let detail = format!("{err:#}");
+            let name = self.name(identity).to_owned();
+            tracing::error!(source, binding = what, identity = %name, "binding refused: {detail}");
+            events.push(json!({
+                "kind": "identity",
+                "source": source,
+                "binding": what,
+                "identity": name,
+                "identity_id": identity,
+                "result": "rejected",
+                "reason": "kernel-refused",
+                "detail": detail,
+            }));
+        }
+        false
+    }
+
+    fn refresh_interfaces(&mut self, datapath: &mut Datapath, events: &mut Vec<Value>) -> Result<()> {
         // An interface may appear, vanish, or come back with a new index after start (a stale
         // index must not identify whatever interface reuses it), and a reload may move or drop
         // its selector.
@@ -183,9 +234,18 @@ impl IdentitySources {
                 Some((name.clone(), (ifindex, *identity)))
             })
             .collect();
-        for (name, &(ifindex, identity)) in &wanted {
+        let mut wanted = wanted;
+        for (name, &(ifindex, identity)) in wanted.clone().iter() {
             if self.interfaces.get(name) != Some(&(ifindex, identity)) {
-                datapath.bind_interface(ifindex, identity)?;
+                let result = datapath.bind_interface(ifindex, identity);
+                if !self.applied("interface", name, identity, result, events) {
+                    // Refused: keep what the kernel holds for it, if anything.
+                    match self.interfaces.get(name) {
+                        Some(&kept) => wanted.insert(name.clone(), kept),
+                        None => wanted.remove(name),
+                    };
+                    continue;
+                }
                 tracing::info!(interface = %name, ifindex, identity = self.name(identity), "interface identified");
             }
         }
