@@ -100,6 +100,9 @@ pub struct AgentOptions {
     /// the other on the same pins, give each the same [`BpffsDir`] (e.g. the first agent's,
     /// [`Agent::bpffs_dir`]); it is cleaned up once the last of them and the test let go of it.
     pub bpffs_dir: Option<Arc<BpffsDir>>,
+    /// Run the agent with only these capabilities (e.g. "bpf", "net_admin"), as a container
+    /// without `privileged` would: the bounding set of its root user. `None`: all of root's.
+    pub capabilities: Option<Vec<String>>,
 }
 
 impl AgentOptions {
@@ -113,6 +116,7 @@ impl AgentOptions {
             node_name: node.name().to_owned(),
             extra_args: Vec::new(),
             bpffs_dir: None,
+            capabilities: None,
         }
     }
 
@@ -381,7 +385,17 @@ impl Agent {
         // Entered with setns rather than `ip netns exec`, which remounts /sys and would hide
         // bpffs (/sys/fs/bpf) and the cgroup hierarchy from the agent.
         let netns_file = fs::File::open(ns.path()).with_context(|| format!("open {}", ns.path().display()))?;
-        let mut command = Command::new(bin);
+        let mut command = match &options.capabilities {
+            None => Command::new(bin),
+            // setpriv execs the agent in its place (same pid) with the bounding set cut down:
+            // root's processes then hold exactly those capabilities, and no others.
+            Some(caps) => {
+                let set: String = caps.iter().map(|cap| format!(",+{cap}")).collect();
+                let mut command = Command::new("setpriv");
+                command.arg(format!("--bounding-set=-all{set}")).arg(format!("--inh-caps=-all{set}")).arg("--").arg(bin);
+                command
+            }
+        };
         command.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: the closure runs between fork and exec and only makes two syscalls.
         unsafe {
@@ -715,6 +729,7 @@ done
             node_name: "node-a".into(),
             extra_args: Vec::new(),
             bpffs_dir: None,
+            capabilities: None,
         }
     }
 

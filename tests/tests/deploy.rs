@@ -50,7 +50,7 @@ fn find<'a>(docs: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
 
 #[test]
 fn the_manifests_render_and_pass_the_kubernetes_schemas_in_strict_mode() {
-    for dir in ["base", "overlays/enforce"] {
+    for dir in ["base", "overlays/enforce", "overlays/capabilities"] {
         let (text, docs) = render(&deploy_dir().join(dir));
         validate(&text).unwrap_or_else(|said| panic!("deploy/{dir}: {said}"));
         let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
@@ -120,6 +120,22 @@ fn the_daemonset_runs_one_privileged_agent_per_node_on_the_host_network() {
         assert_eq!(&labels[key], value, "the metrics Service selects the agents' pods");
     }
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
+}
+
+#[test]
+fn the_capability_overlay_grants_what_the_capability_test_proves_and_nothing_else() {
+    let (_, docs) = render(&deploy_dir().join("overlays/capabilities"));
+    let context = &find(&docs, "DaemonSet", "zt-agent")["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(context["privileged"], false);
+    assert_eq!(context["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    // capabilities.rs starts the agent with these (lowercase there, as setpriv takes them).
+    let source = include_str!("capabilities.rs");
+    let tested = source.lines().find(|l| l.starts_with("const CAPABILITIES")).expect("capabilities.rs lists its set");
+    let added: Vec<String> = context["capabilities"]["add"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_lowercase()).collect();
+    for cap in &added {
+        assert!(tested.contains(&format!("\"{cap}\"")), "{cap} is granted but not what capabilities.rs tests: {tested}");
+    }
+    assert_eq!(added.len(), tested.matches('"').count() / 2, "the overlay grants {added:?}, capabilities.rs tests {tested}");
 }
 
 #[test]

@@ -209,10 +209,8 @@ impl Datapath {
             return Ok(Found::Nothing);
         }
         // Read before the update, which may free the program it replaces.
-        let theirs_tag = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.id() == info.program_id)
-            .map(|p| p.tag());
+        let pins = self.pins.as_ref().context("adopting needs a pinned datapath")?;
+        let theirs_tag = pins.pinned_program(info.program_id)?.map(|p| p.tag());
         let ours = self.ebpf.program(program).context("eBPF object has no such program")?;
         let ours_tag = ours.info()?.tag();
         sys::link_update(link.as_fd(), ours.fd()?.as_fd()).context("BPF_LINK_UPDATE")?;

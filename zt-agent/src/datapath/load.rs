@@ -132,10 +132,17 @@ fn recover_interrupted_migration(pins: &PinDir) -> Result<()> {
     }
     let running: BTreeSet<u32> = pins.pinned_links()?.iter().map(|(_, info)| info.program_id).collect();
     let mut used = BTreeSet::new();
-    for program in aya::programs::loaded_programs().filter_map(Result::ok) {
-        if running.contains(&program.id()) {
-            used.extend(program.map_ids()?.unwrap_or_default());
-        }
+    for id in running {
+        // By its pin; by id (which needs CAP_SYS_ADMIN) only for a program an agent stopped
+        // before it pinned it.
+        let program = match pins.pinned_program(id)? {
+            Some(program) => program,
+            None => aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == id)
+                .with_context(|| format!("a pinned link runs program {id}, which is neither pinned nor visible"))?,
+        };
+        used.extend(program.map_ids()?.unwrap_or_default());
     }
     for path in pending {
         let id = MapInfo::from_pin(&path)?.id();

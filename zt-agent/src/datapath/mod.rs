@@ -469,17 +469,17 @@ impl Datapath {
         let conntrack = self.ebpf.map(maps::CONNTRACK).context("eBPF object has no conntrack map")?;
         let event_flows = self.ebpf.map(maps::EVENT_FLOWS).context("eBPF object has no event flow map")?;
         let fragments = self.ebpf.map(maps::FRAGMENTS).context("eBPF object has no fragment map")?;
-        Probe::open(&probe::Ids {
-            config: self.config.map().info()?.id(),
-            counters: self.counters.map().info()?.id(),
-            ipcache: self.ipcache.map().info()?.id(),
-            policy: self.policy.map().info()?.id(),
-            isolation: self.isolation.map().info()?.id(),
-            cgroups: self.cgroups.map().info()?.id(),
-            interfaces: self.interfaces.map().info()?.id(),
-            conntrack: probe::map_id(conntrack)?,
-            fragments: probe::map_id(fragments)?,
-            event_flows: probe::map_id(event_flows)?,
+        Probe::open(probe::Fds {
+            config: probe::dup(self.config.map())?,
+            counters: probe::dup(self.counters.map())?,
+            ipcache: probe::dup(self.ipcache.map())?,
+            policy: probe::dup(self.policy.map())?,
+            isolation: probe::dup(self.isolation.map())?,
+            cgroups: probe::dup(self.cgroups.map())?,
+            interfaces: probe::dup(self.interfaces.map())?,
+            conntrack: probe::dup(probe::data_of(conntrack)?)?,
+            fragments: probe::dup(probe::data_of(fragments)?)?,
+            event_flows: probe::dup(probe::data_of(event_flows)?)?,
         })
     }
 

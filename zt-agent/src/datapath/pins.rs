@@ -115,6 +115,19 @@ impl PinDir {
     }
 
     /// The links pinned here, with what they are attached to and run.
+    /// The pinned program (current or next) whose kernel id is `id`. Found by its pin, not by
+    /// id: opening a program by id needs CAP_SYS_ADMIN, which the agent does without.
+    pub fn pinned_program(&self, id: u32) -> Result<Option<aya::programs::ProgramInfo>> {
+        for pin in entries(&self.programs())?.into_iter().chain(entries(&self.programs_next())?) {
+            let info = aya::programs::ProgramInfo::from_pin(&pin)
+                .with_context(|| format!("reading pinned program {}", pin.display()))?;
+            if info.id() == id {
+                return Ok(Some(info));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn pinned_links(&self) -> Result<Vec<(PathBuf, sys::LinkInfo)>> {
         let mut links = Vec::new();
         for path in entries(&self.links())? {

@@ -1,7 +1,10 @@
-//! Read-only handles on the datapath's maps, opened again by map id, so that a metrics scrape
-//! reads the kernel without taking the datapath lock (which a reload holds for as long as it
-//! stages and switches a policy).
+//! Read-only handles on the datapath's maps, on duplicates of the datapath's own descriptors, so
+//! that a metrics scrape reads the kernel without taking the datapath lock (which a reload holds
+//! for as long as it stages and switches a policy). Duplicated rather than opened again by map
+//! id, which only CAP_SYS_ADMIN may do.
 
+
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -12,29 +15,33 @@ use zt_common::{Config, CtKey, CtValue, EventFlowKey, EventFlowState, IpKey, Iso
 
 use super::counters::{self, Counters};
 
-/// Kernel ids of the maps a [`Probe`] watches.
-pub struct Ids {
-    pub config: u32,
-    pub counters: u32,
-    pub ipcache: u32,
-    pub policy: u32,
-    pub isolation: u32,
-    pub cgroups: u32,
-    pub interfaces: u32,
-    pub conntrack: u32,
-    pub fragments: u32,
-    pub event_flows: u32,
+/// Descriptors of the maps a [`Probe`] watches.
+pub struct Fds {
+    pub config: OwnedFd,
+    pub counters: OwnedFd,
+    pub ipcache: OwnedFd,
+    pub policy: OwnedFd,
+    pub isolation: OwnedFd,
+    pub cgroups: OwnedFd,
+    pub interfaces: OwnedFd,
+    pub conntrack: OwnedFd,
+    pub fragments: OwnedFd,
+    pub event_flows: OwnedFd,
 }
 
-/// The id of a map still held by the loaded object.
-pub fn map_id(map: &Map) -> Result<u32> {
-    let data = match map {
+/// A new descriptor of a map the datapath holds.
+pub fn dup(data: &MapData) -> Result<OwnedFd> {
+    Ok(data.fd().as_fd().try_clone_to_owned().context("duplicating a map descriptor")?)
+}
+
+/// The data of a map still held by the loaded object.
+pub fn data_of(map: &Map) -> Result<&MapData> {
+    match map {
         Map::HashMap(data) | Map::LruHashMap(data) | Map::LpmTrie(data) | Map::Array(data) | Map::PerCpuArray(data) => {
-            data
+            Ok(data)
         }
         _ => anyhow::bail!("unexpected map type"),
-    };
-    Ok(data.info()?.id())
+    }
 }
 
 /// How full one map is.
@@ -61,24 +68,25 @@ pub struct Probe {
     event_flows: HashMap<MapData, EventFlowKey, EventFlowState>,
 }
 
-fn open<T: TryFrom<Map, Error = MapError>>(id: u32, wrap: fn(MapData) -> Map) -> Result<T> {
-    let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
+fn open<T: TryFrom<Map, Error = MapError>>(fd: OwnedFd, wrap: fn(MapData) -> Map) -> Result<T> {
+    let data = MapData::from_fd(fd).context("opening a map descriptor")?;
+    let id = data.info().map_or(0, |info| info.id());
     T::try_from(wrap(data)).with_context(|| format!("map id {id} has an unexpected type"))
 }
 
 impl Probe {
-    pub fn open(ids: &Ids) -> Result<Self> {
+    pub fn open(fds: Fds) -> Result<Self> {
         Ok(Self {
-            config: open(ids.config, Map::HashMap)?,
-            counters: open(ids.counters, Map::PerCpuArray)?,
-            ipcache: open(ids.ipcache, Map::LpmTrie)?,
-            policy: open(ids.policy, Map::LpmTrie)?,
-            isolation: open(ids.isolation, Map::HashMap)?,
-            cgroups: open(ids.cgroups, Map::HashMap)?,
-            interfaces: open(ids.interfaces, Map::HashMap)?,
-            conntrack: open(ids.conntrack, Map::LruHashMap)?,
-            fragments: open(ids.fragments, Map::LruHashMap)?,
-            event_flows: open(ids.event_flows, Map::LruHashMap)?,
+            config: open(fds.config, Map::HashMap)?,
+            counters: open(fds.counters, Map::PerCpuArray)?,
+            ipcache: open(fds.ipcache, Map::LpmTrie)?,
+            policy: open(fds.policy, Map::LpmTrie)?,
+            isolation: open(fds.isolation, Map::HashMap)?,
+            cgroups: open(fds.cgroups, Map::HashMap)?,
+            interfaces: open(fds.interfaces, Map::HashMap)?,
+            conntrack: open(fds.conntrack, Map::LruHashMap)?,
+            fragments: open(fds.fragments, Map::LruHashMap)?,
+            event_flows: open(fds.event_flows, Map::LruHashMap)?,
         })
     }
 
