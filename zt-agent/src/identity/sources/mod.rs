@@ -14,6 +14,7 @@
 pub mod certificate;
 pub mod cgroup;
 pub mod host;
+pub mod kubernetes;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
