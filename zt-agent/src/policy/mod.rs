@@ -9,6 +9,7 @@
 pub mod cases;
 pub mod compile;
 pub mod eval;
+pub mod import_k8s;
 mod locate;
 mod schema;
 pub mod selectors;
