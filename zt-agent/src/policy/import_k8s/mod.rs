@@ -14,6 +14,7 @@
 //! - A port: TCP unless `protocol` says UDP or SCTP; a number, a range up to `endPort`, a name
 //!   (resolved against the destination pod's container ports), or absent (every port).
 
+pub mod reference;
 pub mod selector;
 
 use std::path::Path;

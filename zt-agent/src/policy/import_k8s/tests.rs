@@ -23,7 +23,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\n";
 
 /// The upstream documentation's example (test-network-policy), whole.
-const DOCUMENTED: &str = r#"
+pub(super) const DOCUMENTED: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
