@@ -31,7 +31,7 @@ pub struct Fds {
 
 /// A new descriptor of a map the datapath holds.
 pub fn dup(data: &MapData) -> Result<OwnedFd> {
-    Ok(data.fd().as_fd().try_clone_to_owned().context("duplicating a map descriptor")?)
+    data.fd().as_fd().try_clone_to_owned().context("duplicating a map descriptor")
 }
 
 /// The data of a map still held by the loaded object.
