@@ -17,8 +17,17 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// debugging XDP on veths, curl scrapes the metrics endpoint and prometheus brings `promtool`,
 /// which checks what it serves; rsyslog (with its OpenSSL TLS driver) is the real receiver of
 /// the syslog sink tests, which run their own instance in a test namespace.
-const DEBIAN_PACKAGES: [&str; 7] =
-    ["iproute2", "iputils-ping", "ethtool", "curl", "prometheus", "rsyslog", "rsyslog-openssl"];
+/// containernetworking-plugins are the cluster CNI the zt-cni tests chain after.
+const DEBIAN_PACKAGES: [&str; 8] = [
+    "iproute2",
+    "iputils-ping",
+    "ethtool",
+    "curl",
+    "prometheus",
+    "rsyslog",
+    "rsyslog-openssl",
+    "containernetworking-plugins",
+];
 const BPFFS: &str = "/sys/fs/bpf";
 /// Validates the rendered manifests against the Kubernetes API schemas (from PyPI; it carries
 /// them, so validating needs no cluster and no network).

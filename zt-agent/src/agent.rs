@@ -166,11 +166,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut refresher =
         tokio::spawn(refresh_sources(identity_sources.clone(), shared.clone(), options.node_name.clone()));
     let mut watcher = tokio::spawn(follow_interfaces(link_watch, options.attach.clone(), identity_sources.clone(), shared.clone()));
+    let served = control::Served { shared: shared.clone(), sources: identity_sources.clone(), node: options.node_name.clone() };
     let reloader = Reloader::new(options.policy.clone(), options.node_name.clone(), shared.clone(), identity_sources);
     let mut reloads = tokio::spawn(reload::run(Arc::new(reloader)));
     // The socket appears only once everything is attached: its existence means "ready".
     let listener = control::bind(&options.socket)?;
-    let server = tokio::spawn(control::serve(listener, shared.clone()));
+    let server = tokio::spawn(control::serve(listener, served));
     tracing::info!(
         mode = Mode::from_raw(shared.datapath.lock().expect("datapath lock poisoned").config()?.mode).name(),
         attached = ?options.attach,

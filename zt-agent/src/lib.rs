@@ -2,6 +2,7 @@
 //! streams its verdicts.
 pub mod agent;
 pub mod bounded;
+pub mod cni;
 pub mod control;
 pub mod datapath;
 pub mod events;

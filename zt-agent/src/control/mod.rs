@@ -12,7 +12,7 @@ use std::{
     io::{BufRead as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -30,6 +30,7 @@ use zt_common::{Reason, Verdict};
 use crate::{
     datapath::{counters::EventCounts, Attachment, Mode, StartReport},
     events::{fanout::Sinks, record::Filter, sinks::SinkStats},
+    identity::sources::IdentitySources,
     state::Shared,
 };
 
@@ -43,6 +44,12 @@ pub const DEFAULT_SOCKET: &str = "/run/zt/agent.sock";
 pub enum Request {
     Mode { mode: Mode },
     Status,
+    /// From `zt-cni` ADD: attach to a pod's host-side interface now, answering once attached.
+    #[serde(rename = "attach-pod")]
+    AttachPod { interface: String, pod: String },
+    /// From `zt-cni` DEL: forget the pod's interface (its veth is about to go).
+    #[serde(rename = "forget-pod")]
+    ForgetPod { interface: String, pod: String },
     /// The recent flow events the filter selects, then, with `follow`, those to come.
     Flows {
         follow: bool,
@@ -150,10 +157,33 @@ fn status(shared: &Shared) -> Result<Status> {
     })
 }
 
-fn handle(shared: &Shared, request: Request) -> Result<Status> {
-    if let Request::Mode { mode } = request {
-        shared.datapath.lock().expect("datapath lock poisoned").set_mode(mode)?;
-        tracing::info!(mode = mode.name(), "mode switched");
+fn handle(served: &Served, request: Request) -> Result<Status> {
+    let shared = &served.shared;
+    match request {
+        Request::Mode { mode } => {
+            shared.datapath.lock().expect("datapath lock poisoned").set_mode(mode)?;
+            tracing::info!(mode = mode.name(), "mode switched");
+        }
+        Request::AttachPod { interface, pod } => {
+            let mut datapath = shared.datapath.lock().expect("datapath lock poisoned");
+            datapath.attach_workload(&interface).with_context(|| format!("attaching to {interface} for pod {pod}"))?;
+            // The pod's CNI has just given the node addresses of its own (a ptp gateway, say):
+            // they are `host` before the pod sends its first packet, not a refresh later.
+            let events = served.sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?;
+            drop(datapath);
+            for event in events {
+                shared.sinks.publish(crate::events::record::agent_event(&served.node, event));
+            }
+            tracing::info!(%interface, %pod, "attached for the CNI");
+        }
+        Request::ForgetPod { interface, pod } => {
+            // Gone already (a DEL after the veth went, or a repeated one): nothing to forget.
+            if let Ok(ifindex) = nix::net::if_::if_nametoindex(interface.as_str()) {
+                shared.datapath.lock().expect("datapath lock poisoned").forget_interface(&interface, ifindex)?;
+                tracing::info!(%interface, %pod, "forgotten for the CNI");
+            }
+        }
+        Request::Status | Request::Flows { .. } => {}
     }
     status(shared)
 }
@@ -180,8 +210,17 @@ const MAX_REQUEST_BYTES: u64 = 64 << 10;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
-    accept_each(listener, move |stream| connection(stream, shared.clone())).await
+/// What a request may act on: the shared state, the identity sources, and the node's name
+/// for the events it causes.
+#[derive(Clone)]
+pub struct Served {
+    pub shared: Arc<Shared>,
+    pub sources: Arc<Mutex<IdentitySources>>,
+    pub node: String,
+}
+
+pub async fn serve(listener: UnixListener, served: Served) {
+    accept_each(listener, move |stream| connection(stream, served.clone())).await
 }
 
 /// Serves every connection on a task of its own: what one client does only costs its own task.
@@ -198,7 +237,8 @@ where
     }
 }
 
-async fn connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+async fn connection(stream: tokio::net::UnixStream, served: Served) {
+    let shared = &served.shared;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let Some(line) = read_request(&mut read, &mut write, REQUEST_TIMEOUT).await else { return };
@@ -207,7 +247,7 @@ async fn connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
         stream_flows(&shared.sinks, follow, filter, read, write).await;
         return;
     }
-    let response = match request.and_then(|request| handle(&shared, request)) {
+    let response = match request.and_then(|request| handle(&served, request)) {
         Ok(status) => Response::Ok { status },
         Err(err) => Response::Error { message: format!("{err:#}") },
     };
