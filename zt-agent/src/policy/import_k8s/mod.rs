@@ -145,28 +145,16 @@ fn meaning(policy: &NetworkPolicy) -> Result<Isolation, String> {
             return Err(format!("spec.policyTypes[{i}]: {t:?} is not Ingress or Egress"));
         }
     }
-    let ingress = match types.iter().any(|t| t == "Ingress") {
-        true => Some(
-            spec.ingress
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, rule)| self::rule(&rule.from, &rule.ports, &format!("spec.ingress[{i}]"), "from", &namespace))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        false => None,
+    // A direction the policy isolates: its rules, each (peers, ports).
+    let direction = |wanted: &str, key: &str, peers_key: &str, rules: Vec<(&Option<Vec<NetworkPolicyPeer>>, &Option<Vec<NetworkPolicyPort>>)>| {
+        if !types.iter().any(|t| t == wanted) {
+            return Ok(None);
+        }
+        let rules = rules.into_iter().enumerate();
+        rules.map(|(i, (peers, ports))| rule(peers, ports, &format!("spec.{key}[{i}]"), peers_key, &namespace)).collect::<Result<Vec<_>, _>>().map(Some)
     };
-    let egress = match types.iter().any(|t| t == "Egress") {
-        true => Some(
-            spec.egress
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, rule)| self::rule(&rule.to, &rule.ports, &format!("spec.egress[{i}]"), "to", &namespace))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        false => None,
-    };
+    let ingress = direction("Ingress", "ingress", "from", spec.ingress.iter().flatten().map(|r| (&r.from, &r.ports)).collect())?;
+    let egress = direction("Egress", "egress", "to", spec.egress.iter().flatten().map(|r| (&r.to, &r.ports)).collect())?;
     Ok(Isolation { namespace, name, pods, ingress, egress })
 }
 
