@@ -82,6 +82,7 @@ fn main() {
 fn test(cargo_test_args: &[String]) -> Result<()> {
     zt_tests::ensure_root()?;
     setup::run()?;
+    setup::test_tools()?;
     build_agent()?;
     build_upgrade_variant()?;
     // No `--workspace`: the default members are every crate that builds for the host (zt-ebpf

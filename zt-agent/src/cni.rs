@@ -103,19 +103,14 @@ pub fn run(invocation: &Invocation, config: &str) -> Result<String> {
 }
 
 /// The result's interfaces on the host side (no `sandbox`): the pod's end of a veth pair is in
-/// the pod's namespace, the other end here. A bridge the previous plugin reports is left out:
-/// it is the node's, shared by every pod, and has `mac` only where a veth has a peer.
+/// the pod's namespace, the other end here. A bridge the previous plugin reports (the bridge
+/// plugin lists it too) is left out: it is the node's, shared by every pod.
 fn host_interfaces(result: &Value) -> Vec<String> {
     let Some(interfaces) = result["interfaces"].as_array() else { return Vec::new() };
-    let in_use: Vec<u64> = result["ips"].as_array().into_iter().flatten().filter_map(|ip| ip["interface"].as_u64()).collect();
     interfaces
         .iter()
-        .enumerate()
-        .filter(|(_, i)| i["sandbox"].as_str().is_none_or(str::is_empty))
-        // The bridge plugin lists the bridge first and names it as the gateway's interface
-        // nowhere; a veth is never an `ips[].interface` (those are the pod's).
-        .filter(|(index, i)| !in_use.contains(&(*index as u64)) && !is_bridge(i))
-        .filter_map(|(_, i)| i["name"].as_str().map(str::to_owned))
+        .filter(|i| i["sandbox"].as_str().is_none_or(str::is_empty) && !is_bridge(i))
+        .filter_map(|i| i["name"].as_str().map(str::to_owned))
         .collect()
 }
 

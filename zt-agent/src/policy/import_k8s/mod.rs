@@ -17,8 +17,6 @@
 pub mod reference;
 pub mod selector;
 
-use std::path::Path;
-
 use ipnet::IpNet;
 use k8s_openapi::{
     api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
@@ -117,14 +115,6 @@ pub fn parse(text: &str, label: &str) -> Result<Vec<Isolation>, Vec<String>> {
         }
     }
     if errors.is_empty() { Ok(isolations) } else { Err(errors) }
-}
-
-/// [`parse`] of a file.
-pub fn parse_file(path: &Path) -> Result<Vec<Isolation>, Vec<String>> {
-    let label = path.display().to_string();
-    let text = crate::bounded::read_text(path, crate::bounded::POLICY_FILE_LIMIT)
-        .map_err(|err| vec![format!("{label}: cannot read the file: {err}")])?;
-    parse(&text, &label)
 }
 
 fn meaning(policy: &NetworkPolicy) -> Result<Isolation, String> {

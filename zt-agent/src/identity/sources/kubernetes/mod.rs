@@ -28,8 +28,8 @@ pub const IGNORED_LABELS: [&str; 8] = [
 pub const MAX_IDENTITY_LABELS: usize = 16;
 
 /// A pod's identity name: namespace, service account and identity labels, canonical (labels
-/// sorted by key), so every node names (and numbers) the same pod alike. `None` (with why) for
-/// a pod over [`MAX_IDENTITY_LABELS`].
+/// sorted by key), so every node names (and numbers) the same pod alike. An error, saying why,
+/// for a pod over [`MAX_IDENTITY_LABELS`].
 pub fn identity_name(namespace: &str, service_account: &str, labels: &BTreeMap<String, String>) -> Result<String, String> {
     let kept: Vec<String> = labels
         .iter()
