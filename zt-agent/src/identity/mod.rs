@@ -8,6 +8,7 @@
 //! Which workload an address, a cgroup or an interface is: [`sources`], with [`svid`] verifying
 //! the X.509-SVIDs of the certificate source.
 
+pub mod pods;
 pub mod sources;
 pub mod svid;
 
@@ -36,7 +37,7 @@ pub fn is_reserved(name: &str) -> bool {
 pub enum IdentityError {
     #[error("identity name \"{0}\" is reserved (any, unknown, world, host); choose another name")]
     Reserved(String),
-    #[error("{count} identities declared, at most {MAX_IDENTITIES} are supported; merge identities that share a role")]
+    #[error("{count} identities (declared, and pod label sets), at most {MAX_IDENTITIES} are supported; merge identities that share a role, or give pods fewer distinct labels")]
     TooMany { count: usize },
 }
 
@@ -60,6 +61,26 @@ impl IdentityTable {
         Self::allocate_with(names, preferred_id)
     }
 
+    /// Numbers pod identities after the declared ones, the same way, so that a declared
+    /// identity's number never depends on which pods exist: a pod name whose preferred number
+    /// a declared identity holds probes past it.
+    pub fn add_pods<'a>(self, names: impl IntoIterator<Item = &'a str>) -> Result<Self, IdentityError> {
+        self.add_pods_with(names, preferred_id)
+    }
+
+    fn add_pods_with<'a>(
+        mut self,
+        names: impl IntoIterator<Item = &'a str>,
+        preferred: impl Fn(&str) -> u32,
+    ) -> Result<Self, IdentityError> {
+        let sorted: BTreeSet<&str> = names.into_iter().filter(|name| !self.by_name.contains_key(*name)).collect();
+        if self.len() + sorted.len() > MAX_IDENTITIES {
+            return Err(IdentityError::TooMany { count: self.len() + sorted.len() });
+        }
+        self.insert_sorted(sorted, preferred);
+        Ok(self)
+    }
+
     fn allocate_with<'a>(
         names: impl IntoIterator<Item = &'a str>,
         preferred: impl Fn(&str) -> u32,
@@ -72,16 +93,20 @@ impl IdentityTable {
             return Err(IdentityError::TooMany { count: sorted.len() });
         }
         let mut table = Self::default();
+        table.insert_sorted(sorted, preferred);
+        Ok(table)
+    }
+
+    fn insert_sorted(&mut self, sorted: BTreeSet<&str>, preferred: impl Fn(&str) -> u32) {
         for name in sorted {
             // Terminates: at most MAX_IDENTITIES of the USER_RANGE numbers are taken.
             let mut id = preferred(name);
-            while table.by_id.contains_key(&id) {
+            while self.by_id.contains_key(&id) {
                 id = next_user_id(id);
             }
-            table.by_name.insert(name.to_owned(), id);
-            table.by_id.insert(id, name.to_owned());
+            self.by_name.insert(name.to_owned(), id);
+            self.by_id.insert(id, name.to_owned());
         }
-        Ok(table)
     }
 
     /// The number of a declared or reserved identity.
@@ -170,6 +195,20 @@ mod tests {
         assert_eq!(table.id("a"), Some(ID_LIMIT - 2));
         assert_eq!(table.id("b"), Some(ID_LIMIT - 1));
         assert_eq!(table.id("c"), Some(identity::FIRST_USER));
+    }
+
+    #[test]
+    fn pod_identities_never_move_a_declared_identity() {
+        let alone = IdentityTable::allocate_with(["web", "db"], |name| if name == "web" { 1000 } else { 2000 }).unwrap();
+        // A pod name that sorts before both and wants web's number.
+        let pods = ["k8s:a:default:", "k8s:b:default:"];
+        let with_pods = alone.clone().add_pods_with(pods, |_| 1000).unwrap();
+        assert_eq!((with_pods.id("web"), with_pods.id("db")), (Some(1000), Some(2000)));
+        assert_eq!((with_pods.id(pods[0]), with_pods.id(pods[1])), (Some(1001), Some(1002)), "they probe past web");
+        assert_eq!(with_pods.name(1001), Some(pods[0]));
+        let full: Vec<String> = (0..MAX_IDENTITIES - 1).map(|i| format!("k8s:p:default:n={i}")).collect();
+        let err = alone.add_pods(full.iter().map(String::as_str)).unwrap_err();
+        assert_eq!(err, IdentityError::TooMany { count: MAX_IDENTITIES + 1 });
     }
 
     #[test]

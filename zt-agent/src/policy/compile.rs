@@ -32,7 +32,7 @@ use zt_common::{
 use crate::datapath::capacity::{IPCACHE_CEILING, POLICY_CEILING};
 
 use super::{Action, Peer, PolicyMode, PolicySet, PortRange, Protocol, Subject};
-use crate::identity::{IdentityError, IdentityTable};
+use crate::identity::{pods::Cluster, IdentityError, IdentityTable};
 pub use super::selectors::{CgroupMatcher, SpiffeMatcher};
 
 /// Everything the agent writes into the kernel's maps for one policy set.
@@ -59,6 +59,9 @@ pub struct Compiled {
     pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
     /// Rule `id` is `rules[id - 1]`.
     pub rules: Vec<RuleInfo>,
+    /// The label sets and namespaces `pods` selectors were expanded over; each label set is an
+    /// identity of `identities`.
+    pub cluster: Cluster,
 }
 
 impl Compiled {
@@ -120,9 +123,21 @@ pub fn ipcache_prefix(net: &IpNet) -> (u32, IpKey) {
     (mapped_bits + u32::from(net.prefix_len()), ip_key(net.network()))
 }
 
+/// Compiles without pods: `pods` selectors select nothing.
 pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
-    let identities = IdentityTable::allocate(set.identities().iter().map(|identity| identity.name.as_str()))?;
+    compile_for(set, &Cluster::default())
+}
+
+/// Compiles for the cluster's label sets: each is an identity, and `pods` selectors stand for
+/// those they match.
+pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, CompileError> {
+    let pod_names: Vec<String> = cluster.identities.iter().map(|pod| pod.name()).collect();
+    let identities = IdentityTable::allocate(set.identities().iter().map(|identity| identity.name.as_str()))?
+        .add_pods(pod_names.iter().map(String::as_str))?;
     let id_of = |name: &str| identities.id(name).expect("a validated policy set names only declared identities");
+    let pod_ids = |selector: &super::PodSelector| -> Vec<u32> {
+        selector.select(cluster).map(|pod| id_of(&pod.name())).collect()
+    };
 
     let mut ipcache = Vec::new();
     for identity in set.identities() {
@@ -160,6 +175,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
             Peer::World => std::iter::once(WORLD).chain(ranges.iter().map(|(_, id)| *id)).collect(),
             Peer::Host => vec![HOST],
             Peer::Identity(name) => vec![id_of(name)],
+            Peer::Pods(selector) => pod_ids(selector),
             Peer::Cidr { net, except } => ranges
                 .iter()
                 .filter(|(range, _)| net.contains(range) && !except.iter().any(|e| e.contains(range)))
@@ -173,12 +189,13 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
     // Keyed by the group's key with protocol and port zero.
     let mut groups: BTreeMap<PolicyKey, Group> = BTreeMap::new();
     for policy in set.policies() {
-        let subjects: Vec<u32> = policy
+        let subjects: BTreeSet<u32> = policy
             .subjects
             .iter()
-            .map(|subject| match subject {
-                Subject::Any => ANY,
-                Subject::Identity(name) => id_of(name),
+            .flat_map(|subject| match subject {
+                Subject::Any => vec![ANY],
+                Subject::Identity(name) => vec![id_of(name)],
+                Subject::Pods(selector) => pod_ids(selector),
             })
             .collect();
         let staged = policy.mode == PolicyMode::Monitor;
@@ -217,7 +234,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
     check_capacity(maps::IPCACHE, ipcache.len(), IPCACHE_CEILING)?;
     check_capacity(maps::ISOLATION, isolation.len(), maps::ISOLATION_CAPACITY)?;
     check_capacity(maps::POLICY, policy.len(), POLICY_CEILING)?;
-    Ok(Compiled { identities, ipcache, ranges, cgroups, spiffe, interfaces, isolation, policy, rules })
+    Ok(Compiled { identities, ipcache, ranges, cgroups, spiffe, interfaces, isolation, policy, rules, cluster: cluster.clone() })
 }
 
 /// The prefixes CIDR peers name (ranges and exceptions) that no declared prefix contains, with
@@ -717,5 +734,50 @@ spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol:
         assert_eq!(ipcache_prefix(&v6), (64, "fd00:20:3::".parse::<Ipv6Addr>().unwrap().octets()));
         assert_eq!(ip_key("10.20.3.7".parse().unwrap())[12..], [10, 20, 3, 7]);
         assert_eq!(ipcache_prefix(&"0.0.0.0/0".parse().unwrap()).0, 96);
+    }
+
+    #[test]
+    fn pods_selectors_expand_into_the_cluster_label_sets() {
+        use crate::{
+            identity::pods::PodIdentity,
+            policy::eval::{Evaluator, Flow},
+        };
+        use zt_common::{Reason, Verdict};
+
+        let text = format!(
+            "{IDENTITIES}---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: api}}\nspec:\n\
+             \x20 subject: [{{pods: {{namespace: shop, matchLabels: {{app: api}}}}}}]\n\
+             \x20 ingress: [{{from: [{{pods: {{namespace: shop, matchLabels: {{app: web}}}}}}, web], ports: [{{protocol: tcp, port: 8080}}]}}]\n"
+        );
+        let set = parse_str(&text, "test.yaml").unwrap();
+        let pod = |ns: &str, app: &str| PodIdentity::of(ns, "default", &[("app".to_owned(), app.to_owned())].into()).unwrap();
+        let cluster = Cluster {
+            identities: [pod("shop", "web"), pod("shop", "api"), pod("dev", "web")].into(),
+            namespaces: Default::default(),
+        };
+        let without = compile(&set).unwrap();
+        let compiled = compile_for(&set, &cluster).unwrap();
+        assert_eq!(without.identities.id("web"), compiled.identities.id("web"), "declared numbers do not move");
+        assert_eq!(compiled.identities.len(), 5);
+        assert!(without.policy.is_empty(), "without pods the selectors select nothing");
+        let id = |name: &str| compiled.identities.id(name).unwrap();
+        let api = id("k8s:shop:default:app=api");
+        assert_eq!(compiled.isolation, [(api, isolation::INGRESS | isolation::INGRESS << isolation::STAGED_SHIFT)]);
+
+        // The source binds pods' addresses; here, by hand.
+        let bound = [("10.30.0.1", "k8s:shop:default:app=web"), ("10.30.0.2", "k8s:shop:default:app=api"), ("10.30.0.3", "k8s:dev:default:app=web")];
+        let mut with_pods = compiled.clone();
+        with_pods.ipcache.extend(bound.iter().map(|(addr, name)| (IpNet::from(addr.parse::<IpAddr>().unwrap()), id(name))));
+        let evaluator = Evaluator::new(&with_pods);
+        let judge = |src: &str, dst: &str, port| {
+            let flow = Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol: TCP, dst_port: port };
+            let decision = evaluator.evaluate(&flow);
+            (decision.verdict, decision.reason)
+        };
+        assert_eq!(judge("10.30.0.1", "10.30.0.2", 8080), (Verdict::Allow, Reason::PolicyAllow), "shop's web to shop's api");
+        assert_eq!(judge("10.20.1.9", "10.30.0.2", 8080), (Verdict::Allow, Reason::PolicyAllow), "a declared identity beside pods");
+        assert_eq!(judge("10.30.0.3", "10.30.0.2", 8080), (Verdict::Deny, Reason::DefaultDeny), "dev's web is another label set");
+        assert_eq!(judge("10.30.0.1", "10.30.0.2", 9090), (Verdict::Deny, Reason::DefaultDeny), "another port");
+        assert_eq!(judge("10.30.0.2", "10.30.0.1", 8080), (Verdict::Allow, Reason::NotIsolated), "web is not isolated");
     }
 }

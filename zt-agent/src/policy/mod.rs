@@ -10,7 +10,9 @@ pub mod cases;
 pub mod compile;
 pub mod eval;
 pub mod import_k8s;
+pub mod labels;
 mod locate;
+pub mod pods;
 mod schema;
 pub mod selectors;
 pub mod suggest;
@@ -30,7 +32,11 @@ use zt_common::Direction;
 
 use crate::identity;
 use locate::{Position, Positions, YamlPath};
-use schema::{CidrPeer, Document, Header, IdentitySpec, PeerItem, PolicySpec, PortItem, PortSpec, Selector};
+use schema::{
+    Document, ExpressionSpec, Header, IdentitySpec, PeerItem, PeerMap, PodsSpec, PolicySpec, PortItem, PortSpec, Selector,
+    SubjectItem,
+};
+pub use pods::PodSelector;
 pub use selectors::{CgroupSelector, SpiffeSelector};
 
 pub const API_VERSION: &str = "zt/v1";
@@ -107,9 +113,11 @@ pub enum PolicyMode {
 /// Whom a policy protects.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subject {
-    /// Every declared identity.
+    /// Every declared identity, and every pod identity.
     Any,
     Identity(String),
+    /// The pod identities the selector matches when the policy is compiled.
+    Pods(PodSelector),
 }
 
 /// The other end of a rule: `from` for ingress, `to` for egress.
@@ -125,6 +133,8 @@ pub enum Peer {
     /// The addresses of `net`, outside every `except` prefix, that no declared identity owns.
     /// `except` prefixes lie strictly inside `net`.
     Cidr { net: IpNet, except: Vec<IpNet> },
+    /// The pod identities the selector matches when the policy is compiled.
+    Pods(PodSelector),
 }
 
 impl Peer {
@@ -132,7 +142,7 @@ impl Peer {
     pub fn matches_world_address(&self, addr: IpAddr) -> bool {
         match self {
             Peer::Any | Peer::World => true,
-            Peer::Host | Peer::Identity(_) => false,
+            Peer::Host | Peer::Identity(_) | Peer::Pods(_) => false,
             Peer::Cidr { net, except } => net.contains(&addr) && !except.iter().any(|e| e.contains(&addr)),
         }
     }
@@ -622,12 +632,17 @@ impl Loader {
             );
             self.errors.push(doc.error_at_key(&spec_path(), message));
         }
+        let subject_path = spec_path().key("subject");
         let subjects = spec
             .subject
             .into_iter()
-            .map(|name| match name.as_str() {
-                "any" => Subject::Any,
-                _ => Subject::Identity(name),
+            .enumerate()
+            .filter_map(|(index, item)| match item {
+                SubjectItem::Name(name) if name == "any" => Some(Subject::Any),
+                SubjectItem::Name(name) => Some(Subject::Identity(name)),
+                SubjectItem::Pods(spec) => {
+                    self.pod_selector(&doc, &subject_path.index(index).key("pods"), spec).map(Subject::Pods)
+                }
             })
             .collect();
         let ingress = spec.ingress.map(|rules| {
@@ -671,7 +686,7 @@ impl Loader {
                     "host" => Peer::Host,
                     _ => Peer::Identity(name),
                 }),
-                PeerItem::Cidr(cidr) => self.cidr_peer(doc, &peers_path.index(index), cidr),
+                PeerItem::Map(map) => self.peer_map(doc, &peers_path.index(index), map),
             })
             .collect();
         let ports_path = path.key("ports");
@@ -686,10 +701,69 @@ impl Loader {
         Rule { peers, ports, action }
     }
 
+    /// `{cidr: ...}` or `{pods: ...}`, exactly one of them.
+    fn peer_map(&mut self, doc: &Doc, path: &YamlPath, peer: PeerMap) -> Option<Peer> {
+        match (peer.cidr, peer.pods) {
+            (Some(cidr), None) => self.cidr_peer(doc, path, &cidr, &peer.except.unwrap_or_default()),
+            (None, Some(pods)) if peer.except.is_none() => self.pod_selector(doc, &path.key("pods"), pods).map(Peer::Pods),
+            (None, Some(_)) => {
+                let message = "except goes with cidr, not with pods; to leave pods out, narrow the selector".to_owned();
+                self.errors.push(doc.error_at_key(&path.key("except"), message));
+                None
+            }
+            (Some(_), Some(_)) => {
+                let message = "a peer has one of cidr and pods; make each its own list item".to_owned();
+                self.errors.push(doc.error_at_key(&path.key("pods"), message));
+                None
+            }
+            (None, None) => {
+                let message = "a peer map needs cidr (an address range) or pods (a pod selector)".to_owned();
+                self.errors.push(doc.error_at_value(path, message));
+                None
+            }
+        }
+    }
+
+    /// `pods: {namespace, namespaceSelector, matchLabels, matchExpressions, serviceAccount}`,
+    /// checked as Kubernetes checks names and selectors.
+    fn pod_selector(&mut self, doc: &Doc, path: &YamlPath, spec: PodsSpec) -> Option<PodSelector> {
+        let errors_before = self.errors.len();
+        let expressions = |items: &[ExpressionSpec]| -> Vec<(String, String, Vec<String>)> {
+            items.iter().map(|e| (e.key.clone(), e.operator.clone(), e.values.clone())).collect()
+        };
+        let mut selector = |at: YamlPath, labels: &std::collections::BTreeMap<String, String>, items: &[ExpressionSpec]| {
+            let items = expressions(items);
+            let items = items.iter().map(|(key, operator, values)| (key.as_str(), operator.as_str(), values.as_slice()));
+            labels::Selector::new(labels, items, "").map_err(|message| {
+                let message = message.trim_start_matches('.').to_owned();
+                self.errors.push(doc.error_at_value(&at, format!("{message}; fix the selector")));
+            })
+        };
+        let pod_labels = selector(path.clone(), &spec.match_labels, &spec.match_expressions);
+        let namespaces = spec.namespace_selector.map(|ns| {
+            selector(path.key("namespaceSelector"), &ns.match_labels, &ns.match_expressions)
+        });
+        if let Some(problem) = spec.namespace.as_deref().and_then(pods::namespace_problem) {
+            self.errors.push(doc.error_at_value(&path.key("namespace"), problem));
+        }
+        if let Some(problem) = spec.service_account.as_deref().and_then(pods::service_account_problem) {
+            self.errors.push(doc.error_at_value(&path.key("serviceAccount"), problem));
+        }
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(PodSelector {
+            namespace: spec.namespace,
+            namespaces: namespaces.map(|ns| ns.expect("checked above")),
+            labels: pod_labels.expect("checked above"),
+            service_account: spec.service_account,
+        })
+    }
+
     /// `{cidr: PREFIX, except: [PREFIX, ...]}`: canonical prefixes, `/0` allowed, each `except`
     /// strictly inside `cidr`.
-    fn cidr_peer(&mut self, doc: &Doc, path: &YamlPath, peer: CidrPeer) -> Option<Peer> {
-        let net = match parse_prefix(&peer.cidr) {
+    fn cidr_peer(&mut self, doc: &Doc, path: &YamlPath, cidr: &str, except_texts: &[String]) -> Option<Peer> {
+        let net = match parse_prefix(cidr) {
             Ok(net) => net,
             Err(message) => {
                 self.errors.push(doc.error_at_value(&path.key("cidr"), message));
@@ -697,7 +771,7 @@ impl Loader {
             }
         };
         let mut except = Vec::new();
-        for (index, text) in peer.except.iter().enumerate() {
+        for (index, text) in except_texts.iter().enumerate() {
             let inside = parse_prefix(text).and_then(|inner| {
                 if net.contains(&inner) && inner.prefix_len() > net.prefix_len() {
                     Ok(inner)
@@ -712,7 +786,7 @@ impl Loader {
                 Err(message) => self.errors.push(doc.error_at_value(&path.key("except").index(index), message)),
             }
         }
-        (except.len() == peer.except.len()).then_some(Peer::Cidr { net, except })
+        (except.len() == except_texts.len()).then_some(Peer::Cidr { net, except })
     }
 
     fn port_match(&mut self, doc: &Doc, path: &YamlPath, item: PortItem) -> Option<PortMatch> {
@@ -753,6 +827,12 @@ impl Loader {
             format!("invalid {kind} name \"{name}\": {problem}")
         } else if kind == "identity" && identity::is_reserved(&name) {
             format!("identity name \"{name}\" is reserved; choose another name (any, unknown, world and host have fixed meanings)")
+        } else if kind == "identity" && name.starts_with(identity::pods::PREFIX) {
+            format!(
+                "identity name \"{name}\" starts with \"{}\", which names pod identities; choose another name \
+                 (select pods in policies with {{pods: ...}})",
+                identity::pods::PREFIX
+            )
         } else {
             return Some(name);
         };
@@ -863,7 +943,7 @@ impl Loader {
                                 reference_problem(name, &peers_path, &known, "a declared identity, world, host, or any")
                             }
                             Peer::Cidr { net, .. } => owned_range_problem(net, &owned),
-                            Peer::Any | Peer::World | Peer::Host => None,
+                            Peer::Any | Peer::World | Peer::Host | Peer::Pods(_) => None,
                         };
                         if let Some(message) = problem {
                             let at = match peer {

@@ -1,7 +1,7 @@
 //! The YAML file format, as serde reads it. Values stay loosely typed (names and selectors as
 //! strings, ports as signed numbers) so that validation, not serde, explains what is wrong.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use serde::{
     de::{self, IgnoredAny},
@@ -58,7 +58,7 @@ pub(super) struct Selector {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PolicySpec {
-    pub subject: Vec<String>,
+    pub subject: Vec<SubjectItem>,
     #[serde(default)]
     pub mode: PolicyMode,
     #[serde(default, deserialize_with = "present")]
@@ -95,41 +95,116 @@ pub(super) struct EgressRule {
     pub action: Action,
 }
 
-/// A peer: a name (`web`, `world`, `any`) or an address range `{cidr: …, except: […]}`.
-pub(super) enum PeerItem {
+/// A subject: a name (`web`, `any`) or `{pods: ...}`.
+pub(super) enum SubjectItem {
     Name(String),
-    Cidr(CidrPeer),
+    Pods(PodsSpec),
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct CidrPeer {
-    pub cidr: String,
+struct PodsItem {
+    pods: PodsSpec,
+}
+
+/// A peer: a name (`web`, `world`, `any`), an address range `{cidr: ..., except: [...]}`, or
+/// `{pods: ...}`. Which of the keys a map has is for validation to check.
+pub(super) enum PeerItem {
+    Name(String),
+    Map(PeerMap),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PeerMap {
+    pub cidr: Option<String>,
+    pub except: Option<Vec<String>>,
+    pub pods: Option<PodsSpec>,
+}
+
+/// `pods:`, as Kubernetes spells a label selector, with a namespace and a service account.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct PodsSpec {
+    pub namespace: Option<String>,
+    pub namespace_selector: Option<LabelSelectorSpec>,
     #[serde(default)]
-    pub except: Vec<String>,
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub match_expressions: Vec<ExpressionSpec>,
+    pub service_account: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct LabelSelectorSpec {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub match_expressions: Vec<ExpressionSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExpressionSpec {
+    pub key: String,
+    pub operator: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// A string or a map, told apart before either is read.
+fn name_or_map<'de, D, T, M>(
+    deserializer: D,
+    expecting: &'static str,
+    name: fn(String) -> T,
+    map: fn(M) -> T,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    M: Deserialize<'de>,
+{
+    struct Visitor<T, M> {
+        expecting: &'static str,
+        name: fn(String) -> T,
+        map: fn(M) -> T,
+    }
+
+    impl<'de, T, M: Deserialize<'de>> de::Visitor<'de> for Visitor<T, M> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            Ok((self.name)(v.to_owned()))
+        }
+
+        fn visit_map<A: de::MapAccess<'de>>(self, access: A) -> Result<T, A::Error> {
+            M::deserialize(de::value::MapAccessDeserializer::new(access)).map(self.map)
+        }
+    }
+
+    deserializer.deserialize_any(Visitor { expecting, name, map })
+}
+
+impl<'de> Deserialize<'de> for SubjectItem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        name_or_map(deserializer, "an identity name, any, or {pods: SELECTOR}", SubjectItem::Name, |item: PodsItem| {
+            SubjectItem::Pods(item.pods)
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for PeerItem {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct PeerVisitor;
-
-        impl<'de> de::Visitor<'de> for PeerVisitor {
-            type Value = PeerItem;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an identity name, world, any, or {cidr: PREFIX, except: [PREFIX, ...]}")
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<PeerItem, E> {
-                Ok(PeerItem::Name(v.to_owned()))
-            }
-
-            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<PeerItem, A::Error> {
-                CidrPeer::deserialize(de::value::MapAccessDeserializer::new(map)).map(PeerItem::Cidr)
-            }
-        }
-
-        deserializer.deserialize_any(PeerVisitor)
+        name_or_map(
+            deserializer,
+            "an identity name, world, host, any, {cidr: PREFIX, except: [PREFIX, ...]} or {pods: SELECTOR}",
+            PeerItem::Name,
+            PeerItem::Map,
+        )
     }
 }
 

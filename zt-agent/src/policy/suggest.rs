@@ -378,6 +378,8 @@ pub fn is_isolated(set: &PolicySet, name: &str, direction: Direction) -> bool {
             && policy.subjects.iter().any(|subject| match subject {
                 Subject::Any => true,
                 Subject::Identity(subject) => subject == name,
+                // Suggestions name declared identities; a pod identity's name is not one.
+                Subject::Pods(_) => false,
             })
     })
 }

@@ -695,9 +695,9 @@ fn cidr_peer_mistakes_are_explained_where_they_are() {
         ),
         (
             "[{cidr: 10.9.0.0/16, exclude: [10.9.1.0/24]}]",
-            "t.yaml:32:32: spec.egress[0].to[0]: unknown field `exclude`; expected `cidr` or `except`",
+            "t.yaml:32:32: spec.egress[0].to[0]: unknown field `exclude`; expected one of `cidr`, `except`, `pods`",
         ),
-        ("[{except: [10.9.1.0/24]}]", "t.yaml:32:12: spec.egress[0].to[0]: missing field `cidr`; add it"),
+        ("[{except: [10.9.1.0/24]}]", "t.yaml:32:12: a peer map needs cidr (an address range) or pods (a pod selector)"),
     ];
     for (peers, expected) in cases {
         let text = with_policy_spec(&format!("  subject: [web]\n  egress:\n    - to: {peers}\n"));
@@ -707,4 +707,64 @@ fn cidr_peer_mistakes_are_explained_where_they_are() {
     let text = with_policy_spec("  subject: [web]\n  mode: audit\n  egress: []\n");
     let error = single_error(&text);
     assert!(error.starts_with("t.yaml:31:9: spec.mode: unknown variant `audit`; expected `enforce` or `monitor`"), "{error}");
+}
+
+#[test]
+fn pods_selectors_parse_as_subjects_and_peers() {
+    let set = parse_str(
+        &with_policy_spec(
+            "  subject: [web, {pods: {namespace: shop, matchLabels: {app: cart}}}]\n\
+             \x20 ingress:\n\
+             \x20   - from:\n\
+             \x20       - pods: {namespaceSelector: {matchLabels: {team: a}}, serviceAccount: api,\n\
+             \x20                matchExpressions: [{key: tier, operator: In, values: [front, edge]}]}\n\
+             \x20       - {cidr: 10.9.0.0/16}\n",
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let policy = &set.policies()[0];
+    let Subject::Pods(cart) = &policy.subjects[1] else { panic!("{:?}", policy.subjects) };
+    assert_eq!(cart.namespace.as_deref(), Some("shop"));
+    assert_eq!(cart.labels.requirements, [labels::Requirement::In("app".into(), vec!["cart".into()])]);
+    let Peer::Pods(peer) = &policy.ingress.as_ref().unwrap()[0].peers[0] else { panic!() };
+    assert_eq!(peer.service_account.as_deref(), Some("api"));
+    assert_eq!(peer.namespace, None);
+    assert_eq!(
+        peer.namespaces.as_ref().unwrap().requirements,
+        [labels::Requirement::In("team".into(), vec!["a".into()])]
+    );
+    assert_eq!(peer.labels.requirements, [labels::Requirement::In("tier".into(), vec!["front".into(), "edge".into()])]);
+    assert!(matches!(policy.ingress.as_ref().unwrap()[0].peers[1], Peer::Cidr { .. }));
+}
+
+#[test]
+fn malformed_pods_selectors_are_pointed_at() {
+    let spec = |peer: &str| with_policy_spec(&format!("  subject: [web]\n  ingress:\n    - from:\n        - {peer}\n"));
+    assert_eq!(
+        single_error(&spec("pods: {namespace: Shop}")),
+        "t.yaml:33:29: namespace \"Shop\" is not a Kubernetes namespace name: 1-63 lowercase letters, digits and '-', \
+         not starting or ending with '-'"
+    );
+    assert_eq!(
+        single_error(&spec("pods: {matchExpressions: [{key: app, operator: In}]}")),
+        "t.yaml:33:17: matchExpressions[0].values: In needs at least one value; fix the selector"
+    );
+    assert_eq!(
+        single_error(&spec("{pods: {}, cidr: 10.0.0.0/8}")),
+        "t.yaml:33:12: a peer has one of cidr and pods; make each its own list item"
+    );
+    assert_eq!(
+        single_error(&spec("{pods: {}, except: [10.0.0.0/8]}")),
+        "t.yaml:33:22: except goes with cidr, not with pods; to leave pods out, narrow the selector"
+    );
+    let unknown = single_error(&spec("pods: {labels: {app: web}}"));
+    assert!(unknown.contains("pods: unknown field `labels`; expected one of `namespace`, `namespaceSelector`"), "{unknown}");
+}
+
+#[test]
+fn pod_identity_names_cannot_be_declared() {
+    let text = "apiVersion: zt/v1\nkind: Identity\nmetadata: {name: \"k8s:shop:web:\"}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    let error = single_error(text);
+    assert!(error.contains("starts with \"k8s:\", which names pod identities"), "{error}");
 }

@@ -15,7 +15,6 @@
 //!   (resolved against the destination pod's container ports), or absent (every port).
 
 pub mod reference;
-pub mod selector;
 
 use ipnet::IpNet;
 use k8s_openapi::{
@@ -25,7 +24,7 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
-pub use selector::Selector;
+pub use super::labels::Selector;
 
 /// One NetworkPolicy, meant explicitly.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,34 +22,42 @@ pub struct Selector {
 impl Selector {
     /// The selector at `field` (e.g. `spec.podSelector`), or the error that names what is wrong.
     pub fn from_api(selector: &LabelSelector, field: &str) -> Result<Self, String> {
-        let mut requirements: Vec<Requirement> = selector
-            .match_labels
-            .iter()
-            .flatten()
-            .map(|(key, value)| Requirement::In(key.clone(), vec![value.clone()]))
-            .collect();
-        for (i, expression) in selector.match_expressions.iter().flatten().enumerate() {
+        let expressions = selector.match_expressions.iter().flatten();
+        let expressions = expressions.map(|e| (e.key.as_str(), e.operator.as_str(), e.values.as_deref().unwrap_or_default()));
+        Self::new(selector.match_labels.iter().flatten(), expressions, field)
+    }
+
+    /// `matchLabels` AND `matchExpressions` (key, operator, values), checked as the API server
+    /// checks them; errors name the field under `field`.
+    pub fn new<'a>(
+        match_labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+        match_expressions: impl IntoIterator<Item = (&'a str, &'a str, &'a [String])>,
+        field: &str,
+    ) -> Result<Self, String> {
+        let mut requirements: Vec<Requirement> =
+            match_labels.into_iter().map(|(key, value)| Requirement::In(key.clone(), vec![value.clone()])).collect();
+        for (i, (key, operator, values)) in match_expressions.into_iter().enumerate() {
             let at = format!("{field}.matchExpressions[{i}]");
-            let values = expression.values.clone().unwrap_or_default();
-            let key = expression.key.clone();
             if key.is_empty() {
                 return Err(format!("{at}.key: empty"));
             }
-            requirements.push(match expression.operator.as_str() {
-                "In" | "NotIn" if values.is_empty() => {
-                    return Err(format!("{at}.values: {} needs at least one value", expression.operator))
-                }
+            let (key, values) = (key.to_owned(), values.to_vec());
+            requirements.push(match operator {
+                "In" | "NotIn" if values.is_empty() => return Err(format!("{at}.values: {operator} needs at least one value")),
                 "In" => Requirement::In(key, values),
                 "NotIn" => Requirement::NotIn(key, values),
-                "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    return Err(format!("{at}.values: {} takes no values", expression.operator))
-                }
+                "Exists" | "DoesNotExist" if !values.is_empty() => return Err(format!("{at}.values: {operator} takes no values")),
                 "Exists" => Requirement::Exists(key),
                 "DoesNotExist" => Requirement::DoesNotExist(key),
                 other => return Err(format!("{at}.operator: {other:?} is not In, NotIn, Exists or DoesNotExist")),
             });
         }
         Ok(Selector { requirements })
+    }
+
+    /// Whether it selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.requirements.is_empty()
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
