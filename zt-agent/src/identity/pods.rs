@@ -58,11 +58,15 @@ impl PodIdentity {
     }
 }
 
-/// What a compile knows of the cluster: its label sets, and its namespaces' labels (which
-/// namespace selectors match).
+/// The container ports a label set's pods name: name → (IP protocol number, port), the union
+/// over its pods (NetworkPolicy's named ports resolve against them).
+pub type NamedPorts = BTreeMap<String, BTreeSet<(u8, u16)>>;
+
+/// What a compile knows of the cluster: its label sets with their named ports, and its
+/// namespaces' labels (which namespace selectors match).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cluster {
-    pub identities: BTreeSet<PodIdentity>,
+    pub identities: BTreeMap<PodIdentity, NamedPorts>,
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
 }
 

@@ -131,7 +131,7 @@ pub fn compile(set: &PolicySet) -> Result<Compiled, CompileError> {
 /// Compiles for the cluster's label sets: each is an identity, and `pods` selectors stand for
 /// those they match.
 pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, CompileError> {
-    let pod_names: Vec<String> = cluster.identities.iter().map(|pod| pod.name()).collect();
+    let pod_names: Vec<String> = cluster.identities.keys().map(|pod| pod.name()).collect();
     let identities = IdentityTable::allocate(set.identities().iter().map(|identity| identity.name.as_str()))?
         .add_pods(pod_names.iter().map(String::as_str))?;
     let id_of = |name: &str| identities.id(name).expect("a validated policy set names only declared identities");
@@ -752,7 +752,7 @@ spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol:
         let set = parse_str(&text, "test.yaml").unwrap();
         let pod = |ns: &str, app: &str| PodIdentity::of(ns, "default", &[("app".to_owned(), app.to_owned())].into()).unwrap();
         let cluster = Cluster {
-            identities: [pod("shop", "web"), pod("shop", "api"), pod("dev", "web")].into(),
+            identities: [pod("shop", "web"), pod("shop", "api"), pod("dev", "web")].map(|pod| (pod, Default::default())).into(),
             namespaces: Default::default(),
         };
         let without = compile(&set).unwrap();

@@ -27,7 +27,7 @@ impl PodSelector {
 
     /// The cluster's label sets it selects.
     pub fn select<'a>(&'a self, cluster: &'a Cluster) -> impl Iterator<Item = &'a PodIdentity> + 'a {
-        cluster.identities.iter().filter(move |pod| self.matches(pod, cluster))
+        cluster.identities.keys().filter(move |pod| self.matches(pod, cluster))
     }
 }
 
@@ -72,6 +72,7 @@ mod tests {
     fn every_given_part_must_match() {
         let cluster = Cluster {
             identities: [pod("shop", "web", &[("app", "web")]), pod("shop", "api", &[("app", "api")]), pod("dev", "web", &[("app", "web")])]
+                .map(|pod| (pod, Default::default()))
                 .into(),
             namespaces: [("shop".to_owned(), labels(&[("team", "retail")])), ("dev".to_owned(), labels(&[]))].into(),
         };
