@@ -5,18 +5,14 @@
 //! the ADD the node reaches the pod unjudged, after it the pod's interface enforces policy.
 //! Needs root; fails, never skips.
 
-use std::{
-    io::Write as _,
-    net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Duration,
-};
+mod common;
 
-use serde_json::{json, Value};
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::json;
 use zt_tests::{ensure_root, tcp_connect, tcp_server, Agent, AgentOptions, Netns, Topology, TopologySpec};
 
-const PLUGINS: &str = "/usr/lib/cni";
+use common::cni::{host_side, invoke, plugin, zt_cni, PodRef};
 
 const POLICY: &str = "\
 apiVersion: zt/v1
@@ -49,35 +45,6 @@ spec:
   egress: [{to: [pods], ports: [{protocol: tcp, port: 8080}]}]
 ";
 
-/// Runs `plugin` with `command` as a runtime does, from inside `node` (where the host side of
-/// the pod's interface goes); its success and what it printed on stdout (JSON, or nothing).
-fn invoke(node: &Netns, plugin: &Path, command: &str, pod: &Netns, config: &Value) -> (bool, Value, String) {
-    node.run(|| {
-        let mut child = Command::new(plugin)
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "zt-test-container")
-            .env("CNI_NETNS", pod.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", PLUGINS)
-            // As Kubernetes runtimes pass them (IgnoreUnknown: plugins that take no K8S_ args).
-            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=api-1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask setup installs containernetworking-plugins)", plugin.display()));
-        child.stdin.take().unwrap().write_all(config.to_string().as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let parsed = if stdout.is_empty() { Value::Null } else { serde_json::from_str(&stdout).unwrap_or(Value::String(stdout)) };
-        (out.status.success(), parsed, String::from_utf8_lossy(&out.stderr).into_owned())
-    })
-}
-
-fn zt_cni() -> PathBuf {
-    zt_tests::agent::agent_bin().unwrap().with_file_name("zt-cni")
-}
-
 fn attached(agent: &Agent, interface: &str) -> Vec<String> {
     let status = agent.status_json();
     status["attachments"]
@@ -99,21 +66,18 @@ fn add_returns_once_the_pods_interface_is_attached_and_del_forgets_it() {
     let agent = Agent::start(t.node().ns(), &AgentOptions::for_node(t.node(), &policy, "enforce")).unwrap();
 
     // The cluster's CNI: a veth pair, the pod's end in its namespace, an address from 10.30.0.0/24.
-    let pod = Netns::new("pod").unwrap();
+    let pod_ns = Netns::new("pod").unwrap();
+    let pod = PodRef { container_id: "zt-test-container", namespace: "prod", name: "api-1", netns: &pod_ns };
     let ptp_config = json!({
         "cniVersion": "1.0.0", "name": "zt-test", "type": "ptp", "ipMasq": false,
         "ipam": {"type": "host-local", "subnet": "10.30.0.0/24", "dataDir": dir.path().join("ipam"),
                  "routes": [{"dst": "0.0.0.0/0"}]}
     });
-    let (ok, result, stderr) = invoke(t.node().ns(), &Path::new(PLUGINS).join("ptp"), "ADD", &pod, &ptp_config);
+    let (ok, result, stderr) = invoke(t.node().ns(), &plugin("ptp"), "ADD", &pod, &ptp_config);
     assert!(ok, "ptp ADD: {result} {stderr}");
-    let veth = result["interfaces"].as_array().unwrap().iter().find(|i| i["sandbox"].is_null()).unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let pod_ip: IpAddr = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().parse().unwrap();
+    let (veth, pod_ip) = host_side(&result);
     let service = SocketAddr::new(pod_ip, 8080);
-    let _server = tcp_server(&pod, service).unwrap();
+    let _server = tcp_server(&pod_ns, service).unwrap();
     // Not yet zt's: the node (host, which no rule lets reach pods) gets through unjudged.
     assert!(attached(&agent, &veth).is_empty());
     assert!(tcp_connect(t.node().ns(), service, Duration::from_secs(2)).is_ok(), "before zt-cni, nothing judges {veth}");
@@ -143,7 +107,7 @@ fn add_returns_once_the_pods_interface_is_attached_and_del_forgets_it() {
     let (ok, _, stderr) = invoke(t.node().ns(), &zt_cni(), "DEL", &pod, &chained);
     assert!(ok, "zt-cni DEL: {stderr}");
     assert!(attached(&agent, &veth).is_empty(), "forgotten on DEL");
-    let (ok, _, stderr) = invoke(t.node().ns(), &Path::new(PLUGINS).join("ptp"), "DEL", &pod, &ptp_config);
+    let (ok, _, stderr) = invoke(t.node().ns(), &plugin("ptp"), "DEL", &pod, &ptp_config);
     assert!(ok, "ptp DEL: {stderr}");
     // A repeated DEL, with nothing left to undo, still succeeds (CNI spec).
     let (ok, _, stderr) = invoke(t.node().ns(), &zt_cni(), "DEL", &pod, &chained);
@@ -154,11 +118,12 @@ fn add_returns_once_the_pods_interface_is_attached_and_del_forgets_it() {
 fn add_fails_when_no_agent_answers_so_the_runtime_does_not_start_the_pod() {
     ensure_root().unwrap();
     let node = Netns::new("node").unwrap();
-    let pod = Netns::new("pod").unwrap();
+    let pod_ns = Netns::new("pod").unwrap();
+    let pod = PodRef { container_id: "zt-test-container", namespace: "prod", name: "api-1", netns: &pod_ns };
     let dir = tempfile::tempdir().unwrap();
     let config = json!({
         "cniVersion": "1.0.0", "name": "zt-test", "type": "zt-cni", "socket": dir.path().join("no-agent.sock"),
-        "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "veth0zt"}, {"name": "eth0", "sandbox": pod.path()}]}
+        "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "veth0zt"}, {"name": "eth0", "sandbox": pod_ns.path()}]}
     });
     let (ok, out, _) = invoke(&node, &zt_cni(), "ADD", &pod, &config);
     assert!(!ok, "ADD succeeded without an agent: {out}");

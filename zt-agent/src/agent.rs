@@ -24,7 +24,14 @@ use crate::{
     },
     events::{self, fanout::Sinks, limits::EventLimitSettings, record, sinks::SinkSpec, Enricher},
     identity::{
-        sources::{self, certificate::CertificateSource, cgroup, cgroup::CgroupSource, IdentitySources},
+        sources::{
+            self,
+            certificate::CertificateSource,
+            cgroup,
+            cgroup::CgroupSource,
+            kubernetes::{self, ClusterView, KubernetesSource},
+            IdentitySources,
+        },
         svid::TrustBundle,
     },
     metrics::{self, server::Endpoint},
@@ -48,6 +55,8 @@ pub struct RunOptions {
     pub cgroup: Vec<PathBuf>,
     /// Directory of presented SVIDs and the trust bundle that verifies them.
     pub certificates: Option<(PathBuf, PathBuf)>,
+    /// Learn pods from the Kubernetes API server.
+    pub kubernetes: Option<KubernetesOptions>,
     pub socket: PathBuf,
     pub node_name: String,
     /// How many flow events the kernel may raise.
@@ -60,12 +69,28 @@ pub struct RunOptions {
     pub capacities: crate::datapath::capacity::Capacities,
 }
 
+pub struct KubernetesOptions {
+    /// Instead of the in-cluster configuration or KUBECONFIG.
+    pub kubeconfig: Option<PathBuf>,
+}
+
 pub async fn run(options: RunOptions) -> Result<()> {
     // Everything that can be wrong with the policy is reported before the kernel is touched.
     let started = Instant::now();
     let set = policy::load_paths(&options.policy)?;
-    let compiled = Arc::new(policy::compile::compile(&set)?);
-    let compiled_in = started.elapsed();
+    // Nothing is touched until the cluster is known: an earlier agent's pinned enforcement
+    // keeps judging meanwhile, rather than a policy that knows no pods.
+    let (kubernetes, following) = match &options.kubernetes {
+        Some(kubernetes) => {
+            let (source, following) = start_kubernetes(kubernetes).await?;
+            (Some(source), Some(following))
+        }
+        None => (None, None),
+    };
+    let cluster = kubernetes.as_ref().map(KubernetesSource::cluster).unwrap_or_default();
+    let waited = started.elapsed();
+    let compiled = Arc::new(policy::compile::compile_for(&set, &cluster)?);
+    let compiled_in = started.elapsed() - waited;
     tracing::info!(
         identities = compiled.identities.len(),
         rules = compiled.rules.len(),
@@ -112,6 +137,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Identities from cgroups and interfaces are in the maps before any program sees a packet.
     let cgroups = cgroup_root.map(|root| CgroupSource::new(root, cgroup_scopes.clone()));
     let mut identity_sources = IdentitySources::new(compiled.clone(), cgroups, certificates);
+    let kubernetes_view = kubernetes.as_ref().map(KubernetesSource::view_handle);
+    if let Some(kubernetes) = kubernetes {
+        identity_sources = identity_sources.with_kubernetes(kubernetes);
+    }
     let first_events = identity_sources.refresh(&mut datapath)?;
     if start.kind == StartKind::Adopted {
         let stale = identity_sources.sweep_adopted(&mut datapath)?;
@@ -157,18 +186,24 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let probe = datapath.probe()?;
     let attachments = datapath.attachments().len();
-    endpoint.ready(metrics::Sources { probe, policies: policies.clone(), sinks: Some(sinks.clone()) }, attachments, start.kind);
+    let metrics_sources = metrics::Sources { probe, policies: policies.clone(), sinks: Some(sinks.clone()), kubernetes: kubernetes_view };
+    endpoint.ready(metrics_sources, attachments, start.kind);
     let shared = Arc::new(state::Shared { datapath: Mutex::new(datapath), policies, sinks: sinks.clone() });
     sinks.publish(record::agent_event(&options.node_name, start_event(shared.datapath.lock().expect("datapath lock poisoned").start_report(), generation)));
     for event in first_events {
         sinks.publish(record::agent_event(&options.node_name, event));
     }
-    let mut refresher =
-        tokio::spawn(refresh_sources(identity_sources.clone(), shared.clone(), options.node_name.clone()));
+    let cluster_changed = Arc::new(tokio::sync::Notify::new());
+    let mut refresher = tokio::spawn(refresh_sources(
+        identity_sources.clone(),
+        shared.clone(),
+        options.node_name.clone(),
+        cluster_changed.clone(),
+    ));
     let mut watcher = tokio::spawn(follow_interfaces(link_watch, options.attach.clone(), identity_sources.clone(), shared.clone()));
     let served = control::Served { shared: shared.clone(), sources: identity_sources.clone(), node: options.node_name.clone() };
     let reloader = Reloader::new(options.policy.clone(), options.node_name.clone(), shared.clone(), identity_sources);
-    let mut reloads = tokio::spawn(reload::run(Arc::new(reloader)));
+    let mut reloads = tokio::spawn(reload::run(Arc::new(reloader), cluster_changed));
     // The socket appears only once everything is attached: its existence means "ready".
     let listener = control::bind(&options.socket)?;
     let server = tokio::spawn(control::serve(listener, served));
@@ -196,6 +231,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // select above already awaited to completion must not be awaited again.)
     server.abort();
     let _ = server.await;
+    if let Some(following) = following {
+        following.abort();
+    }
     for task in [events, refresher, reloads, metrics_server, watcher] {
         task.abort();
         if !task.is_finished() {
@@ -214,14 +252,57 @@ pub async fn run(options: RunOptions) -> Result<()> {
     outcome
 }
 
-/// Keeps cgroup, interface and certificate identities current until a map update fails.
-async fn refresh_sources(sources: Arc<Mutex<IdentitySources>>, shared: Arc<state::Shared>, node: String) -> Result<()> {
+/// Starts following the API server and waits for the first complete list of pods and
+/// namespaces, saying why while it waits.
+async fn start_kubernetes(options: &KubernetesOptions) -> Result<(KubernetesSource, tokio::task::JoinHandle<()>)> {
+    let client = match &options.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig {}", path.display()))?;
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Client::try_from(config)?
+        }
+        None => kube::Client::try_default().await.context(
+            "--kubernetes: no Kubernetes client configuration (in a pod, its service account; elsewhere KUBECONFIG \
+             or ~/.kube/config, or --kubeconfig)",
+        )?,
+    };
+    let view = Arc::new(Mutex::new(ClusterView::default()));
+    let following = tokio::spawn(kubernetes::follow(client, view.clone()));
+    let source = KubernetesSource::new(view);
+    let waiting = Instant::now();
+    let mut said = Instant::now();
+    while !source.synced() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if said.elapsed() >= std::time::Duration::from_secs(10) {
+            let why = source.last_error().unwrap_or_else(|| "no answer yet".into());
+            tracing::warn!(waited = ?waiting.elapsed(), "waiting for the Kubernetes API server to list pods and namespaces: {why}");
+            said = Instant::now();
+        }
+    }
+    tracing::info!(waited = ?waiting.elapsed(), "pods and namespaces listed");
+    Ok((source, following))
+}
+
+/// Keeps cgroup, interface, certificate and pod identities current until a map update fails,
+/// and asks for a reload when the cluster's label sets have changed.
+async fn refresh_sources(
+    sources: Arc<Mutex<IdentitySources>>,
+    shared: Arc<state::Shared>,
+    node: String,
+    cluster_changed: Arc<tokio::sync::Notify>,
+) -> Result<()> {
     let mut tick = tokio::time::interval(sources::REFRESH_EVERY);
     loop {
         tick.tick().await;
         let events = {
             let mut datapath = shared.datapath.lock().expect("datapath lock poisoned");
-            let events = sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?;
+            let mut sources = sources.lock().expect("sources lock poisoned");
+            let events = sources.refresh(&mut datapath)?;
+            if sources.reload_due() {
+                cluster_changed.notify_one();
+            }
             datapath.note_events_seen()?;
             events
         };

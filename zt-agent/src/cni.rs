@@ -1,15 +1,16 @@
 //! `zt-cni`: a CNI plugin (spec 1.0) chained after the cluster's own. On ADD it hands the pod's
-//! host-side interface to the node's agent and returns only once the agent has attached to it,
-//! so no packet of the pod goes unjudged; on DEL it has the agent forget the interface. The
-//! previous plugin's result passes through unchanged.
+//! host-side interface and addresses to the node's agent and returns only once the agent has
+//! attached to it and (for a Kubernetes pod, with the agent's `--kubernetes`) bound it to the
+//! pod's identity, so no packet of the pod goes unjudged or judged as someone else; on DEL it
+//! has the agent forget the interface. The previous plugin's result passes through unchanged.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::control::{self, Request, DEFAULT_SOCKET};
+use crate::control::{self, PodName, Request, DEFAULT_SOCKET};
 
 /// The versions of the CNI spec this plugin speaks.
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
@@ -46,9 +47,16 @@ impl Invocation {
     }
 
     fn pod(&self) -> String {
+        match self.kubernetes() {
+            Some(PodName { namespace, name }) => format!("{namespace}/{name}"),
+            None => format!("container {}", self.container_id),
+        }
+    }
+
+    fn kubernetes(&self) -> Option<PodName> {
         match (self.args.get("K8S_POD_NAMESPACE"), self.args.get("K8S_POD_NAME")) {
-            (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
-            _ => format!("container {}", self.container_id),
+            (Some(namespace), Some(name)) => Some(PodName { namespace: namespace.clone(), name: name.clone() }),
+            _ => None,
         }
     }
 }
@@ -71,8 +79,11 @@ pub fn run(invocation: &Invocation, config: &str) -> Result<String> {
             if interfaces.is_empty() {
                 bail!("the previous plugin's result names no host-side interface for {pod}");
             }
+            let addresses = pod_addresses(&result);
             for interface in interfaces {
-                control::request(&socket, &Request::AttachPod { interface: interface.clone(), pod: pod.clone() })
+                let request =
+                    Request::AttachPod { interface: interface.clone(), pod: pod.clone(), kubernetes: invocation.kubernetes(), addresses: addresses.clone() };
+                control::request(&socket, &request)
                     .with_context(|| format!("the zt agent did not attach to {interface} (socket {})", socket.display()))?;
             }
             Ok(result.to_string())
@@ -81,7 +92,8 @@ pub fn run(invocation: &Invocation, config: &str) -> Result<String> {
             // DEL must succeed when there is nothing left to undo (CNI spec): no result, no
             // agent to ask.
             for interface in config.prev_result.as_ref().map(host_interfaces).unwrap_or_default() {
-                if let Err(err) = control::request(&socket, &Request::ForgetPod { interface: interface.clone(), pod: pod.clone() }) {
+                let request = Request::ForgetPod { interface: interface.clone(), pod: pod.clone(), kubernetes: invocation.kubernetes() };
+                if let Err(err) = control::request(&socket, &request) {
                     eprintln!("zt-cni: DEL {pod}: {interface}: {err:#}");
                 }
             }
@@ -114,6 +126,15 @@ fn host_interfaces(result: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The pod's addresses in the result (`ips[].address`, without their prefix length).
+fn pod_addresses(result: &Value) -> Vec<IpAddr> {
+    let Some(ips) = result["ips"].as_array() else { return Vec::new() };
+    ips.iter()
+        .filter_map(|ip| ip["address"].as_str()?.parse::<ipnet::IpNet>().ok())
+        .map(|net| net.addr())
+        .collect()
+}
+
 fn is_bridge(interface: &Value) -> bool {
     let name = interface["name"].as_str().unwrap_or_default();
     nix::net::if_::if_nametoindex(name).is_ok() && std::path::Path::new("/sys/class/net").join(name).join("bridge").exists()
@@ -137,6 +158,7 @@ mod tests {
             "ips": [{"address": "10.30.0.2/24", "interface": 1, "gateway": "10.30.0.1"}]
         });
         assert_eq!(host_interfaces(&ptp), ["veth1a2b3c"]);
+        assert_eq!(pod_addresses(&ptp), ["10.30.0.2".parse::<IpAddr>().unwrap()]);
         assert!(host_interfaces(&json!({"cniVersion": "1.0.0"})).is_empty());
     }
 

@@ -62,6 +62,16 @@ enum Command {
         /// PEM file of the CA certificates SVIDs must chain to.
         #[arg(long, requires = "svid_dir")]
         trust_bundle: Option<PathBuf>,
+        /// Learn pods from the Kubernetes API server (in a pod: its service account; elsewhere:
+        /// KUBECONFIG or ~/.kube/config): their label-set identities, which `pods` selectors
+        /// select, and their addresses. The policy is first installed once pods and namespaces
+        /// are listed.
+        #[arg(long, env = "ZT_KUBERNETES")]
+        kubernetes: bool,
+        /// The kubeconfig file --kubernetes reads, instead of the in-cluster configuration or
+        /// KUBECONFIG.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
         /// Admin socket for `mode` and `status`.
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -264,6 +274,8 @@ fn main() -> ExitCode {
             cgroup,
             svid_dir,
             trust_bundle,
+            kubernetes,
+            kubeconfig,
             socket,
             node_name,
             event_window,
@@ -317,6 +329,7 @@ fn main() -> ExitCode {
                 uplink,
                 cgroup,
                 certificates,
+                kubernetes: kubernetes.then_some(agent::KubernetesOptions { kubeconfig }),
                 socket,
                 node_name,
                 event_limits,

@@ -2,6 +2,8 @@
 // Each binary uses a part of it.
 #![allow(dead_code)]
 
+pub mod cni;
+pub mod fake_api;
 pub mod scenario;
 
 /// A number from the environment, decimal or `0x…` hex, `_` allowed between digits; a value

@@ -10,6 +10,7 @@ use std::{
     collections::BTreeMap,
     future::Future,
     io::{BufRead as _, Write as _},
+    net::IpAddr,
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::Path,
     sync::{Arc, Mutex},
@@ -44,12 +45,27 @@ pub const DEFAULT_SOCKET: &str = "/run/zt/agent.sock";
 pub enum Request {
     Mode { mode: Mode },
     Status,
-    /// From `zt-cni` ADD: attach to a pod's host-side interface now, answering once attached.
+    /// From `zt-cni` ADD: attach to a pod's host-side interface now and, for a Kubernetes pod
+    /// (with `--kubernetes`), bind the interface and the addresses its CNI gave it to the pod's
+    /// identity; answering once that is done.
     #[serde(rename = "attach-pod")]
-    AttachPod { interface: String, pod: String },
+    AttachPod {
+        interface: String,
+        /// For messages: `namespace/name`, or the container.
+        pod: String,
+        #[serde(default)]
+        kubernetes: Option<PodName>,
+        #[serde(default)]
+        addresses: Vec<IpAddr>,
+    },
     /// From `zt-cni` DEL: forget the pod's interface (its veth is about to go).
     #[serde(rename = "forget-pod")]
-    ForgetPod { interface: String, pod: String },
+    ForgetPod {
+        interface: String,
+        pod: String,
+        #[serde(default)]
+        kubernetes: Option<PodName>,
+    },
     /// The recent flow events the filter selects, then, with `follow`, those to come.
     Flows {
         follow: bool,
@@ -57,6 +73,25 @@ pub enum Request {
         filter: Filter,
     },
 }
+
+/// A Kubernetes pod, as the runtime names it to its CNI plugins (`K8S_POD_NAMESPACE`,
+/// `K8S_POD_NAME`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodName {
+    fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// How long an `attach-pod` waits for the pod's identity: the API server tells the agent about
+/// a pod before its runtime asks for its network, so this covers a slow watch, and a reload
+/// for a label set never seen before.
+pub const POD_IDENTITY_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -164,19 +199,27 @@ fn handle(served: &Served, request: Request) -> Result<Status> {
             shared.datapath.lock().expect("datapath lock poisoned").set_mode(mode)?;
             tracing::info!(mode = mode.name(), "mode switched");
         }
-        Request::AttachPod { interface, pod } => {
+        Request::AttachPod { interface, pod, kubernetes, addresses } => {
             let mut datapath = shared.datapath.lock().expect("datapath lock poisoned");
             datapath.attach_workload(&interface).with_context(|| format!("attaching to {interface} for pod {pod}"))?;
+            let mut sources = served.sources.lock().expect("sources lock poisoned");
+            if let (Some(source), Some(name)) = (sources.kubernetes_mut(), &kubernetes) {
+                source.attach(name.key(), &interface, &addresses);
+            }
             // The pod's CNI has just given the node addresses of its own (a ptp gateway, say):
             // they are `host` before the pod sends its first packet, not a refresh later.
-            let events = served.sources.lock().expect("sources lock poisoned").refresh(&mut datapath)?;
+            let events = sources.refresh(&mut datapath)?;
+            drop(sources);
             drop(datapath);
             for event in events {
                 shared.sinks.publish(crate::events::record::agent_event(&served.node, event));
             }
             tracing::info!(%interface, %pod, "attached for the CNI");
         }
-        Request::ForgetPod { interface, pod } => {
+        Request::ForgetPod { interface, pod, kubernetes } => {
+            if let (Some(source), Some(name)) = (served.sources.lock().expect("sources lock poisoned").kubernetes_mut(), &kubernetes) {
+                source.forget(&name.key(), &interface);
+            }
             // Gone already (a DEL after the veth went, or a repeated one): nothing to forget.
             if let Ok(ifindex) = nix::net::if_::if_nametoindex(interface.as_str()) {
                 shared.datapath.lock().expect("datapath lock poisoned").forget_interface(&interface, ifindex)?;
@@ -247,11 +290,52 @@ async fn connection(stream: tokio::net::UnixStream, served: Served) {
         stream_flows(&shared.sinks, follow, filter, read, write).await;
         return;
     }
-    let response = match request.and_then(|request| handle(&served, request)) {
+    // Which pod's identity to wait for, once attached.
+    let identity_of = match &request {
+        Ok(Request::AttachPod { interface, kubernetes: Some(name), .. }) => Some((interface.clone(), name.clone())),
+        _ => None,
+    };
+    let mut response = request.and_then(|request| handle(&served, request));
+    if let (Ok(_), Some((interface, name))) = (&response, identity_of) {
+        response = pod_identity_bound(&served, &interface, &name).await.and_then(|()| status(shared));
+    }
+    let response = match response {
         Ok(status) => Response::Ok { status },
         Err(err) => Response::Error { message: format!("{err:#}") },
     };
     let _ = write_event(&mut write, &response).await;
+}
+
+/// Waits until the pod's interface is bound to its identity, for at most `POD_IDENTITY_WAIT`.
+/// Without the Kubernetes source there is no identity to wait for.
+async fn pod_identity_bound(served: &Served, interface: &str, name: &PodName) -> Result<()> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let bound = {
+            let sources = served.sources.lock().expect("sources lock poisoned");
+            if sources.kubernetes().is_none() {
+                return Ok(());
+            }
+            sources.pod_bound(interface, &name.key())
+        };
+        if let Some(identity) = bound {
+            let name_of = served.shared.policies.lock().expect("policies lock poisoned").current().identities.name(identity).map(str::to_owned);
+            tracing::info!(%interface, pod = %format!("{}/{}", name.namespace, name.name), identity = name_of.as_deref().unwrap_or("?"), "pod identity bound");
+            return Ok(());
+        }
+        if started.elapsed() >= POD_IDENTITY_WAIT {
+            let why = served.sources.lock().expect("sources lock poisoned").kubernetes().and_then(|source| source.last_error());
+            bail!(
+                "pod {}/{}: no identity bound to {interface} within {}: the API server has not told this agent about the pod{}; \
+                 its interface is attached and judged as its address's identity meanwhile",
+                name.namespace,
+                name.name,
+                humantime::format_duration(POD_IDENTITY_WAIT),
+                why.map(|why| format!(" (the watch fails: {why})")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The client's request line, bounded in size and time: a client cannot make the agent buffer

@@ -31,6 +31,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(150);
 pub enum Trigger {
     Signal,
     FileChange,
+    /// The cluster's label sets or namespaces changed (the Kubernetes source).
+    ClusterChange,
 }
 
 impl Trigger {
@@ -38,6 +40,7 @@ impl Trigger {
         match self {
             Trigger::Signal => "sighup",
             Trigger::FileChange => "file-change",
+            Trigger::ClusterChange => "cluster-change",
         }
     }
 }
@@ -58,9 +61,10 @@ impl Reloader {
     /// Never fails: a reload that cannot be applied is reported and leaves the policy in force.
     pub fn reload(&self, trigger: Trigger) -> Result<()> {
         let started = Instant::now();
+        let cluster = self.sources.lock().expect("sources lock poisoned").cluster();
         let compiled = policy::load_paths(&self.paths)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())
-            .and_then(|set| policy::compile::compile(&set).map_err(|err| vec![err.to_string()]));
+            .and_then(|set| policy::compile::compile_for(&set, &cluster).map_err(|err| vec![err.to_string()]));
         let in_force = self.shared.policies.lock().expect("policies lock poisoned").current().clone();
         if compiled.as_ref().is_ok_and(|compiled| *compiled == *in_force) {
             // Nothing to switch: editors and config managers rewrite files with the same content.
@@ -158,8 +162,9 @@ impl Reloader {
     }
 }
 
-/// Reloads on SIGHUP and, debounced, on changes to the policy files, until an error.
-pub async fn run(reloader: Arc<Reloader>) -> Result<()> {
+/// Reloads on SIGHUP and, debounced, on changes to the policy files and to the cluster, until
+/// an error.
+pub async fn run(reloader: Arc<Reloader>, cluster_changed: Arc<tokio::sync::Notify>) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let (changed_tx, mut changed) = mpsc::channel(16);
     let watcher = watch(&reloader.paths)?;
@@ -171,6 +176,11 @@ pub async fn run(reloader: Arc<Reloader>) -> Result<()> {
                 // Wait for the burst of changes to end.
                 while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changed.recv()).await {}
                 Trigger::FileChange
+            }
+            () = cluster_changed.notified() => {
+                // Pods come in bursts (a rollout, a scale-up): one reload for the burst.
+                tokio::time::sleep(DEBOUNCE).await;
+                Trigger::ClusterChange
             }
             result = &mut watching => {
                 return result.context("the policy file watcher panicked")?.context("watching the policy files");

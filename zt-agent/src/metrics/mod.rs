@@ -29,6 +29,7 @@ use crate::{
         Mode,
     },
     events::{fanout::Sinks, sinks::SinkStats},
+    identity::sources::kubernetes::ClusterView,
     state::Policies,
 };
 
@@ -38,6 +39,8 @@ pub struct Sources {
     pub policies: Arc<Mutex<Policies>>,
     /// The event sinks, whose counters become `zt_sink_events_total`.
     pub sinks: Option<Arc<Sinks>>,
+    /// The Kubernetes source's view of the cluster, with `--kubernetes`.
+    pub kubernetes: Option<Arc<Mutex<ClusterView>>>,
 }
 
 /// The values of one scrape.
@@ -54,6 +57,15 @@ pub struct Snapshot {
     pub identities: usize,
     pub maps: Vec<MapUsage>,
     pub sinks: Vec<SinkStats>,
+    pub kubernetes: Option<KubernetesStats>,
+}
+
+/// How the Kubernetes source stands.
+#[derive(Debug)]
+pub struct KubernetesStats {
+    /// The watches deliver; when not, zt enforces with the pods it last knew.
+    pub reachable: bool,
+    pub pods: usize,
 }
 
 impl Sources {
@@ -80,6 +92,10 @@ impl Sources {
             identities,
             maps,
             sinks: self.sinks.as_ref().map(|sinks| sinks.stats()).unwrap_or_default(),
+            kubernetes: self.kubernetes.as_ref().map(|view| {
+                let view = view.lock().expect("cluster view lock poisoned");
+                KubernetesStats { reachable: view.last_error.is_none(), pods: view.pods.len() }
+            }),
         })
     }
 }
@@ -220,7 +236,23 @@ impl Collector for Snapshot {
             )?;
         }
         single(e, "zt_policy_rules", "Rules of the policy in force.", None, gauge(self.rules))?;
-        single(e, "zt_policy_identities", "Identities declared by the policy in force.", None, gauge(self.identities))?;
+        single(
+            e,
+            "zt_policy_identities",
+            "Identities of the policy in force: declared, and pod label sets.",
+            None,
+            gauge(self.identities),
+        )?;
+        if let Some(kubernetes) = &self.kubernetes {
+            single(
+                e,
+                "zt_kubernetes_api_reachable",
+                "1 while the Kubernetes API server's watches deliver; 0 while they fail and zt enforces with the pods it last knew.",
+                None,
+                gauge(i64::from(kubernetes.reachable)),
+            )?;
+            single(e, "zt_kubernetes_pods", "Pods the agent knows from the API server (host-network pods left out).", None, gauge(kubernetes.pods))?;
+        }
         family(
             e,
             "zt_map_entries",
@@ -286,6 +318,7 @@ mod tests {
                 connected: Some(true),
                 queued: 0,
             }],
+            kubernetes: Some(KubernetesStats { reachable: false, pods: 9 }),
         }
     }
 
@@ -310,6 +343,8 @@ mod tests {
             r#"zt_map_max_entries{map="conntrack"} 262144"#,
             r#"zt_sink_events_total{sink="siem",kind="syslog",outcome="delivered"} 2"#,
             r#"zt_sink_events_total{sink="siem",kind="syslog",outcome="dropped"} 0"#,
+            "zt_kubernetes_api_reachable 0",
+            "zt_kubernetes_pods 9",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }

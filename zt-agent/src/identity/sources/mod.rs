@@ -1,5 +1,6 @@
-//! Identity sources besides CIDRs: cgroups (local processes), host-side interfaces (workloads)
-//! and certificates (workloads that present an X.509 SVID). Each refresh computes what the
+//! Identity sources besides CIDRs: cgroups (local processes), host-side interfaces (workloads),
+//! certificates (workloads that present an X.509 SVID) and Kubernetes (pods: every pod's
+//! addresses, and this node's pods' interfaces). Each refresh computes what the
 //! kernel's maps should hold and applies the difference — additions before removals, so a
 //! binding that moves never leaves a gap.
 //!
@@ -26,9 +27,14 @@ use std::{
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::{datapath::Datapath, policy::compile::Compiled};
+use crate::{
+    datapath::Datapath,
+    identity::pods::Cluster,
+    policy::compile::Compiled,
+};
 use certificate::CertificateSource;
 use cgroup::CgroupSource;
+use kubernetes::KubernetesSource;
 
 /// How often sources are rescanned: a new cgroup, interface or certificate — and an expired
 /// one — takes effect within this.
@@ -38,6 +44,9 @@ pub struct IdentitySources {
     compiled: Arc<Compiled>,
     cgroups: Option<CgroupSource>,
     certificates: Option<CertificateSource>,
+    kubernetes: Option<KubernetesSource>,
+    /// The cluster a reload was last asked for.
+    reload_asked: Option<Cluster>,
     /// Interface name → the ifindex bound for it and its identity.
     interfaces: BTreeMap<String, (u32, u32)>,
     /// What this agent has written to the kernel's cgroup map and (for certificates) the
@@ -58,6 +67,8 @@ impl IdentitySources {
             compiled,
             cgroups,
             certificates,
+            kubernetes: None,
+            reload_asked: None,
             interfaces: BTreeMap::new(),
             kernel_cgroups: BTreeMap::new(),
             kernel_addresses: BTreeMap::new(),
@@ -66,9 +77,46 @@ impl IdentitySources {
         }
     }
 
+    /// Pods from the Kubernetes API server, and this node's from its CNI.
+    pub fn with_kubernetes(self, kubernetes: KubernetesSource) -> Self {
+        Self { kubernetes: Some(kubernetes), ..self }
+    }
+
+    pub fn kubernetes(&self) -> Option<&KubernetesSource> {
+        self.kubernetes.as_ref()
+    }
+
+    pub fn kubernetes_mut(&mut self) -> Option<&mut KubernetesSource> {
+        self.kubernetes.as_mut()
+    }
+
+    /// What the policy is to be compiled over now: the cluster's label sets (none without the
+    /// Kubernetes source).
+    pub fn cluster(&self) -> Cluster {
+        self.kubernetes.as_ref().map(KubernetesSource::cluster).unwrap_or_default()
+    }
+
+    /// Whether the cluster has changed since the policy in force was compiled, so that a reload
+    /// is due: once per change (a reload in progress is not asked for again).
+    pub fn reload_due(&mut self) -> bool {
+        let Some(source) = &self.kubernetes else { return false };
+        let cluster = source.cluster();
+        if cluster == self.compiled.cluster || self.reload_asked.as_ref() == Some(&cluster) {
+            return false;
+        }
+        self.reload_asked = Some(cluster);
+        true
+    }
+
     /// The path (relative to the cgroup v2 root) of a cgroup seen by a scan.
     pub fn cgroup_path(&self, cgroup_id: u64) -> Option<&str> {
         self.cgroups.as_ref()?.path_of(cgroup_id)
+    }
+
+    /// The identity of a pod of this node, once its interface is bound to it.
+    pub fn pod_bound(&self, interface: &str, pod: &kubernetes::PodKey) -> Option<u32> {
+        let identity = self.kubernetes.as_ref()?.identity_of(pod, &self.compiled)?;
+        self.interfaces.get(interface).is_some_and(|&(_, bound)| bound == identity).then_some(identity)
     }
 
     /// Whether `addr` is identified because a certificate bound it.
@@ -78,7 +126,7 @@ impl IdentitySources {
 
     /// Brings the maps in line with the sources. Returns identity events to report.
     pub fn refresh(&mut self, datapath: &mut Datapath) -> Result<Vec<Value>> {
-        let (addresses, certificate_cgroups, mut events) = self.address_bindings()?;
+        let (addresses, certificate_cgroups, pod_interfaces, mut events) = self.address_bindings()?;
         let mut cgroups = match &mut self.cgroups {
             Some(source) => source.scan(&self.compiled.cgroups),
             None => BTreeMap::new(),
@@ -87,7 +135,7 @@ impl IdentitySources {
         cgroups.extend(certificate_cgroups);
         self.apply_cgroups(datapath, cgroups, &mut events)?;
         self.apply_addresses(datapath, addresses, &mut events)?;
-        self.refresh_interfaces(datapath, &mut events)?;
+        self.refresh_interfaces(datapath, pod_interfaces, &mut events)?;
         Ok(events)
     }
 
@@ -98,7 +146,7 @@ impl IdentitySources {
     /// reload fails, [`unstage`](Self::unstage).
     pub fn stage(&mut self, compiled: Arc<Compiled>, datapath: &mut Datapath) -> Result<Vec<Value>> {
         let previous = std::mem::replace(&mut self.compiled, compiled);
-        let (addresses, _, events) = self.address_bindings()?;
+        let (addresses, _, _, events) = self.address_bindings()?;
         self.staged = Some((previous, addresses.clone()));
         for (&addr, &identity) in &addresses {
             datapath.stage_address(addr, identity)?;
@@ -122,15 +170,24 @@ impl IdentitySources {
         self.refresh(datapath)
     }
 
-    /// Address → identity: the node's own addresses are `host`, and each verified
-    /// certificate's addresses its identity; cgroup id → identity for the certificates; and the
-    /// identity events of the certificates whose state changed.
+    /// Address → identity: the node's own addresses are `host`, each verified certificate's
+    /// addresses its identity, and each pod's its label set's; cgroup id → identity for the
+    /// certificates; interface → identity for this node's pods; and the identity events of the
+    /// certificates and pods whose state changed.
     #[allow(clippy::type_complexity)]
-    fn address_bindings(&mut self) -> Result<(BTreeMap<IpAddr, u32>, BTreeMap<u64, u32>, Vec<Value>)> {
-        let (mut addresses, cgroups, events) = self.certificate_bindings();
-        // The node's addresses are its own, whatever a certificate claims.
+    fn address_bindings(&mut self) -> Result<(BTreeMap<IpAddr, u32>, BTreeMap<u64, u32>, BTreeMap<String, u32>, Vec<Value>)> {
+        let (pods, mut events) = match &mut self.kubernetes {
+            Some(source) => source.bindings(&self.compiled),
+            None => Default::default(),
+        };
+        let (certified, cgroups, certificate_events) = self.certificate_bindings();
+        events.extend(certificate_events);
+        // A certificate that names an address proves more than the API server's word.
+        let mut addresses = pods.addresses;
+        addresses.extend(certified);
+        // The node's addresses are its own, whatever a certificate or a pod claims.
         addresses.extend(host::node_addresses()?.into_iter().map(|addr| (addr, zt_common::identity::HOST)));
-        Ok((addresses, cgroups, events))
+        Ok((addresses, cgroups, pods.interfaces, events))
     }
 
     /// Address → identity and cgroup id → identity for every verified certificate, judged with
@@ -222,13 +279,15 @@ impl IdentitySources {
         false
     }
 
-    fn refresh_interfaces(&mut self, datapath: &mut Datapath, events: &mut Vec<Value>) -> Result<()> {
+    /// `pods`: this node's pods' interfaces and their identities; an `interface` selector
+    /// naming the same interface wins.
+    fn refresh_interfaces(&mut self, datapath: &mut Datapath, pods: BTreeMap<String, u32>, events: &mut Vec<Value>) -> Result<()> {
         // An interface may appear, vanish, or come back with a new index after start (a stale
         // index must not identify whatever interface reuses it), and a reload may move or drop
         // its selector.
-        let wanted: BTreeMap<String, (u32, u32)> = self
-            .compiled
-            .interfaces
+        let mut selected = pods;
+        selected.extend(self.compiled.interfaces.iter().cloned());
+        let wanted: BTreeMap<String, (u32, u32)> = selected
             .iter()
             .filter_map(|(name, identity)| {
                 let ifindex = nix::net::if_::if_nametoindex(name.as_str()).ok()?;

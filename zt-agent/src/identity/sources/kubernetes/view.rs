@@ -24,6 +24,8 @@ pub struct PodView {
     pub ips: Vec<IpAddr>,
     /// The node it is scheduled on.
     pub node: Option<String>,
+    /// Its containers' named ports: (name, IP protocol number, port).
+    pub named_ports: Vec<(String, u8, u16)>,
 }
 
 impl PodView {
@@ -45,8 +47,24 @@ impl PodView {
             labels: pod.labels().clone(),
             ips,
             node: spec.and_then(|s| s.node_name.clone()),
+            named_ports: spec.map(named_ports).unwrap_or_default(),
         })
     }
+}
+
+fn named_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<(String, u8, u16)> {
+    let ports = spec.containers.iter().flat_map(|container| container.ports.iter().flatten());
+    ports
+        .filter_map(|port| {
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => zt_common::proto::TCP,
+                "UDP" => zt_common::proto::UDP,
+                "SCTP" => zt_common::proto::SCTP,
+                _ => return None,
+            };
+            Some((port.name.clone()?, protocol, u16::try_from(port.container_port).ok()?))
+        })
+        .collect()
 }
 
 /// Pods by (namespace, name), namespaces' labels by name, and how the watches stand.
