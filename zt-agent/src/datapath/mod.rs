@@ -505,9 +505,12 @@ fn full(map: &str, capacity: u32, option: &str) -> String {
     format!("the {map} refused the entry (it holds {capacity}; if it is full, raise that with --capacity {option}=N at start)")
 }
 
+/// A removal of what is not there is done: aya reports it as `KeyNotFound`, or as the syscall's
+/// ENOENT (a binding another path removed first, e.g. an interface the CNI had forgotten).
 fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => Ok(other?),
     }
 }
