@@ -120,6 +120,25 @@ fn the_daemonset_runs_one_privileged_agent_per_node_on_the_host_network() {
         assert_eq!(&labels[key], value, "the metrics Service selects the agents' pods");
     }
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
+
+    // zt-cni goes onto the node before the agent starts, chained to the agent's socket, with
+    // no privilege: root writing the node's CNI directories.
+    let init = &pod["initContainers"][0];
+    let command: Vec<&str> = init["command"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(command[..2], ["zt-cni", "install"]);
+    assert_eq!(init["image"], container["image"], "the plugin comes from the agent's image");
+    let init_mounts: BTreeMap<&str, &str> = init["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["mountPath"].as_str().unwrap(), m["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(volumes[init_mounts[command[2]]]["hostPath"]["path"], "/opt/cni/bin");
+    assert_eq!(volumes[init_mounts[command[3]]]["hostPath"]["path"], "/etc/cni/net.d");
+    assert!(args.contains(&format!("--socket={}", command[4]).as_str()), "zt-cni asks the agent's socket: {args:?}");
+    assert_eq!(init["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(init["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(settings["data"]["ZT_KUBERNETES"], "true", "pods are identified from the API server");
 }
 
 #[test]
@@ -189,7 +208,8 @@ fn the_agent_accepts_what_each_rendering_starts_it_with() {
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
     // No mode in the base: a new node monitors, a node already enforcing keeps enforcing.
     assert!(said.contains("mode:    monitor on a new node, else the mode in force"), "{said}");
-    assert!(said.contains("attach:  veth*") && said.contains("policy:  1 identities"), "{said}");
+    assert!(said.contains("attach:  veth*") && said.contains("policy:  0 identities, 0 rules"), "{said}");
+    assert!(said.contains("pods:    from the Kubernetes API server"), "{said}");
 
     let (_, enforce) = render(&deploy_dir().join("overlays/enforce"));
     let out = check_as_the_pod_would(&enforce);

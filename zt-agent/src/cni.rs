@@ -140,6 +140,60 @@ fn is_bridge(interface: &Value) -> bool {
     nix::net::if_::if_nametoindex(name).is_ok() && std::path::Path::new("/sys/class/net").join(name).join("bridge").exists()
 }
 
+/// The configuration `install` writes: it sorts before the cluster's own, so the runtime,
+/// which takes the first in the directory, takes it.
+pub const CHAINED_CONFIG: &str = "00-zt-chained.conflist";
+
+/// Puts this plugin on a node: copies this binary into `bin_dir` as `zt-cni`, and writes
+/// [`CHAINED_CONFIG`] into `conf_dir`: the cluster's network configuration (the first other
+/// `*.conflist` or `*.conf` there, in the runtime's order) with zt-cni chained last. Both are
+/// written aside and renamed into place, so a runtime never reads half a file. Run again, it
+/// rewrites them from the cluster's configuration as it is then. Returns what it did.
+pub fn install(bin_dir: &std::path::Path, conf_dir: &std::path::Path, socket: &std::path::Path) -> Result<String> {
+    use std::fs;
+    let own = std::env::current_exe().context("finding zt-cni's own binary")?;
+    let plugin = bin_dir.join("zt-cni");
+    let staged = bin_dir.join(".zt-cni.new");
+    fs::copy(&own, &staged).with_context(|| format!("copying {} to {}", own.display(), staged.display()))?;
+    fs::rename(&staged, &plugin).with_context(|| format!("installing {}", plugin.display()))?;
+
+    let mut configs: Vec<std::path::PathBuf> = fs::read_dir(conf_dir)
+        .with_context(|| format!("listing {}", conf_dir.display()))?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| matches!(path.extension().and_then(|e| e.to_str()), Some("conflist" | "conf" | "json")))
+        .filter(|path| path.file_name().is_some_and(|name| name != CHAINED_CONFIG))
+        .collect();
+    configs.sort();
+    let Some(cluster) = configs.first() else {
+        bail!("no CNI configuration in {}: install the cluster's network plugin first (zt-cni chains after it)", conf_dir.display());
+    };
+    let text = fs::read_to_string(cluster).with_context(|| format!("reading {}", cluster.display()))?;
+    let chained = chain(&text, socket).with_context(|| format!("chaining zt-cni after {}", cluster.display()))?;
+    let target = conf_dir.join(CHAINED_CONFIG);
+    let staged = conf_dir.join(format!(".{CHAINED_CONFIG}.new"));
+    fs::write(&staged, serde_json::to_string_pretty(&chained)? + "\n").with_context(|| format!("writing {}", staged.display()))?;
+    fs::rename(&staged, &target).with_context(|| format!("installing {}", target.display()))?;
+    Ok(format!("zt-cni: installed {} and {}, chained after {}", plugin.display(), target.display(), cluster.display()))
+}
+
+/// A network configuration list (or a single plugin's configuration, as a list of one) with
+/// zt-cni last, once.
+fn chain(text: &str, socket: &std::path::Path) -> Result<Value> {
+    let mut config: Value = serde_json::from_str(text).context("not JSON")?;
+    if config.get("plugins").is_none() {
+        // A single plugin's `.conf`: its name and version go to the list.
+        let list = json!({"cniVersion": config["cniVersion"], "name": config["name"], "plugins": [config.clone()]});
+        config = list;
+    }
+    let plugins = config["plugins"].as_array_mut().context("\"plugins\" is not a list")?;
+    plugins.retain(|plugin| plugin["type"] != "zt-cni");
+    if plugins.is_empty() {
+        bail!("the configuration lists no plugin to chain after");
+    }
+    plugins.push(json!({"type": "zt-cni", "socket": socket}));
+    Ok(config)
+}
+
 /// The error result the spec asks for (on stdout, exit code 1).
 pub fn error_result(err: &anyhow::Error) -> String {
     json!({"cniVersion": "1.0.0", "code": 999, "msg": format!("{err:#}")}).to_string()
@@ -160,6 +214,27 @@ mod tests {
         assert_eq!(host_interfaces(&ptp), ["veth1a2b3c"]);
         assert_eq!(pod_addresses(&ptp), ["10.30.0.2".parse::<IpAddr>().unwrap()]);
         assert!(host_interfaces(&json!({"cniVersion": "1.0.0"})).is_empty());
+    }
+
+    #[test]
+    fn install_chains_after_the_first_configuration_once() {
+        let (bin, conf) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let socket = std::path::Path::new("/run/zt/agent.sock");
+        assert!(install(bin.path(), conf.path(), socket).unwrap_err().to_string().contains("no CNI configuration"));
+        std::fs::write(conf.path().join("10-flannel.conflist"), r#"{"cniVersion": "1.0.0", "name": "cbr0",
+            "plugins": [{"type": "flannel", "delegate": {"isDefaultGateway": true}}, {"type": "portmap"}]}"#).unwrap();
+        std::fs::write(conf.path().join("99-loopback.conf"), r#"{"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}"#).unwrap();
+        for _ in 0..2 {
+            install(bin.path(), conf.path(), socket).unwrap();
+            let written: Value = serde_json::from_str(&std::fs::read_to_string(conf.path().join(CHAINED_CONFIG)).unwrap()).unwrap();
+            let types: Vec<&str> = written["plugins"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+            assert_eq!(types, ["flannel", "portmap", "zt-cni"], "after the first configuration, once");
+            assert_eq!((written["name"].as_str(), written["plugins"][2]["socket"].as_str()), (Some("cbr0"), Some("/run/zt/agent.sock")));
+        }
+        assert!(bin.path().join("zt-cni").is_file());
+        let single = chain(r#"{"cniVersion": "0.4.0", "name": "net", "type": "bridge", "bridge": "cni0"}"#, socket).unwrap();
+        assert_eq!(single["plugins"][0]["bridge"], "cni0");
+        assert_eq!((single["name"].as_str(), single["plugins"][1]["type"].as_str()), (Some("net"), Some("zt-cni")));
     }
 
     #[test]

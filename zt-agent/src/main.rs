@@ -243,7 +243,14 @@ fn print_status(status: &Status) {
 }
 
 /// `run --check`: the policy loads and compiles, and what the agent would do is printed.
-fn check_run(policy: &[PathBuf], mode: Option<Mode>, attach: &InterfacePatterns, uplinks: &[String], sinks: &[SinkSpec]) -> anyhow::Result<()> {
+fn check_run(
+    policy: &[PathBuf],
+    mode: Option<Mode>,
+    attach: &InterfacePatterns,
+    uplinks: &[String],
+    sinks: &[SinkSpec],
+    kubernetes: bool,
+) -> anyhow::Result<()> {
     let compiled = policy::compile::compile(&policy::load_paths(policy)?)?;
     let mode = mode.map_or("monitor on a new node, else the mode in force", Mode::name);
     println!("ok: the configuration is valid");
@@ -251,6 +258,7 @@ fn check_run(policy: &[PathBuf], mode: Option<Mode>, attach: &InterfacePatterns,
     println!("  mode:    {mode}");
     println!("  attach:  {}", if attach.patterns().is_empty() { "nothing".into() } else { attach.patterns().join(" ") });
     println!("  uplinks: {}", if uplinks.is_empty() { "none".into() } else { uplinks.join(" ") });
+    println!("  pods:    {}", if kubernetes { "from the Kubernetes API server" } else { "not followed" });
     for sink in sinks {
         println!("  sink:    {} ({})", sink.name, sink.kind());
     }
@@ -312,7 +320,7 @@ fn main() -> ExitCode {
                 }
             };
             if check {
-                return match check_run(&policy, mode, &attach, &uplink, &sinks) {
+                return match check_run(&policy, mode, &attach, &uplink, &sinks, kubernetes) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => {
                         eprintln!("zt-agent: {err:#}");
