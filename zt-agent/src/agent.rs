@@ -78,19 +78,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Everything that can be wrong with the policy is reported before the kernel is touched.
     let started = Instant::now();
     let set = policy::load_paths(&options.policy)?;
-    // Nothing is touched until the cluster is known: an earlier agent's pinned enforcement
-    // keeps judging meanwhile, rather than a policy that knows no pods.
-    let (kubernetes, following) = match &options.kubernetes {
-        Some(kubernetes) => {
-            let (source, following) = start_kubernetes(kubernetes).await?;
-            (Some(source), Some(following))
-        }
-        None => (None, None),
-    };
-    let cluster = kubernetes.as_ref().map(KubernetesSource::cluster).unwrap_or_default();
-    let waited = started.elapsed();
-    let compiled = Arc::new(policy::compile::compile_for(&set, &cluster)?);
-    let compiled_in = started.elapsed() - waited;
+    let mut compiled = Arc::new(policy::compile::compile(&set)?);
+    let mut compiled_in = started.elapsed();
     tracing::info!(
         identities = compiled.identities.len(),
         rules = compiled.rules.len(),
@@ -122,6 +111,20 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let endpoint = Endpoint::default();
     let metrics_listener = metrics::server::bind(options.metrics_addr).await?;
     let mut metrics_server = tokio::spawn(metrics::server::serve(metrics_listener, endpoint.clone()));
+
+    // The kernel is not touched until the cluster is known: an earlier agent's pinned
+    // enforcement keeps judging meanwhile, rather than a policy that knows no pods.
+    let (kubernetes, following) = match &options.kubernetes {
+        Some(kubernetes) => {
+            let (source, following) = start_kubernetes(kubernetes).await?;
+            let compiling = Instant::now();
+            compiled = Arc::new(policy::compile::compile_for(&set, &source.cluster())?);
+            compiled_in += compiling.elapsed();
+            tracing::info!(identities = compiled.identities.len(), entries = compiled.policy.len(), "policy compiled for the cluster's pods");
+            (Some(source), Some(following))
+        }
+        None => (None, None),
+    };
 
     // Subscribed before the interfaces are listed, so none that appears in between is missed.
     let links = if options.attach.is_empty() { None } else { Some(LinkWatch::start().await?) };

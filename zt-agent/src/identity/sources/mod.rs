@@ -45,8 +45,9 @@ pub struct IdentitySources {
     cgroups: Option<CgroupSource>,
     certificates: Option<CertificateSource>,
     kubernetes: Option<KubernetesSource>,
-    /// The cluster a reload was last asked for.
+    /// The cluster a reload was last asked for, and the view's revision last checked.
     reload_asked: Option<Cluster>,
+    reload_checked: Option<u64>,
     /// Interface name → the ifindex bound for it and its identity.
     interfaces: BTreeMap<String, (u32, u32)>,
     /// What this agent has written to the kernel's cgroup map and (for certificates) the
@@ -69,6 +70,7 @@ impl IdentitySources {
             certificates,
             kubernetes: None,
             reload_asked: None,
+            reload_checked: None,
             interfaces: BTreeMap::new(),
             kernel_cgroups: BTreeMap::new(),
             kernel_addresses: BTreeMap::new(),
@@ -100,6 +102,12 @@ impl IdentitySources {
     /// is due: once per change (a reload in progress is not asked for again).
     pub fn reload_due(&mut self) -> bool {
         let Some(source) = &self.kubernetes else { return false };
+        // The cluster is what the view says: unchanged while the view is.
+        let revision = source.revision();
+        if self.reload_checked == Some(revision) {
+            return false;
+        }
+        self.reload_checked = Some(revision);
         let cluster = source.cluster();
         if cluster == self.compiled.cluster || self.reload_asked.as_ref() == Some(&cluster) {
             return false;

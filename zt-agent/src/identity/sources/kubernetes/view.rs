@@ -76,6 +76,9 @@ pub struct ClusterView {
     pub synced: Synced,
     /// The last error of a watch, until it next delivers; the view is kept meanwhile.
     pub last_error: Option<String>,
+    /// One more for every event applied: what follows from the view is computed again only
+    /// when it has moved.
+    pub revision: u64,
     /// Objects of a relist in progress, applied together once it is complete.
     relisting_pods: Option<BTreeMap<(String, String), PodView>>,
     relisting_namespaces: Option<BTreeMap<String, BTreeMap<String, String>>>,
@@ -108,6 +111,7 @@ impl ClusterView {
             }
         }
         self.last_error = None;
+        self.revision += 1;
     }
 
     fn namespace_event(&mut self, event: watcher::Event<Namespace>) {
@@ -126,6 +130,7 @@ impl ClusterView {
             }
         }
         self.last_error = None;
+        self.revision += 1;
     }
 }
 
