@@ -1,4 +1,4 @@
-//! `zt-agent policy test` and `zt-agent policy suggest`, run as the binary (`ZT_AGENT_BIN`).
+//! `zt-agent policy test`, `suggest` and `import-k8s`, run as the binary (`ZT_AGENT_BIN`).
 //!
 //! The offline tests need no root. The others load the datapath or run a real topology: they
 //! need root and fail, never skip, without it.
@@ -351,4 +351,44 @@ fn policy_check_refuses_devices_fifos_and_oversized_files_with_a_clear_error() {
         assert!(!output.status.success(), "{}", path.display());
         assert!(stderr(&output).contains(says), "{}: {}", path.display(), stderr(&output));
     }
+}
+
+#[test]
+fn import_k8s_writes_policy_that_loads_and_names_the_field_it_cannot_express() {
+    use zt_agent::policy::import_k8s::truth_table::Table;
+
+    let dir = tempfile::tempdir().unwrap();
+    let table = Table::load();
+    let documented = dir.path().join("documented.yaml");
+    fs::write(&documented, &table.cases[0].policies).unwrap();
+    let imported = dir.path().join("imported.yaml");
+    let output = run(&["policy", "import-k8s", path_str(&documented), "--output", path_str(&imported)]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "");
+    let yaml = fs::read_to_string(&imported).unwrap();
+    assert!(yaml.contains("metadata: {name: k8s.default.test-network-policy}\n"), "{yaml}");
+    let check = run(&["policy", "check", path_str(&imported)]);
+    assert!(check.status.success(), "{}{}\n{yaml}", stdout(&check), stderr(&check));
+    let to_stdout = run(&["policy", "import-k8s", path_str(&documented)]);
+    assert!(to_stdout.status.success(), "{}", stderr(&to_stdout));
+    assert_eq!(stdout(&to_stdout), yaml);
+
+    let unexpressible = dir.path().join("sts.yaml");
+    fs::write(
+        &unexpressible,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-0, namespace: shop}\n\
+         spec: {podSelector: {matchLabels: {statefulset.kubernetes.io/pod-name: web-0}}}\n",
+    )
+    .unwrap();
+    let refused = run(&["policy", "import-k8s", path_str(&documented), path_str(&unexpressible)]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(stdout(&refused), "", "nothing is written when anything is refused");
+    assert!(
+        stderr(&refused).starts_with(&format!(
+            "zt-agent: {}: document 1 (web-0): spec.podSelector: selects on \"statefulset.kubernetes.io/pod-name\"",
+            unexpressible.display()
+        )),
+        "{}",
+        stderr(&refused)
+    );
 }

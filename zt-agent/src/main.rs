@@ -187,6 +187,17 @@ enum PolicyCommand {
         #[arg(long)]
         policy: Vec<PathBuf>,
     },
+    /// Convert networking.k8s.io/v1 NetworkPolicies to zt policy over pod identities, with the
+    /// upstream semantics; what zt cannot express is an error naming the field.
+    ImportK8s {
+        /// NetworkPolicy YAML files (several documents, or `kubectl get -o yaml` lists); `-` for
+        /// stdin.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Write the policy here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn print_status(status: &Status) {
@@ -402,6 +413,16 @@ fn main() -> ExitCode {
         }
         Command::Policy { command: PolicyCommand::Suggest { from, policy } } => {
             policy::suggest::run(&from, &policy).map(|suggestion| print!("{suggestion}"))
+        }
+        Command::Policy { command: PolicyCommand::ImportK8s { files, output } } => {
+            policy::import_k8s::run(&files).and_then(|imported| match output {
+                Some(path) => std::fs::write(&path, imported)
+                    .map_err(|err| anyhow::anyhow!("cannot write {}: {err}", path.display())),
+                None => {
+                    print!("{imported}");
+                    Ok(())
+                }
+            })
         }
     };
     match result {

@@ -15,6 +15,10 @@
 //! `world`: an address then resolves to the longest such range containing it, and a CIDR peer is
 //! the set of ranges inside its prefix and outside its exceptions — exact, because every prefix
 //! the peer mentions is in the ipcache itself.
+//!
+//! Named ports (`port: http`) are a destination pod's container ports: for each (subject, peer)
+//! they become the numbers the destination's label set names (the subject's for ingress, the
+//! peer's for egress), so the kernel only ever sees numbers.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,7 +36,10 @@ use zt_common::{
 use crate::datapath::capacity::{IPCACHE_CEILING, POLICY_CEILING};
 
 use super::{Action, Peer, PolicyMode, PolicySet, PortRange, Protocol, Subject};
-use crate::identity::{pods::Cluster, IdentityError, IdentityTable};
+use crate::identity::{
+    pods::{Cluster, NamedPorts},
+    IdentityError, IdentityTable,
+};
 pub use super::selectors::{CgroupMatcher, SpiffeMatcher};
 
 /// Everything the agent writes into the kernel's maps for one policy set.
@@ -184,6 +191,22 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
         }
     };
 
+    // Named ports resolve against the destination's container ports, which only pods have.
+    let named_ports_of: BTreeMap<u32, &NamedPorts> =
+        cluster.identities.iter().map(|(pod, ports)| (id_of(&pod.name()), ports)).collect();
+    // The groups a rule's named ports go to, each with its destination's ports: the subject is
+    // the destination of ingress, the peer of egress, and `any` there is every pod, each on its
+    // own.
+    let named_port_groups = |subject: u32, peer: u32, direction: Direction| -> Vec<(u32, u32, &NamedPorts)> {
+        let destination = if direction == Direction::Ingress { subject } else { peer };
+        if destination != ANY {
+            return named_ports_of.get(&destination).map(|ports| vec![(subject, peer, *ports)]).unwrap_or_default();
+        }
+        let pods = named_ports_of.iter();
+        pods.map(|(&pod, ports)| if direction == Direction::Ingress { (pod, peer, *ports) } else { (subject, pod, *ports) })
+            .collect()
+    };
+
     let mut rules = Vec::new();
     let mut isolation_flags: BTreeMap<u32, u32> = BTreeMap::new();
     // Keyed by the group's key with protocol and port zero.
@@ -219,6 +242,28 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
                                 for port in ports {
                                     group.by_protocol.entry(port.protocol).or_default().push((port.range, outcome));
                                 }
+                            }
+                        }
+                        if rule.named_ports.is_empty() {
+                            continue;
+                        }
+                        for (subject, peer, container_ports) in named_port_groups(subject, peer, direction) {
+                            let resolved: Vec<(Protocol, u16)> = rule
+                                .named_ports
+                                .iter()
+                                .flat_map(|named| {
+                                    let numbers = container_ports.get(&named.name).into_iter().flatten();
+                                    let numbers = numbers.filter(|(protocol, _)| *protocol == named.protocol.number());
+                                    numbers.map(|(_, port)| (named.protocol, *port))
+                                })
+                                .collect();
+                            if resolved.is_empty() {
+                                continue;
+                            }
+                            let group = groups.entry(PolicyKey::new(subject, peer, direction, 0, 0)).or_default();
+                            for (protocol, port) in resolved {
+                                let range = PortRange { first: port, last: port };
+                                group.by_protocol.entry(protocol).or_default().push((range, outcome));
                             }
                         }
                     }
@@ -779,5 +824,76 @@ spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol:
         assert_eq!(judge("10.30.0.3", "10.30.0.2", 8080), (Verdict::Deny, Reason::DefaultDeny), "dev's web is another label set");
         assert_eq!(judge("10.30.0.1", "10.30.0.2", 9090), (Verdict::Deny, Reason::DefaultDeny), "another port");
         assert_eq!(judge("10.30.0.2", "10.30.0.1", 8080), (Verdict::Allow, Reason::NotIsolated), "web is not isolated");
+    }
+
+    #[test]
+    fn named_ports_resolve_against_each_destination_pod() {
+        use crate::{
+            identity::pods::{NamedPorts, PodIdentity},
+            policy::eval::{Evaluator, Flow},
+        };
+        use zt_common::Verdict;
+
+        let text = format!(
+            "{IDENTITIES}---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: shop}}\nspec:\n\
+             \x20 subject: [{{pods: {{namespace: shop}}}}, web]\n\
+             \x20 ingress: [{{from: [any], ports: [{{protocol: tcp, port: http}}, {{protocol: udp, port: dns}}]}}]\n\
+             \x20 egress: [{{to: [any], ports: [{{protocol: tcp, port: http}}]}}]\n"
+        );
+        let set = parse_str(&text, "test.yaml").unwrap();
+        let pod = |app: &str| PodIdentity::of("shop", "default", &[("app".to_owned(), app.to_owned())].into()).unwrap();
+        let ports = |named: &[(&str, u8, u16)]| -> NamedPorts {
+            let mut ports = NamedPorts::new();
+            for (name, protocol, port) in named {
+                ports.entry(name.to_string()).or_default().insert((*protocol, *port));
+            }
+            ports
+        };
+        let cluster = |api_http: u16| Cluster {
+            identities: [
+                (pod("web"), ports(&[("http", TCP, 8080), ("dns", TCP, 53)])),
+                (pod("api"), ports(&[("http", TCP, api_http)])),
+                (pod("batch"), ports(&[])),
+            ]
+            .into(),
+            namespaces: Default::default(),
+        };
+        let compiled = compile_for(&set, &cluster(9090)).unwrap();
+        let id = |name: &str| compiled.identities.id(name).unwrap();
+        let bound = [("10.30.0.1", "k8s:shop:default:app=web"), ("10.30.0.2", "k8s:shop:default:app=api"), ("10.30.0.3", "k8s:shop:default:app=batch")];
+        let mut with_pods = compiled.clone();
+        with_pods.ipcache.extend(bound.iter().map(|(addr, name)| (IpNet::from(addr.parse::<IpAddr>().unwrap()), id(name))));
+        let evaluator = Evaluator::new(&with_pods);
+        let allowed = |src: &str, dst: &str, protocol, port| {
+            let flow = Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, dst_port: port };
+            evaluator.evaluate(&flow).verdict == Verdict::Allow
+        };
+        // From world, which is never isolated, so only the destination's ingress decides: each
+        // pod's own number for the name, and only that (web's http is 8080, api's 9090).
+        assert!(allowed("1.1.1.1", "10.30.0.1", TCP, 8080) && !allowed("1.1.1.1", "10.30.0.1", TCP, 9090));
+        assert!(allowed("1.1.1.1", "10.30.0.2", TCP, 9090) && !allowed("1.1.1.1", "10.30.0.2", TCP, 8080));
+        // The protocol is part of the name: web's dns is TCP, the rule's UDP.
+        assert!(!allowed("1.1.1.1", "10.30.0.1", proto::UDP, 53) && !allowed("1.1.1.1", "10.30.0.1", TCP, 53));
+        // A pod without the name, a declared identity, world: nothing to resolve, nothing matches.
+        assert!(!allowed("1.1.1.1", "10.30.0.3", TCP, 8080), "batch names no port");
+        assert!(!allowed("1.1.1.1", "10.20.1.5", TCP, 8080), "web the declared identity has no container ports");
+        assert!(!allowed("10.30.0.3", "1.1.1.1", TCP, 8080), "egress to world: no pod, no name");
+        // Egress to any: the destination pod's number.
+        assert!(allowed("10.30.0.3", "10.30.0.1", TCP, 8080) && !allowed("10.30.0.3", "10.30.0.1", TCP, 9090));
+        assert!(allowed("10.20.1.5", "10.30.0.2", TCP, 9090) && !allowed("10.20.1.5", "10.30.0.2", TCP, 8080));
+
+        // Only numbers reach the kernel, one entry per resolved (subject, peer, port).
+        let ingress_ports = |compiled: &Compiled, subject: u32| -> Vec<u16> {
+            let entries = compiled.policy.iter().filter(|(_, key, _)| {
+                key.subject == subject.to_be_bytes() && key.direction == Direction::Ingress as u8
+            });
+            entries.map(|(_, key, _)| u16::from_be_bytes(key.port)).collect()
+        };
+        assert_eq!(ingress_ports(&compiled, id("k8s:shop:default:app=api")), [9090]);
+        // Another number under the name is another compile: a reload changes the entries.
+        let moved = compile_for(&set, &cluster(9091)).unwrap();
+        assert_ne!(moved, compiled);
+        assert_eq!(ingress_ports(&moved, id("k8s:shop:default:app=api")), [9091]);
+        assert_eq!(compile_for(&set, &cluster(9090)).unwrap(), compiled);
     }
 }

@@ -151,8 +151,11 @@ impl Peer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub peers: Vec<Peer>,
-    /// `None`: any protocol, any port.
+    /// `None`: any protocol, any port (and `named_ports` is empty).
     pub ports: Option<Vec<PortMatch>>,
+    /// The `ports` items given by name, which add to `ports`: resolved when the policy is
+    /// compiled, against the destination pod's container ports.
+    pub named_ports: Vec<NamedPort>,
     pub action: Action,
 }
 
@@ -230,6 +233,32 @@ pub struct PortMatch {
 pub struct PortRange {
     pub first: u16,
     pub last: u16,
+}
+
+/// `{protocol: tcp, port: http}`: the destination's container port of that name and protocol.
+/// Only pods name their ports, so on any other destination it matches nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPort {
+    pub protocol: Protocol,
+    pub name: String,
+}
+
+/// A `ports` item, checked.
+enum PortItemMatch {
+    Numbers(PortMatch),
+    Named(NamedPort),
+}
+
+/// Whether `name` can name a container port: an IANA service name (1-15 lowercase letters,
+/// digits and '-', with a letter, no '-' at either end or twice in a row), as Kubernetes
+/// requires of `containerPort` names.
+pub fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 /// One problem, at the position of the offending text.
@@ -694,11 +723,19 @@ impl Loader {
             let message = format!("{ports_path} is empty; omit \"ports\" to match any protocol and port");
             self.errors.push(doc.error_at_value(&ports_path, message));
         }
+        let mut named_ports = Vec::new();
         let ports = ports.map(|items| {
-            let items = items.into_iter().enumerate();
-            items.filter_map(|(i, item)| self.port_match(doc, &ports_path.index(i), item)).collect()
+            let mut numbers = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
+                match self.port_match(doc, &ports_path.index(i), item) {
+                    Some(PortItemMatch::Numbers(item)) => numbers.push(item),
+                    Some(PortItemMatch::Named(item)) => named_ports.push(item),
+                    None => {}
+                }
+            }
+            numbers
         });
-        Rule { peers, ports, action }
+        Rule { peers, ports, named_ports, action }
     }
 
     /// `{cidr: ...}` or `{pods: ...}`, exactly one of them.
@@ -789,9 +826,21 @@ impl Loader {
         (except.len() == except_texts.len()).then_some(Peer::Cidr { net, except })
     }
 
-    fn port_match(&mut self, doc: &Doc, path: &YamlPath, item: PortItem) -> Option<PortMatch> {
+    fn port_match(&mut self, doc: &Doc, path: &YamlPath, item: PortItem) -> Option<PortItemMatch> {
         let protocol = item.protocol;
         let checked = match (protocol.has_ports(), item.port, item.icmp_type) {
+            (true, Some(PortSpec::Text(name)), None) if name.contains(|c: char| c.is_ascii_alphabetic()) => {
+                if is_port_name(&name) {
+                    return Some(PortItemMatch::Named(NamedPort { protocol, name }));
+                }
+                Err((
+                    "port",
+                    format!(
+                        "invalid port \"{name}\"; a port name is 1-15 lowercase letters, digits and '-', with a \
+                         letter, no '-' at either end or twice in a row (as a pod's containerPort names it)"
+                    ),
+                ))
+            }
             (false, Some(_), _) => Err((
                 "port",
                 format!("port is not valid for {}; use \"type:\" to match an ICMP message type", protocol.name()),
@@ -808,7 +857,7 @@ impl Loader {
             (_, None, None) => Ok(protocol.full_range()),
         };
         match checked {
-            Ok(range) => Some(PortMatch { protocol, range }),
+            Ok(range) => Some(PortItemMatch::Numbers(PortMatch { protocol, range })),
             Err((key, message)) => {
                 self.errors.push(doc.error_at_value(&path.key(key), message));
                 None

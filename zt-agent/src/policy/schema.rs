@@ -217,7 +217,7 @@ pub(super) struct PortItem {
     pub icmp_type: Option<i64>,
 }
 
-/// `port: 5432` or `port: "6000-6010"`.
+/// `port: 5432`, `port: "6000-6010"` or `port: http` (a container port's name).
 pub(super) enum PortSpec {
     Number(i64),
     Text(String),
@@ -231,7 +231,7 @@ impl<'de> Deserialize<'de> for PortSpec {
             type Value = PortSpec;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port number or a \"LO-HI\" range")
+                f.write_str("a port number, a \"LO-HI\" range or a port name")
             }
 
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortSpec, E> {

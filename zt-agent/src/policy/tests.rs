@@ -69,6 +69,7 @@ fn demo_policy_parses() {
                     Peer::Identity("billing".into()),
                 ],
                 ports: Some(vec![PortMatch { protocol: Protocol::Tcp, range: PortRange { first: 8080, last: 8080 } }]),
+                named_ports: vec![],
                 action: Action::Allow,
             }][..]
         )
@@ -295,7 +296,7 @@ fn port_and_type_are_checked_per_protocol() {
         - {protocol: tcp, port: 70000}
         - {protocol: udp, port: 0}
         - {protocol: tcp, port: \"90-80\"}
-        - {protocol: sctp, port: \"http\"}
+        - {protocol: sctp, port: \"http--x\"}
         - {protocol: icmp, port: 8}
         - {protocol: tcp, type: 8}
         - {protocol: icmpv6, type: 256}
@@ -305,11 +306,37 @@ fn port_and_type_are_checked_per_protocol() {
         "t.yaml:34:33: port 70000 is out of range; use 1-65535",
         "t.yaml:35:33: port 0 is out of range; use 1-65535",
         "t.yaml:36:33: invalid port range \"90-80\"; write \"LO-HI\" with 1 <= LO <= HI <= 65535, e.g. \"6000-6010\"",
-        "t.yaml:37:34: invalid port range \"http\"; write \"LO-HI\" with 1 <= LO <= HI <= 65535, e.g. \"6000-6010\"",
+        "t.yaml:37:34: invalid port \"http--x\"; a port name is 1-15 lowercase letters, digits and '-', with a \
+         letter, no '-' at either end or twice in a row (as a pod's containerPort names it)",
         "t.yaml:38:34: port is not valid for icmp; use \"type:\" to match an ICMP message type",
         "t.yaml:39:33: type is only valid for icmp and icmpv6; use \"port:\" to match tcp ports",
         "t.yaml:40:36: ICMP type 256 is out of range; use 0-255",
     ]);
+}
+
+#[test]
+fn ports_by_name_are_kept_apart_from_numbers() {
+    let set = parse_str(
+        &with_policy_spec(
+            "  subject: [db]
+  ingress:
+    - from: [api]
+      ports: [{protocol: tcp, port: http}, {protocol: tcp, port: \"8080\"}, {protocol: sctp, port: diameter-2}]
+    - from: [api]
+      ports: [{protocol: udp, port: dns}]
+",
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let rules = set.policies()[0].ingress.as_ref().unwrap();
+    let named = |protocol, name: &str| NamedPort { protocol, name: name.into() };
+    assert_eq!(rules[0].named_ports, [named(Protocol::Tcp, "http"), named(Protocol::Sctp, "diameter-2")]);
+    assert_eq!(rules[0].ports, Some(vec![PortMatch { protocol: Protocol::Tcp, range: PortRange { first: 8080, last: 8080 } }]));
+    // Only names: no numbered port, and still not every port.
+    assert_eq!((rules[1].ports.as_deref(), rules[1].named_ports.as_slice()), (Some(&[][..]), &[named(Protocol::Udp, "dns")][..]));
+    let text = with_policy_spec("  subject: [db]\n  ingress: [{from: [api], ports: [{protocol: icmp, port: echo}]}]\n");
+    assert!(single_error(&text).ends_with("port is not valid for icmp; use \"type:\" to match an ICMP message type"));
 }
 
 #[test]

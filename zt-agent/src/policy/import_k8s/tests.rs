@@ -1,8 +1,12 @@
-//! NetworkPolicy's meaning, on the upstream documentation's examples and its edge cases.
+//! NetworkPolicy's meaning, on the upstream documentation's examples and its edge cases; the
+//! truth table through the reference and through the imported zt policy.
 
 use std::collections::BTreeMap;
 
+use zt_common::Verdict;
+
 use super::*;
+use crate::policy::eval::{Evaluator, Flow};
 
 fn one(yaml: &str) -> Isolation {
     let mut parsed = parse(yaml, "np.yaml").unwrap_or_else(|errors| panic!("{errors:?}"));
@@ -22,47 +26,17 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\n";
 
-/// The upstream documentation's example (test-network-policy), whole.
-pub(super) const DOCUMENTED: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: test-network-policy
-  namespace: default
-spec:
-  podSelector:
-    matchLabels:
-      role: db
-  policyTypes:
-    - Ingress
-    - Egress
-  ingress:
-    - from:
-        - ipBlock:
-            cidr: 172.17.0.0/16
-            except:
-              - 172.17.1.0/24
-        - namespaceSelector:
-            matchLabels:
-              project: myproject
-        - podSelector:
-            matchLabels:
-              role: frontend
-      ports:
-        - protocol: TCP
-          port: 6379
-  egress:
-    - to:
-        - ipBlock:
-            cidr: 10.0.0.0/24
-      ports:
-        - protocol: TCP
-          port: 5978
-"#;
+/// The upstream documentation's example (test-network-policy), whole: the truth table's first
+/// case.
+fn documented() -> String {
+    let table = truth_table::Table::load();
+    let case = table.cases.iter().find(|case| case.name == "the documented example").expect("the table has it");
+    case.policies.clone()
+}
 
 #[test]
 fn the_documented_example_means_what_the_documentation_says() {
-    let p = one(DOCUMENTED);
+    let p = one(&documented());
     assert_eq!((p.namespace.as_str(), p.name.as_str()), ("default", "test-network-policy"));
     assert!(p.pods.matches(&labels(&[("role", "db")])) && !p.pods.matches(&labels(&[("role", "web")])));
     let ingress = p.ingress.unwrap();
@@ -160,6 +134,12 @@ fn what_cannot_be_meant_is_refused_with_its_field() {
         (spec("  policyTypes: [Both]\n"), "spec.policyTypes[0]: \"Both\" is not Ingress or Egress"),
         ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {podSelector: {}}\n".into(), "metadata.namespace: missing"),
         ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n".into(), "apiVersion/kind: v1/Pod is not networking.k8s.io/v1 NetworkPolicy"),
+        // What zt cannot express.
+        (spec("  ingress: [{from: [{podSelector: {matchLabels: {pod-template-hash: 5d9f7c}}}]}]\n"), "spec.ingress[0].from[0].podSelector: selects on \"pod-template-hash\", which zt leaves out of pod identities"),
+        (format!("{HEAD}spec:\n  podSelector: {{matchExpressions: [{{key: statefulset.kubernetes.io/pod-name, operator: Exists}}]}}\n"), "spec.podSelector: selects on \"statefulset.kubernetes.io/pod-name\""),
+        (spec("  egress: [{to: [{ipBlock: {cidr: \"::ffff:10.0.0.0/104\"}}]}]\n"), "spec.egress[0].to[0].ipBlock.cidr: IPv4-mapped prefix ::ffff:10.0.0.0/104; write it as the IPv4 prefix 10.0.0.0/8"),
+        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: P, namespace: prod}\nspec: {podSelector: {}}\n".into(), "metadata.name: \"P\" cannot make the zt policy name \"k8s.prod.P\": 'P' is not allowed"),
+        ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: Prod}\nspec: {podSelector: {}}\n".into(), "metadata.namespace: namespace \"Prod\" is not a Kubernetes namespace name"),
     ] {
         let err = error(&yaml);
         assert!(err.starts_with("np.yaml: document 1"), "{err}");
@@ -175,4 +155,84 @@ fn several_documents_parse_and_every_error_is_reported() {
     let errors = parse(&bad, "np.yaml").unwrap_err();
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors[1].starts_with("np.yaml: document 2"), "{errors:?}");
+}
+
+#[test]
+fn ipblocks_mean_their_network_and_lists_are_read_item_by_item() {
+    // Upstream reads a block with host bits as its network.
+    let p = one(&format!("{HEAD}spec:\n  podSelector: {{}}\n  egress: [{{to: [{{ipBlock: {{cidr: 10.0.0.7/24, except: [10.0.0.9/30]}}}}]}}]\n"));
+    let block = Peer::Block { cidr: "10.0.0.0/24".parse().unwrap(), except: vec!["10.0.0.8/30".parse().unwrap()] };
+    assert_eq!(p.egress.unwrap()[0].peers, Some(vec![block]));
+    // `kubectl get networkpolicies -o yaml` prints a List.
+    let list = "apiVersion: v1\nkind: List\nitems:\n  - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: a, namespace: prod}, spec: {podSelector: {}}}\n  - {apiVersion: v1, kind: Service, metadata: {name: s}}\n";
+    let errors = parse(list, "list.yaml").unwrap_err();
+    assert_eq!(errors, ["list.yaml: document 1, items[1]: apiVersion/kind: v1/Service is not networking.k8s.io/v1 NetworkPolicy"]);
+    let list = list.replace("  - {apiVersion: v1, kind: Service, metadata: {name: s}}\n", "");
+    assert_eq!(parse(&list, "list.yaml").unwrap()[0].name, "a");
+}
+
+#[test]
+fn one_policy_in_two_files_is_refused() {
+    let policy = format!("{HEAD}spec: {{podSelector: {{}}}}\n");
+    let files = [("a.yaml".to_owned(), policy.clone()), ("b.yaml".to_owned(), policy)];
+    assert_eq!(import(&files).unwrap_err(), ["b.yaml: NetworkPolicy prod/p: metadata.name: also in a.yaml; keep one of them"]);
+}
+
+#[test]
+fn the_imported_policy_reads_as_zt_policy() {
+    let files = [("np.yaml".to_owned(), documented())];
+    let yaml = import(&files).unwrap();
+    let expected = "\
+---
+# NetworkPolicy default/test-network-policy
+apiVersion: zt/v1
+kind: Policy
+metadata: {name: k8s.default.test-network-policy}
+spec:
+  subject:
+    - pods: {namespace: default, matchLabels: {role: db}}
+  ingress:
+    - from:
+        - {cidr: 172.17.0.0/16, except: [172.17.1.0/24]}
+        - {pods: {namespaceSelector: {matchLabels: {project: myproject}}}}
+        - {pods: {namespace: default, matchLabels: {role: frontend}}}
+      ports:
+        - {protocol: tcp, port: 6379}
+    - from: [host]  # the pods' own node, which NetworkPolicy never keeps out
+  egress:
+    - to:
+        - {cidr: 10.0.0.0/24}
+      ports:
+        - {protocol: tcp, port: 5978}
+";
+    assert!(yaml.starts_with("# zt policy imported by `zt-agent policy import-k8s` from np.yaml."), "{yaml}");
+    assert!(yaml.ends_with(expected), "{yaml}");
+    assert!(import(&[]).unwrap().contains("No NetworkPolicy found"));
+}
+
+/// Every flow of the table, through the reference and through the imported zt policy compiled
+/// for the table's cluster, with the pods' and the node's addresses bound as the agent binds
+/// them.
+#[test]
+fn the_truth_table_holds_in_the_reference_and_in_the_imported_policy() {
+    let table = truth_table::Table::load();
+    // (denied, allowed) flows: the table must have plenty of each, or agreeing proves little.
+    let mut verdicts = (0, 0);
+    for case in &table.cases {
+        let isolations = case.isolations().unwrap_or_else(|err| panic!("{}: {err}", case.name));
+        let (yaml, compiled) = case.import(&table).unwrap_or_else(|err| panic!("{}: {err}", case.name));
+        let mut bound = compiled.clone();
+        bound.ipcache.extend(table.bindings(&compiled).into_iter().map(|(addr, id)| (ipnet::IpNet::from(addr), id)));
+        let evaluator = Evaluator::new(&bound);
+        for flow in &case.flows {
+            let (src, dst) = table.ends(flow);
+            let by_reference = reference::allows(&isolations, &table.namespaces, src, dst, flow.protocol, flow.port);
+            assert_eq!(by_reference, flow.allowed, "{}: the reference disagrees with {flow}", case.name);
+            let packet = Flow { src: src.addr, dst: dst.addr, protocol: flow.protocol.zt().number(), dst_port: flow.port };
+            let decision = evaluator.evaluate(&packet);
+            assert_eq!(decision.verdict == Verdict::Allow, flow.allowed, "{}: {flow}, but {decision:?}\n{yaml}", case.name);
+            if flow.allowed { verdicts.1 += 1 } else { verdicts.0 += 1 }
+        }
+    }
+    assert!(verdicts.0 >= 30 && verdicts.1 >= 30, "(denied, allowed) flows: {verdicts:?}");
 }
