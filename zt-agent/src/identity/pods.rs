@@ -56,6 +56,22 @@ impl PodIdentity {
         let labels: Vec<String> = self.labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
         format!("{PREFIX}{}:{}:{}", self.namespace, self.service_account, labels.join(","))
     }
+
+    /// The identity a [`name`](Self::name) stands for (as events carry it), if it is one.
+    /// Unambiguous: namespaces, service accounts, label keys and values hold no `:`, `=` or `,`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let mut parts = name.strip_prefix(PREFIX)?.splitn(3, ':');
+        let (namespace, service_account, labels) = (parts.next()?, parts.next()?, parts.next()?);
+        let labels = match labels {
+            "" => BTreeMap::new(),
+            labels => labels
+                .split(',')
+                .map(|pair| pair.split_once('=').map(|(key, value)| (key.to_owned(), value.to_owned())))
+                .collect::<Option<_>>()?,
+        };
+        let identity = Self::of(namespace, service_account, &labels).ok()?;
+        (identity.name() == name).then_some(identity)
+    }
 }
 
 /// The container ports a label set's pods name: name → (IP protocol number, port), the union
@@ -99,6 +115,19 @@ mod tests {
         assert_ne!(name("prod", "web", &a), name("prod", "default", &a), "the service account counts");
         assert_ne!(name("prod", "web", &a), name("dev", "web", &a), "the namespace counts");
         assert_eq!(name("prod", "default", &BTreeMap::new()).unwrap(), "k8s:prod:default:");
+    }
+
+    #[test]
+    fn names_read_back_into_their_identity() {
+        for pod in [
+            PodIdentity::of("shop", "web", &labels(&[("app", "web"), ("app.kubernetes.io/part-of", "shop")])).unwrap(),
+            PodIdentity::of("prod", "default", &BTreeMap::new()).unwrap(),
+        ] {
+            assert_eq!(PodIdentity::from_name(&pod.name()), Some(pod));
+        }
+        for not_one in ["web", "k8s:shop", "k8s:shop:web:app", "k8s:shop:web:pod-template-hash=1", "k8s:shop:web:b=1,a=2"] {
+            assert_eq!(PodIdentity::from_name(not_one), None, "{not_one}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `zt-agent policy suggest`: least-privilege allow rules from monitor-mode audit events.
 //!
 //! The input is the agent's event stream (JSON lines, as `zt-agent run` prints them). Every
-//! `audit` of `default-deny` between two declared identities is a flow the policy would deny;
+//! `audit` of `default-deny` between two identities (declared ones, or pods' label sets, which
+//! the suggestion writes as `pods` selectors) is a flow the policy would deny;
 //! the suggestion allows exactly those flows — by identity pair, protocol and destination port
 //! (ICMP by message type) — and nothing else. Both ends must consent, so each flow gets a rule
 //! in the sender's egress and one in the receiver's ingress: one policy per identity,
@@ -24,7 +25,10 @@ use serde_json::{Map, Value};
 use zt_common::Direction;
 
 use super::{compile, load_paths_with, name_problem, PolicySet, Protocol, Subject};
-use crate::identity;
+use crate::identity::{
+    self,
+    pods::{Cluster, PodIdentity},
+};
 
 const SUGGESTED_PREFIX: &str = "suggested-";
 /// Malformed lines reported before the rest are only counted.
@@ -224,6 +228,7 @@ fn end_identity(event: &Map<String, Value>, end: &str) -> Result<End, String> {
         None | Some(Value::Null) => Ok(End::Unknown),
         Some(Value::String(name)) if name == "world" => Ok(End::World),
         Some(Value::String(name)) if identity::is_reserved(name) => Ok(End::Unknown),
+        Some(Value::String(name)) if PodIdentity::from_name(name).is_some() => Ok(End::Declared(name.clone())),
         Some(Value::String(name)) => match name_problem(name) {
             None => Ok(End::Declared(name.clone())),
             Some(problem) => Err(format!("\"{end}.identity\" is not an identity name (\"{name}\": {problem})")),
@@ -257,7 +262,7 @@ pub fn suggest(observations: &Observations, base: Option<&PolicySet>, context: &
         let unknown: Vec<String> = observations
             .first_seen
             .iter()
-            .filter(|(name, _)| !declared.contains(name.as_str()))
+            .filter(|(name, _)| !declared.contains(name.as_str()) && PodIdentity::from_name(name).is_none())
             .map(|(name, line)| {
                 format!(
                     "{}:{line}: identity \"{name}\" is not declared in the policy ({}); pass the policy the events were recorded under",
@@ -328,7 +333,7 @@ pub fn suggest(observations: &Observations, base: Option<&PolicySet>, context: &
         writeln!(out, "kind: Policy").unwrap();
         writeln!(out, "metadata: {{name: {}}}", yaml_name(&policy_name)).unwrap();
         writeln!(out, "spec:").unwrap();
-        writeln!(out, "  subject: [{}]", yaml_name(name)).unwrap();
+        writeln!(out, "  subject: [{}]", yaml_end(name)).unwrap();
         for (list, peer_key, rules) in [("egress", "to", &suggested.egress), ("ingress", "from", &suggested.ingress)] {
             if rules.is_empty() {
                 continue;
@@ -336,7 +341,7 @@ pub fn suggest(observations: &Observations, base: Option<&PolicySet>, context: &
             writeln!(out, "  {list}:").unwrap();
             for (peer, ports) in rules {
                 let events: usize = ports.values().sum();
-                writeln!(out, "    - {peer_key}: [{}]  # {}", yaml_name(peer), plural(events, "event", "events"))
+                writeln!(out, "    - {peer_key}: [{}]  # {}", yaml_end(peer), plural(events, "event", "events"))
                     .unwrap();
                 writeln!(out, "      ports:").unwrap();
                 for (item, events) in port_items(ports) {
@@ -371,17 +376,37 @@ pub fn suggest(observations: &Observations, base: Option<&PolicySet>, context: &
     Ok(out)
 }
 
-/// Whether a policy of `set` isolates the identity `name` in `direction`.
+/// Whether a policy of `set` isolates the identity `name` (declared, or a pod identity's name)
+/// in `direction`. Events do not carry namespaces' labels: a `namespaceSelector` is judged as
+/// if the namespace had none, so an end is taken as isolated only when that is certain (a rule
+/// for an end that is not would make it default-deny, denying what passes today).
 pub fn is_isolated(set: &PolicySet, name: &str, direction: Direction) -> bool {
+    let pod = PodIdentity::from_name(name);
     set.policies().iter().any(|policy| {
         policy.rules(direction).is_some()
-            && policy.subjects.iter().any(|subject| match subject {
-                Subject::Any => true,
-                Subject::Identity(subject) => subject == name,
-                // Suggestions name declared identities; a pod identity's name is not one.
-                Subject::Pods(_) => false,
+            && policy.subjects.iter().any(|subject| match (subject, &pod) {
+                (Subject::Any, _) => true,
+                (Subject::Identity(subject), _) => subject == name,
+                (Subject::Pods(selector), Some(pod)) => selector.matches(pod, &Cluster::default()),
+                (Subject::Pods(_), None) => false,
             })
     })
+}
+
+/// A subject or peer: a declared identity's name, or a pod identity as the `pods` selector of
+/// its namespace, service account and labels (which also selects label sets that only add
+/// labels to it: a canary of the same workload, say).
+fn yaml_end(name: &str) -> String {
+    let Some(pod) = PodIdentity::from_name(name) else { return yaml_name(name) };
+    // JSON strings are YAML flow scalars: label keys and values come out quoted, never misread.
+    let quoted = |text: &str| serde_json::Value::from(text).to_string();
+    let labels: Vec<String> = pod.labels.iter().map(|(key, value)| format!("{}: {}", quoted(key), quoted(value))).collect();
+    format!(
+        "{{pods: {{namespace: {}, serviceAccount: {}, matchLabels: {{{}}}}}}}",
+        quoted(&pod.namespace),
+        quoted(&pod.service_account),
+        labels.join(", ")
+    )
 }
 
 /// The `ports` items for one peer, contiguous ports merged into ranges (the same set of ports),
@@ -414,6 +439,12 @@ fn port_items(ports: &BTreeMap<(Protocol, u16), usize>) -> Vec<(String, usize)> 
 /// `suggested-<identity>`, or with `-2`, `-3`, … if that is taken; at most the longest valid
 /// name.
 fn unique_policy_name(identity: &str, taken: &mut BTreeSet<String>) -> String {
+    // A pod identity's name holds '=', ',' and maybe capitals, which policy names do not.
+    let identity: String = identity
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || "._/:-".contains(c) { c } else { '-' })
+        .collect();
     let fit = |suffix: &str| {
         let room = super::MAX_NAME_LEN - SUGGESTED_PREFIX.len() - suffix.len();
         // Names are ASCII, so any byte index is a character boundary.

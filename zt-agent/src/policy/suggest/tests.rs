@@ -535,3 +535,34 @@ fn run_reads_the_events_file_with_and_without_a_policy() {
     let err = run(&events, &[dir.path().join("nothing.yaml")]).unwrap_err();
     assert!(err.to_string().contains("nothing.yaml:1:1: cannot read the file"), "{err}");
 }
+
+#[test]
+fn pod_identities_get_pods_selectors_that_admit_their_flows() {
+    let base_text = "apiVersion: zt/v1\nkind: Policy\nmetadata: {name: shop}\nspec: {subject: [{pods: {namespace: shop}}], ingress: []}\n";
+    let base = parse_str(base_text, "base.yaml").unwrap();
+    let (web, api) = ("k8s:shop:web:app=web,tier=Front", "k8s:shop:api:app=api");
+    let events = [audit(web, api, "tcp", 8080), audit(web, api, "tcp", 8080)].join("\n");
+    let observations = parse_events(&events, "events.jsonl").unwrap();
+    let context = Context { from: "events.jsonl", policy: &[] };
+    let text = suggest(&observations, Some(&base), &context).unwrap();
+    assert!(
+        text.contains("subject: [{pods: {namespace: \"shop\", serviceAccount: \"api\", matchLabels: {\"app\": \"api\"}}}]"),
+        "{text}"
+    );
+    assert!(text.contains("metadata: {name: \"suggested-k8s:shop:api:app-api\"}"), "{text}");
+    assert!(!text.contains("egress:"), "web is not isolated for egress, so it gets no rules:\n{text}");
+
+    // With it, the shop's api admits web's pods on 8080, and only that.
+    let combined = parse_str(&format!("{base_text}---\n{text}"), "combined.yaml").unwrap();
+    let pod = |name: &str| identity::pods::PodIdentity::from_name(name).unwrap();
+    let cluster = Cluster { identities: [(pod(web), Default::default()), (pod(api), Default::default())].into(), namespaces: Default::default() };
+    let mut compiled = compile::compile_for(&combined, &cluster).unwrap();
+    let (web_id, api_id) = (compiled.identities.id(web).unwrap(), compiled.identities.id(api).unwrap());
+    compiled.ipcache.extend([("10.30.0.1".parse::<IpAddr>().unwrap().into(), web_id), ("10.30.0.2".parse::<IpAddr>().unwrap().into(), api_id)]);
+    let evaluator = Evaluator::new(&compiled);
+    let verdict = |port| {
+        let flow = Flow { src: "10.30.0.1".parse().unwrap(), dst: "10.30.0.2".parse().unwrap(), protocol: proto::TCP, dst_port: port };
+        evaluator.evaluate(&flow).verdict
+    };
+    assert_eq!((verdict(8080), verdict(8081)), (Verdict::Allow, Verdict::Deny));
+}
