@@ -88,6 +88,48 @@ fn connects(from: &Pod, to: &Pod) -> bool {
     tcp_connect(&from.netns, to.service(), Duration::from_millis(800)).is_ok()
 }
 
+/// A node with the fake API server (namespace `shop`, labelled team=retail) and an agent with
+/// `--kubernetes` on `policy` (a file in a directory of its own, so that more can be added).
+struct Cluster {
+    api: FakeApiServer,
+    dir: tempfile::TempDir,
+    agent: Agent,
+    metrics: SocketAddr,
+    t: Topology,
+}
+
+impl Cluster {
+    fn start(policy: &str, mode: Option<&str>) -> Cluster {
+        let t = Topology::new(TopologySpec::new()).unwrap();
+        let api = FakeApiServer::start(t.node().ns());
+        api.set_namespace("shop", json!({"team": "retail", "kubernetes.io/metadata.name": "shop"}));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/cluster.yaml"), policy).unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+        let metrics = SocketAddr::from(([127, 0, 0, 1], 19_464));
+        let options = AgentOptions {
+            node_name: NODE.into(),
+            mode: mode.map(str::to_owned),
+            extra_args: vec![
+                "--kubernetes".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+                "--metrics-addr".into(),
+                metrics.to_string(),
+            ],
+            ..AgentOptions::for_node(t.node(), dir.path().join("policies"), "enforce")
+        };
+        let agent = Agent::start(t.node().ns(), &options).unwrap();
+        Cluster { api, dir, agent, metrics, t }
+    }
+
+    fn pod(&self, name: &str, labels: Value) -> Pod {
+        start_pod(&self.t, &self.agent, &self.api, &self.dir.path().join("ipam"), name, labels)
+    }
+}
+
 fn metric(node: &Netns, address: SocketAddr, name: &str) -> Option<String> {
     let (_, body) = zt_tests::http_get(node, address, "/metrics").ok()?;
     body.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
@@ -96,32 +138,14 @@ fn metric(node: &Netns, address: SocketAddr, name: &str) -> Option<String> {
 #[test]
 fn pods_are_judged_by_their_labels_namespace_and_service_account() {
     ensure_root().unwrap();
-    let t = Topology::new(TopologySpec::new()).unwrap();
-    let mut api = FakeApiServer::start(t.node().ns());
-    api.set_namespace("shop", json!({"team": "retail", "kubernetes.io/metadata.name": "shop"}));
-    let dir = tempfile::tempdir().unwrap();
-    let (policy, kubeconfig, ipam) = (dir.path().join("policy.yaml"), dir.path().join("kubeconfig"), dir.path().join("ipam"));
-    std::fs::write(&policy, POLICY).unwrap();
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let metrics = SocketAddr::from(([127, 0, 0, 1], 19_464));
-    let options = AgentOptions {
-        node_name: NODE.into(),
-        extra_args: vec![
-            "--kubernetes".into(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--metrics-addr".into(),
-            metrics.to_string(),
-        ],
-        ..AgentOptions::for_node(t.node(), &policy, "enforce")
-    };
-    let agent = Agent::start(t.node().ns(), &options).unwrap();
+    let mut cluster = Cluster::start(POLICY, Some("enforce"));
+    let (agent, t, metrics) = (&cluster.agent, &cluster.t, cluster.metrics);
 
     // Each ADD returns with the pod's interface bound to its label set's identity: web and
     // other are new label sets, so their ADDs wait for the reload that numbers them.
-    let web = start_pod(&t, &agent, &api, &ipam, "web-1", json!({"app": "web", "pod-template-hash": "5d9f"}));
-    let api_pod = start_pod(&t, &agent, &api, &ipam, "api-1", json!({"app": "api"}));
-    let other = start_pod(&t, &agent, &api, &ipam, "other-1", json!({"app": "other"}));
+    let web = cluster.pod("web-1", json!({"app": "web", "pod-template-hash": "5d9f"}));
+    let api_pod = cluster.pod("api-1", json!({"app": "api"}));
+    let other = cluster.pod("other-1", json!({"app": "other"}));
 
     assert!(connects(&web, &api_pod), "web → api:8080 is allowed\n{}", agent.stderr());
     assert!(!connects(&other, &api_pod), "other → api is not");
@@ -136,18 +160,19 @@ fn pods_are_judged_by_their_labels_namespace_and_service_account() {
     // A second web pod of a new rollout: the hash label is not part of the identity, so it is
     // web's label set, and its ADD needs no reload.
     let reloads_before = agent.events().iter().filter(|e| e["kind"] == "policy" && e["trigger"] == "cluster-change").count();
-    let web2 = start_pod(&t, &agent, &api, &ipam, "web-2", json!({"app": "web", "pod-template-hash": "77c4"}));
+    let web2 = cluster.pod("web-2", json!({"app": "web", "pod-template-hash": "77c4"}));
     assert!(connects(&web2, &api_pod), "the second web pod is web\n{}", agent.stderr());
     let reloads = agent.events().iter().filter(|e| e["kind"] == "policy" && e["trigger"] == "cluster-change").count();
     assert_eq!(reloads, reloads_before, "same label set, no reload");
 
     // A canary with one more label is a new label set: its ADD waits for the reload, and the
     // `app: web` selector expands to it too.
-    let canary = start_pod(&t, &agent, &api, &ipam, "web-3", json!({"app": "web", "track": "canary"}));
+    let canary = cluster.pod("web-3", json!({"app": "web", "track": "canary"}));
     assert!(connects(&canary, &api_pod), "the canary is still app=web\n{}", agent.stderr());
 
     // The API server goes away: the watches fail, and the agent enforces with what it knew.
-    api.stop();
+    cluster.api.stop();
+    let (agent, t) = (&cluster.agent, &cluster.t);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while metric(t.node().ns(), metrics, "zt_kubernetes_api_reachable").as_deref() != Some("0") {
         assert!(std::time::Instant::now() < deadline, "the agent never noticed the API server had gone\n{}", agent.stderr());
@@ -172,32 +197,72 @@ fn pods_are_judged_by_their_labels_namespace_and_service_account() {
 #[test]
 fn add_fails_when_the_api_server_never_tells_of_the_pod() {
     ensure_root().unwrap();
-    let t = Topology::new(TopologySpec::new()).unwrap();
-    let api = FakeApiServer::start(t.node().ns());
-    api.set_namespace("shop", json!({}));
-    let dir = tempfile::tempdir().unwrap();
-    let (policy, kubeconfig) = (dir.path().join("policy.yaml"), dir.path().join("kubeconfig"));
-    std::fs::write(&policy, POLICY).unwrap();
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let options = AgentOptions {
-        node_name: NODE.into(),
-        extra_args: vec!["--kubernetes".into(), "--kubeconfig".into(), kubeconfig.display().to_string()],
-        ..AgentOptions::for_node(t.node(), &policy, "enforce")
-    };
-    let agent = Agent::start(t.node().ns(), &options).unwrap();
+    let cluster = Cluster::start(POLICY, Some("enforce"));
+    let node = cluster.t.node().ns();
     let netns = Netns::new("pod").unwrap();
     let pod = PodRef { container_id: "ghost", namespace: "shop", name: "ghost", netns: &netns };
     let ptp = json!({
         "cniVersion": "1.0.0", "name": "zt-test", "type": "ptp", "ipMasq": false,
-        "ipam": {"type": "host-local", "subnet": "10.30.0.0/24", "dataDir": dir.path().join("ipam")}
+        "ipam": {"type": "host-local", "subnet": "10.30.0.0/24", "dataDir": cluster.dir.path().join("ipam")}
     });
-    let (ok, result, stderr) = invoke(t.node().ns(), &plugin("ptp"), "ADD", &pod, &ptp);
+    let (ok, result, stderr) = invoke(node, &plugin("ptp"), "ADD", &pod, &ptp);
     assert!(ok, "ptp ADD: {result} {stderr}");
-    let mut chained = json!({"cniVersion": "1.0.0", "name": "zt-test", "type": "zt-cni", "socket": agent.socket()});
+    let mut chained = json!({"cniVersion": "1.0.0", "name": "zt-test", "type": "zt-cni", "socket": cluster.agent.socket()});
     chained["prevResult"] = result;
-    let (ok, out, _) = invoke(t.node().ns(), &zt_cni(), "ADD", &pod, &chained);
+    let (ok, out, _) = invoke(node, &zt_cni(), "ADD", &pod, &chained);
     assert!(!ok, "ADD succeeded for a pod the API server never named: {out}");
     let message = out["msg"].as_str().unwrap_or_default();
     assert!(message.contains("pod shop/ghost: no identity bound to"), "{out}");
-    let _ = invoke(t.node().ns(), &plugin("ptp"), "DEL", &pod, &ptp);
+    let _ = invoke(node, &plugin("ptp"), "DEL", &pod, &ptp);
 }
+
+/// The walkthrough of docs/kubernetes.md with pods: a default deny in force, the node in
+/// monitor mode (nothing dropped, would-be denials reported), `policy suggest` over the audits,
+/// the suggestion added to the policy directory (hot-reloaded), then `zt-agent mode enforce`:
+/// what was seen passes, the rest is dropped.
+#[test]
+fn monitor_suggest_then_enforce_with_pods() {
+    ensure_root().unwrap();
+    let cluster = Cluster::start(
+        "apiVersion: zt/v1\nkind: Policy\nmetadata: {name: baseline}\nspec: {subject: [{pods: {}}], ingress: [], egress: []}\n",
+        None,
+    );
+    let agent = &cluster.agent;
+    let web = cluster.pod("web-1", json!({"app": "web"}));
+    let api_pod = cluster.pod("api-1", json!({"app": "api"}));
+    let other = cluster.pod("other-1", json!({"app": "other"}));
+    assert!(connects(&web, &api_pod), "monitor drops nothing\n{}", agent.stderr());
+    agent
+        .wait_for_event(|e| e["verdict"] == "audit" && e["src"]["identity"] == "k8s:shop:web:app=web", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no audit of web → api: {:#?}", agent.events()));
+
+    let events: String = agent.events().iter().map(|e| e.to_string() + "\n").collect();
+    let (events_file, policies) = (cluster.dir.path().join("events.jsonl"), cluster.dir.path().join("policies"));
+    std::fs::write(&events_file, events).unwrap();
+    let out = zt_tests::run_agent_command([
+        "policy".as_ref(),
+        "suggest".as_ref(),
+        "--from".as_ref(),
+        events_file.as_os_str(),
+        "--policy".as_ref(),
+        policies.as_os_str(),
+    ])
+    .unwrap();
+    let suggestion = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{suggestion}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(suggestion.contains("{pods: {namespace: \"shop\", serviceAccount: \"web\", matchLabels: {\"app\": \"web\"}}}"), "{suggestion}");
+    let reloads = |agent: &Agent| agent.events().iter().filter(|e| e["kind"] == "policy" && e["result"] == "applied").count();
+    let before = reloads(agent);
+    std::fs::write(policies.join("suggested.yaml"), &suggestion).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads(agent) == before {
+        assert!(std::time::Instant::now() < deadline, "the suggestion was not loaded\n{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    agent.set_mode("enforce").unwrap();
+    assert!(connects(&web, &api_pod), "the flow that was seen passes\n{}", agent.stderr());
+    assert!(!connects(&other, &api_pod), "one that was not is dropped");
+    assert!(!connects(&api_pod, &web), "so is its reverse, as a new flow");
+}
+
