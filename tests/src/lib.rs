@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod netns;
+pub mod podman;
 pub mod rsyslog;
 pub mod sniffer;
 pub mod topology;

@@ -28,6 +28,11 @@ const DEBIAN_PACKAGES: [&str; 8] = [
     "rsyslog-openssl",
     "containernetworking-plugins",
 ];
+/// What only the tests use: the image test (tests/tests/image.rs) builds and runs the agent's
+/// image with podman, on runc, since bookworm's crun refuses cgroup layouts with controllers on
+/// both the v1 and the v2 hierarchies (runc, an alternative to crun in podman's dependencies,
+/// handles them).
+const TEST_DEBIAN_PACKAGES: [&str; 2] = ["podman", "runc"];
 const BPFFS: &str = "/sys/fs/bpf";
 /// Validates the rendered manifests against the Kubernetes API schemas (from PyPI; it carries
 /// them, so validating needs no cluster and no network).
@@ -40,13 +45,14 @@ pub fn run() -> Result<()> {
     let toolchain = ebpf_toolchain()?;
     ensure_rust_src(toolchain)?;
     ensure_bpf_linker()?;
-    ensure_debian_packages()?;
+    ensure_debian_packages(&DEBIAN_PACKAGES)?;
     ensure_bpffs()
 }
 
 /// What only the tests need besides [`run`]'s: the tools the manifest tests render and
-/// validate `deploy/` with.
+/// validate `deploy/` with, and podman for the image test.
 pub fn test_tools() -> Result<()> {
+    ensure_debian_packages(&TEST_DEBIAN_PACKAGES)?;
     ensure_kubernetes_validate()?;
     ensure_kustomize()
 }
@@ -158,9 +164,10 @@ fn ensure_bpf_linker() -> Result<()> {
     )
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .into_iter()
+fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|package| {
             let status = Command::new("dpkg-query").args(["-W", "-f=${Status}", package]).output();
             !status.is_ok_and(|out| out.stdout == b"install ok installed")
