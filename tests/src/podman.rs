@@ -32,7 +32,7 @@ pub struct Podman {
 }
 
 impl Podman {
-    pub fn new() -> Podman {
+    pub fn with_own_state() -> Podman {
         ensure_root().unwrap();
         let version = Command::new("podman").arg("--version").output();
         assert!(
@@ -379,7 +379,7 @@ pub struct Rootfs {
 }
 
 impl Rootfs {
-    pub fn new() -> Rootfs {
+    pub fn minimal() -> Rootfs {
         let rootfs = Rootfs { dir: tempfile::tempdir().unwrap() };
         rootfs.write("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n", 0o644);
         rootfs.write("/etc/group", "root:x:0:\n", 0o644);

@@ -234,9 +234,9 @@ const BINARY_STUB: &str = "#!/bin/sh\necho \"stub ${0##*/} $*\"\n";
 
 #[test]
 fn the_build_stage_runs_the_setup_toolchain_and_hands_its_binaries_to_the_runtime_stage() {
-    let podman = Podman::new();
+    let podman = Podman::with_own_state();
     // The stand-in Rust image: a shell and the tools the stage's RUN lines use, from the host.
-    let rootfs = Rootfs::new();
+    let rootfs = Rootfs::minimal();
     for tool in ["/bin/sh", "/bin/ls", "/bin/mkdir", "/bin/cp", "/bin/cat"] {
         rootfs.add_executable(tool);
     }
@@ -293,7 +293,7 @@ struct AgentImage<'p> {
 fn agent_image(podman: &Podman) -> AgentImage<'_> {
     let agent = zt_tests::agent_bin().unwrap();
     let cni = agent.with_file_name("zt-cni");
-    let rootfs = Rootfs::new();
+    let rootfs = Rootfs::minimal();
     rootfs.add_libraries_of(&agent);
     rootfs.add_libraries_of(&cni);
     let base = podman.import(&rootfs, &format!("localhost/{}:latest", unique("runtime")), &[]);
@@ -335,7 +335,7 @@ fn the_image_runs_privileged_on_the_nodes_network_attaches_enforces_and_is_ready
     let started = Instant::now();
     let t = Topology::new(TopologySpec::new().workload("web", 1).workload("api", 2).workload("intruder", 9)).unwrap();
     let pins = BpffsDir::new(t.node().ns()).unwrap();
-    let podman = Podman::new();
+    let podman = Podman::with_own_state();
     let image = agent_image(&podman);
     let built = started.elapsed();
 

@@ -894,7 +894,7 @@ fn mutate_frame(rng: &mut Rng, frame: &mut Vec<u8>, what: &mut String) {
 fn set_fragment_offset(packet: &mut [u8], offset: u16) {
     if packet[0] >> 4 == 4 {
         let flags = u16::from_be_bytes([packet[6], packet[7]]) & 0xe000;
-        packet[6..8].copy_from_slice(&(flags | offset / 8).to_be_bytes());
+        packet[6..8].copy_from_slice(&(flags | (offset / 8)).to_be_bytes());
     } else if let Some(at) = ipv6_fragment_header(packet) {
         let more = packet[at + 3] & 1;
         packet[at + 2..at + 4].copy_from_slice(&(offset | u16::from(more)).to_be_bytes());

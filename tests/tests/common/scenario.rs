@@ -285,7 +285,7 @@ impl Prefix {
         let mut ranges: Vec<Prefix> = Vec::new();
         for _ in 0..1 + rng.usize(..4) {
             let v4 = rng.percent(60);
-            let candidate = match ranges.iter().copied().filter(|p| p.v4 == v4 && p.len < Self::width(v4)).last() {
+            let candidate = match ranges.iter().copied().rfind(|p| p.v4 == v4 && p.len < Self::width(v4)) {
                 Some(parent) if rng.percent(40) => {
                     let len = (parent.len + rng.u32(1..9)).min(Self::width(v4));
                     let host = (u128::from(rng.u64(..)) << 64 | u128::from(rng.u64(..))) & parent.host_mask();

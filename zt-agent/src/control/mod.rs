@@ -142,7 +142,8 @@ pub struct AttachmentStatus {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum Response {
-    Ok { status: Status },
+    // Boxed: a status is large, an error small.
+    Ok { status: Box<Status> },
     Error { message: String },
 }
 
@@ -300,7 +301,7 @@ async fn connection(stream: tokio::net::UnixStream, served: Served) {
         response = pod_identity_bound(&served, &interface, &name).await.and_then(|()| status(shared));
     }
     let response = match response {
-        Ok(status) => Response::Ok { status },
+        Ok(status) => Response::Ok { status: Box::new(status) },
         Err(err) => Response::Error { message: format!("{err:#}") },
     };
     let _ = write_event(&mut write, &response).await;
@@ -421,7 +422,7 @@ pub fn request(socket: &Path, request: &Request) -> Result<Status> {
     let mut response = String::new();
     std::io::BufReader::new(stream).read_line(&mut response)?;
     match serde_json::from_str::<Response>(&response).context("malformed response from zt-agent")? {
-        Response::Ok { status } => Ok(status),
+        Response::Ok { status } => Ok(*status),
         Response::Error { message } => bail!("zt-agent refused: {message}"),
     }
 }

@@ -40,10 +40,17 @@ pub struct KubernetesSource {
     local_revision: u64,
     /// Pods without an identity (over the label bound), each reported once while it lasts.
     reported: BTreeSet<PodKey>,
-    /// The bindings last computed, and for what (view revision, local revision, the policy,
-    /// held so that its address is not another's): refreshes come every 200 ms, changes far
-    /// less often.
-    bound: Option<((u64, u64, Arc<Compiled>), Bindings)>,
+    /// The bindings last computed: refreshes come every 200 ms, changes far less often.
+    bound: Option<Computed>,
+}
+
+/// Bindings, and what they were computed from.
+struct Computed {
+    revision: u64,
+    local_revision: u64,
+    /// Held, so that its address is never another policy's.
+    compiled: Arc<Compiled>,
+    bindings: Bindings,
 }
 
 /// What the source binds under one compiled policy.
@@ -130,12 +137,13 @@ impl KubernetesSource {
     /// under `compiled`; and an identity event for each pod newly found without one.
     pub fn bindings(&mut self, compiled: &Arc<Compiled>) -> (Bindings, Vec<Value>) {
         let view = self.view.lock().expect("cluster view lock poisoned");
-        if let Some(((revision, local_revision, computed_for), bindings)) = &self.bound {
-            if (*revision, *local_revision) == (view.revision, self.local_revision) && Arc::ptr_eq(computed_for, compiled) {
-                return (bindings.clone(), Vec::new());
+        if let Some(computed) = &self.bound {
+            let same = (computed.revision, computed.local_revision) == (view.revision, self.local_revision);
+            if same && Arc::ptr_eq(&computed.compiled, compiled) {
+                return (computed.bindings.clone(), Vec::new());
             }
         }
-        let inputs = (view.revision, self.local_revision, compiled.clone());
+        let revision = view.revision;
         let (mut bindings, mut events, mut unidentified) = (Bindings::default(), Vec::new(), BTreeSet::new());
         for (key, pod) in &view.pods {
             let identity = match PodIdentity::of(&pod.namespace, &pod.service_account, &pod.labels) {
@@ -162,7 +170,12 @@ impl KubernetesSource {
         }
         drop(view);
         self.reported = unidentified;
-        self.bound = Some((inputs, bindings.clone()));
+        self.bound = Some(Computed {
+            revision,
+            local_revision: self.local_revision,
+            compiled: compiled.clone(),
+            bindings: bindings.clone(),
+        });
         (bindings, events)
     }
 }
