@@ -145,6 +145,7 @@ impl KubernetesSource {
         }
         let revision = view.revision;
         let (mut bindings, mut events, mut unidentified) = (Bindings::default(), Vec::new(), BTreeSet::new());
+        let mut local_addresses = BTreeMap::new();
         for (key, pod) in &view.pods {
             let identity = match PodIdentity::of(&pod.namespace, &pod.service_account, &pod.labels) {
                 Ok(identity) => identity,
@@ -164,10 +165,13 @@ impl KubernetesSource {
             let Some(id) = compiled.identities.id(&identity.name()) else { continue };
             bindings.addresses.extend(pod.ips.iter().map(|addr| (*addr, id)));
             if let Some(local) = self.local.get(key) {
-                bindings.addresses.extend(local.addresses.iter().map(|addr| (*addr, id)));
+                local_addresses.extend(local.addresses.iter().map(|addr| (*addr, id)));
                 bindings.interfaces.extend(local.interfaces.iter().map(|name| (name.clone(), id)));
             }
         }
+        // This node's CNI knows its pods' addresses first-hand: over whatever the API server
+        // still says of an address just given to another pod.
+        bindings.addresses.extend(local_addresses);
         drop(view);
         self.reported = unidentified;
         self.bound = Some(Computed {
@@ -223,7 +227,8 @@ mod tests {
 
     #[test]
     fn pods_addresses_and_local_interfaces_are_bound_to_their_label_set() {
-        let mut source = source(vec![pod("shop", "web-1", "web", &["10.30.0.1"]), pod("shop", "api-1", "api", &[])]);
+        // The API server still gives web-1 an address api-1's CNI has just been given.
+        let mut source = source(vec![pod("shop", "web-1", "web", &["10.30.0.1", "10.30.0.2"]), pod("shop", "api-1", "api", &[])]);
         let compiled = compiled(&source);
         let web = compiled.identities.id("k8s:shop:default:app=web").unwrap();
         let api = compiled.identities.id("k8s:shop:default:app=api").unwrap();
@@ -232,7 +237,7 @@ mod tests {
         let (bound, events) = source.bindings(&compiled);
         assert!(events.is_empty());
         let addresses: Vec<(String, u32)> = bound.addresses.iter().map(|(a, id)| (a.to_string(), *id)).collect();
-        assert_eq!(addresses, [("10.30.0.1".to_owned(), web), ("10.30.0.2".to_owned(), api)]);
+        assert_eq!(addresses, [("10.30.0.1".to_owned(), web), ("10.30.0.2".to_owned(), api)], "the CNI's word wins");
         assert_eq!(bound.interfaces, [("veth-api".to_owned(), api)].into());
         assert_eq!(source.identity_of(&("shop".into(), "api-1".into()), &compiled), Some(api));
         source.forget(&("shop".into(), "api-1".into()), "veth-api");

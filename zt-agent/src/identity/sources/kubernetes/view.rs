@@ -36,6 +36,11 @@ impl PodView {
         if spec.and_then(|s| s.host_network) == Some(true) {
             return None;
         }
+        // A pod that has run to its end keeps its addresses in its status, but they are free
+        // again: the next pod given one must not be taken for it.
+        if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+            return None;
+        }
         let ips = status
             .and_then(|s| s.pod_ips.as_ref())
             .map(|ips| ips.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
@@ -307,7 +312,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_relist_replaces_the_view_once_complete_and_host_network_pods_are_left_out() {
+    async fn a_relist_replaces_the_view_once_complete_and_host_network_and_finished_pods_are_left_out() {
         let view = start(|path, watching, n| match (path, watching, n) {
             ("/api/v1/pods", false, 0) => Some(respond(&list(
                 "PodList",
@@ -326,7 +331,10 @@ mod tests {
             ("/api/v1/pods", false, 1) => {
                 let mut node_agent = pod("kube-system", "proxy-1", json!({"k8s-app": "proxy"}), &["192.168.0.10"], "20");
                 node_agent["spec"]["hostNetwork"] = json!(true);
-                Some(respond(&list("PodList", vec![pod("prod", "web-1", json!({"app": "web"}), &["10.244.1.5"], "10"), node_agent], "21")))
+                let mut done = pod("prod", "job-1", json!({"app": "job"}), &["10.244.1.9"], "20");
+                done["status"]["phase"] = json!("Succeeded");
+                let pods = vec![pod("prod", "web-1", json!({"app": "web"}), &["10.244.1.5"], "10"), node_agent, done];
+                Some(respond(&list("PodList", pods, "21")))
             }
             ("/api/v1/namespaces", false, 0) => Some(respond(&list("NamespaceList", vec![namespace("prod", json!({}))], "3"))),
             _ => None,
@@ -335,5 +343,6 @@ mod tests {
         let view = view.lock().unwrap();
         assert!(view.pods.contains_key(&("prod".to_owned(), "web-1".to_owned())), "{view:#?}");
         assert!(!view.pods.keys().any(|(ns, _)| ns == "kube-system"), "a host-network pod has the node's addresses");
+        assert!(!view.pods.contains_key(&("prod".to_owned(), "job-1".to_owned())), "a finished pod's address is free again");
     }
 }
