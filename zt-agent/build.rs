@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         // Unit-test loops that never load programs: embed an empty object, which the loader
         // rejects with a message saying how the binary was built.
         fs::write(out_dir.join("zt-ebpf"), [])?;
+        fs::write(out_dir.join("zt-reference"), [])?;
         return Ok(());
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../zt-ebpf");

@@ -115,14 +115,18 @@ fn sweep(cases: u64, frames: u64, seed: Option<&str>) -> Result<()> {
     test(&tests.map(String::from))
 }
 
-/// Runs the event-pipeline benchmark (tests/benches/events.rs).
+/// Runs the benchmarks: the datapath's per-packet cost (tests/benches/datapath.rs, which writes
+/// bench/results/<date>.md and .json) and the event pipeline (tests/benches/events.rs).
 fn bench() -> Result<()> {
     zt_tests::ensure_root()?;
     setup::run()?;
-    run_checked(
-        cargo().args(["bench", "--package", "zt-tests", "--bench", "events"]),
-        "see the errors above (the bench loads the datapath, so it needs root and a BPF-capable kernel)",
-    )
+    for bench in ["datapath", "events"] {
+        run_checked(
+            cargo().args(["bench", "--package", "zt-tests", "--bench", bench]),
+            "see the errors above (the benches load the datapath, so they need root and a BPF-capable kernel)",
+        )?;
+    }
+    Ok(())
 }
 
 fn build_agent() -> Result<()> {

@@ -62,6 +62,10 @@ pub mod programs {
     pub const XDP: &str = "zt_xdp";
     pub const CGROUP_INGRESS: &str = "zt_cgroup_ingress";
     pub const CGROUP_EGRESS: &str = "zt_cgroup_egress";
+    /// What `cargo xtask bench` measures the others against: a separate object
+    /// (zt-ebpf/src/reference.rs, `zt_agent::datapath::reference`).
+    pub const REFERENCE_FLOOR: &str = "zt_reference_floor";
+    pub const REFERENCE_LOOKUP: &str = "zt_reference_lookup";
 }
 
 /// Numeric identities. Below [`identity::FIRST_USER`] they are reserved.

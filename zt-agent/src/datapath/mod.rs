@@ -48,6 +48,23 @@ use probe::Probe;
 /// The eBPF object, built from `zt-ebpf` by this crate's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt-ebpf"));
 
+/// The benchmarks' reference programs (zt-ebpf/src/reference.rs), loaded into their own
+/// object: the floor and a parse-and-one-lookup filter. Only with the `reference-programs`
+/// feature, which the benchmarks turn on; the agent does not carry them.
+#[cfg(feature = "reference-programs")]
+pub fn reference_programs() -> Result<Ebpf> {
+    static REFERENCE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt-reference"));
+    if REFERENCE.is_empty() {
+        bail!("built with AYA_BUILD_SKIP: no reference programs; rebuild without it");
+    }
+    let mut ebpf = Ebpf::load(REFERENCE).context("loading the reference object (are you root?)")?;
+    for name in [programs::REFERENCE_FLOOR, programs::REFERENCE_LOOKUP] {
+        let program: &mut aya::programs::Xdp = program_mut(&mut ebpf, name)?;
+        program.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(ebpf)
+}
+
 fn object() -> Result<&'static [u8]> {
     if OBJECT.is_empty() {
         bail!("this zt-agent was built with AYA_BUILD_SKIP set and carries no eBPF object; rebuild it with `cargo xtask build`");
