@@ -39,6 +39,7 @@ use zt_agent::{
     policy,
 };
 use zt_common::programs;
+use zt_tests::bench_policy::{address, policy_text};
 
 /// Runs of a repeated measure, and frames of a run-once measure.
 const REPEAT: u32 = 200_000;
@@ -50,38 +51,6 @@ const TC_ACT_SHOT: u32 = 2;
 
 /// (rules, identities): the rule sweep at 1k identities, then the identity sweep at 1k rules.
 const CASES: [(usize, usize); 6] = [(10, 1_000), (1_000, 1_000), (10_000, 1_000), (100_000, 1_000), (1_000, 10), (1_000, 50_000)];
-
-fn address(i: usize, v6: bool) -> IpAddr {
-    if v6 {
-        IpAddr::from([0xfd00, 0, 0, 0, 0, 0, (i >> 16) as u16, i as u16])
-    } else {
-        IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8])
-    }
-}
-
-/// Identities `w<i>` of one IPv4 and one IPv6 address each; rule k lets w<(k + 1 + k / n) % n>
-/// reach w<k % n> on TCP port 1024 + k / n, one policy per subject. Rule 0: w1 → w0:1024.
-fn policy_text(rules: usize, identities: usize) -> String {
-    let mut text = String::new();
-    for i in 0..identities {
-        let (v4, v6) = (address(i, false), address(i, true));
-        writeln!(text, "---\napiVersion: zt/v1\nkind: Identity\nmetadata: {{name: w{i}}}\nspec: {{selectors: [{{cidr: {v4}/32}}, {{cidr: \"{v6}/128\"}}]}}").unwrap();
-    }
-    let mut by_subject: Vec<Vec<(usize, usize)>> = vec![Vec::new(); identities];
-    for k in 0..rules {
-        let (subject, round) = (k % identities, k / identities);
-        let peer = (k + 1 + round) % identities;
-        let peer = if peer == subject { (peer + 1) % identities } else { peer };
-        by_subject[subject].push((peer, 1024 + round % 60_000));
-    }
-    for (subject, rules) in by_subject.iter().enumerate().filter(|(_, rules)| !rules.is_empty()) {
-        writeln!(text, "---\napiVersion: zt/v1\nkind: Policy\nmetadata: {{name: p{subject}}}\nspec:\n  subject: [w{subject}]\n  ingress:").unwrap();
-        for (peer, port) in rules {
-            writeln!(text, "    - {{from: [w{peer}], ports: [{{protocol: tcp, port: {port}}}]}}").unwrap();
-        }
-    }
-    text
-}
 
 /// A TCP SYN from w1 to w0.
 fn syn(v6: bool, src_port: u16, dst_port: u16) -> Vec<u8> {

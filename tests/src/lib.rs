@@ -6,6 +6,7 @@
 //! alive (for interrupt handlers), and leftovers of crashed runs are swept on first use.
 
 pub mod agent;
+pub mod bench_policy;
 pub mod cgroup;
 pub mod netns;
 pub mod podman;

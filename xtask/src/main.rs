@@ -116,13 +116,18 @@ fn sweep(cases: u64, frames: u64, seed: Option<&str>) -> Result<()> {
 }
 
 /// Runs the benchmarks: the datapath's per-packet cost (tests/benches/datapath.rs, which writes
-/// bench/results/<date>.md and .json) and the event pipeline (tests/benches/events.rs).
+/// bench/results/<date>.md and .json), the agent's policy apply and memory (agent.rs, which
+/// appends to them) and the event pipeline (tests/benches/events.rs).
 fn bench() -> Result<()> {
     zt_tests::ensure_root()?;
     setup::run()?;
-    for bench in ["datapath", "events"] {
+    // The agent bench runs the agent as a node does: the release build.
+    run_checked(cargo().args(["build", "--release", "--package", "zt-agent", "--bins"]), "see the compiler errors above")?;
+    let agent = target_dir().join("release/zt-agent");
+    // datapath first: it writes the day's results, which agent appends to.
+    for bench in ["datapath", "agent", "events"] {
         run_checked(
-            cargo().args(["bench", "--package", "zt-tests", "--bench", bench]),
+            cargo().args(["bench", "--package", "zt-tests", "--bench", bench]).env(zt_tests::agent::AGENT_BIN_ENV, &agent),
             "see the errors above (the benches load the datapath, so they need root and a BPF-capable kernel)",
         )?;
     }
