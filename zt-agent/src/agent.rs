@@ -78,14 +78,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Everything that can be wrong with the policy is reported before the kernel is touched.
     let started = Instant::now();
     let set = policy::load_paths(&options.policy)?;
-    let mut compiled = Arc::new(policy::compile::compile(&set)?);
-    let mut compiled_in = started.elapsed();
-    tracing::info!(
-        identities = compiled.identities.len(),
-        rules = compiled.rules.len(),
-        entries = compiled.policy.len(),
-        "policy compiled"
-    );
+    // Without the Kubernetes source the policy compiles now; with it, once the pods are known
+    // (compiling it twice would double a large policy's start).
+    let early = match options.kubernetes {
+        None => Some(compile_logged(&set, &Default::default())?),
+        Some(_) => None,
+    };
+    let read_in = started.elapsed();
 
     // Certificates may bind cgroups too, so they need the hierarchy as well.
     let cgroup_root = if options.cgroup.is_empty() && options.certificates.is_none() {
@@ -117,14 +116,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (kubernetes, following) = match &options.kubernetes {
         Some(kubernetes) => {
             let (source, following) = start_kubernetes(kubernetes).await?;
-            let compiling = Instant::now();
-            compiled = Arc::new(policy::compile::compile_for(&set, &source.cluster())?);
-            compiled_in += compiling.elapsed();
-            tracing::info!(identities = compiled.identities.len(), entries = compiled.policy.len(), "policy compiled for the cluster's pods");
             (Some(source), Some(following))
         }
         None => (None, None),
     };
+    // Reading and compiling, not the wait for the API server.
+    let compiling = Instant::now();
+    let compiled = match early {
+        Some(compiled) => compiled,
+        None => compile_logged(&set, &kubernetes.as_ref().map(KubernetesSource::cluster).unwrap_or_default())?,
+    };
+    let compiled_in = read_in + compiling.elapsed();
 
     // Subscribed before the interfaces are listed, so none that appears in between is missed.
     let links = if options.attach.is_empty() { None } else { Some(LinkWatch::start().await?) };
@@ -253,6 +255,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
     );
     sinks.close(SINK_GRACE).await;
     outcome
+}
+
+fn compile_logged(set: &policy::PolicySet, cluster: &crate::identity::pods::Cluster) -> Result<Arc<policy::compile::Compiled>> {
+    let compiled = policy::compile::compile_for(set, cluster)?;
+    tracing::info!(
+        identities = compiled.identities.len(),
+        rules = compiled.rules.len(),
+        entries = compiled.policy.len(),
+        "policy compiled"
+    );
+    Ok(Arc::new(compiled))
 }
 
 /// Starts following the API server and waits for the first complete list of pods and
