@@ -124,8 +124,8 @@ fn bench() -> Result<()> {
     // The agent bench runs the agent as a node does: the release build.
     run_checked(cargo().args(["build", "--release", "--package", "zt-agent", "--bins"]), "see the compiler errors above")?;
     let agent = target_dir().join("release/zt-agent");
-    // datapath first: it writes the day's results, which agent appends to.
-    for bench in ["datapath", "agent", "events"] {
+    // datapath first: it writes the day's results, which agent and wire append to.
+    for bench in ["datapath", "agent", "events", "wire"] {
         run_checked(
             cargo().args(["bench", "--package", "zt-tests", "--bench", bench]).env(zt_tests::agent::AGENT_BIN_ENV, &agent),
             "see the errors above (the benches load the datapath, so they need root and a BPF-capable kernel)",

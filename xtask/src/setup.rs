@@ -17,8 +17,10 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// debugging XDP on veths, curl scrapes the metrics endpoint and prometheus brings `promtool`,
 /// which checks what it serves; rsyslog (with its OpenSSL TLS driver) is the real receiver of
 /// the syslog sink tests, which run their own instance in a test namespace.
-/// containernetworking-plugins are the cluster CNI the zt-cni tests chain after.
-const DEBIAN_PACKAGES: [&str; 8] = [
+/// containernetworking-plugins are the cluster CNI the zt-cni tests chain after. nftables and
+/// iptables are what the end-to-end bench (tests/benches/wire.rs) compares zt with, in its own
+/// namespaces.
+const DEBIAN_PACKAGES: [&str; 10] = [
     "iproute2",
     "iputils-ping",
     "ethtool",
@@ -27,6 +29,8 @@ const DEBIAN_PACKAGES: [&str; 8] = [
     "rsyslog",
     "rsyslog-openssl",
     "containernetworking-plugins",
+    "nftables",
+    "iptables",
 ];
 /// What only the tests use: the image test (tests/tests/image.rs) builds and runs the agent's
 /// image with podman, on runc, since bookworm's crun refuses cgroup layouts with controllers on

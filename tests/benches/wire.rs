@@ -1,0 +1,822 @@
+//! `cargo xtask bench`, end to end: real packets over a veth pair between two namespaces the
+//! bench creates (A, the sender, and B, the receiver), through zt, nftables and iptables holding
+//! the same rules, each figure a ratio to no filtering measured in the same run.
+//!
+//! - **UDP, 64-byte frames.** The generator is the kernel's own XDP "live frames" test mode
+//!   (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES), run in A: a 15-instruction program
+//!   gives each frame a random source port (1024 flows) and redirects it out of A's veth, so B
+//!   receives it as a NIC would, without A's socket and IP stack in the way. Counted in B as
+//!   what reached UDP (`InDatagrams` + `RcvbufErrors`), a receiver draining with `recvmmsg`.
+//! - **TCP**: one connection A → B, 128 KiB writes, bytes read in B.
+//! - **Denied flood**: the UDP generator on a port no rule names; each mechanism's own drop
+//!   counter at its earliest hook — zt's XDP program (its counters map), iptables' raw table,
+//!   nftables' netdev ingress.
+//!
+//! Each condition gets fresh namespaces: 1 s warm-up, then 3 s measured. Policies (the bench
+//! policy of `zt_tests::bench_policy`, on UDP or TCP, 1000 identities; A is w2, B is w1) hold
+//! 10, 1k and 10k rules, and the measured flow is allowed by rule 1 (w2 → w1:1024):
+//! - zt: the datapath the agent loads, in this process, enforcing, on B's veth — the XDP
+//!   program (B's veth as an uplink) and, separately, the TC programs (as a workload veth);
+//! - nftables: an `inet` input chain, `ct state established,related accept`, then one lookup of
+//!   `ip saddr . ip daddr . <proto> dport` in a set of every rule, policy drop;
+//! - iptables (the system's, iptables-nft on Debian 12): the same conntrack rule first, then
+//!   one `-s -d -p --dport -j ACCEPT` per rule, the measured flow's last, policy drop.
+//!
+//! All three keep state, so the comparison is fair: established TCP skips the rules in each.
+//! UDP that gets no reply never becomes ESTABLISHED in netfilter's conntrack, so iptables and
+//! nftables evaluate their rules on every UDP packet, while zt's conntrack admits a flow once
+//! and passes its later packets — each as it is built. The flood is a new flow to every filter.
+//!
+//! The generator and B's receive path share a core (veth processes in the sender's softirq),
+//! so a filter's cost shows as a lower rate; `ns/pkt` is 1/rate, for scale. B's veth has GRO on
+//! in every condition (a veth only takes redirected frames with NAPI, which GRO or XDP turns
+//! on). Attaching XDP to a veth also turns off GSO on its peer (unless the program handles
+//! multi-buffer frames), which the TCP figure of zt's XDP hook pays and a NIC's would not.
+//!
+//! Appends its tables to bench/results/<date>.md and its figures to the .json that
+//! `benches/datapath.rs` wrote. Needs root.
+
+use std::{
+    any::Any,
+    fmt::Write as _,
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    programs::{Xdp, XdpMode},
+    Ebpf,
+};
+use etherparse::PacketBuilder;
+use nix::{libc, sched::CloneFlags};
+use serde_json::{json, Value};
+use zt_agent::{
+    datapath::{capacity::Capacities, Datapath, Mode, PinDir},
+    events::limits::EventLimitSettings,
+    policy,
+};
+use zt_common::{programs, Verdict};
+use zt_tests::{
+    bench_policy::{address, policy_text_for, rule},
+    BpffsDir, Netns,
+};
+
+const SIZES: [usize; 3] = [10, 1_000, 10_000];
+const IDENTITIES: usize = 1_000;
+/// A is w2, B is w1: rule 1 lets w2 reach w1 on port 1024.
+const SENDER: usize = 2;
+const RECEIVER: usize = 1;
+const RULE: usize = 1;
+/// A port no rule names (rules use 1024 and up): the flood's.
+const DENIED_PORT: u16 = 9;
+const WARMUP: Duration = Duration::from_secs(1);
+const MEASURE: Duration = Duration::from_secs(3);
+const A_IF: &str = "wire0";
+const B_IF: &str = "wire1";
+const A_MAC: [u8; 6] = [2, 0x7a, 0, 0, 0, 1];
+const B_MAC: [u8; 6] = [2, 0x7a, 0, 0, 0, 2];
+/// 18 bytes of UDP payload: a 60-byte frame, 64 on the wire with its FCS.
+const PAYLOAD: [u8; 18] = [0x5a; 18];
+
+fn sender_ip() -> Ipv4Addr {
+    let std::net::IpAddr::V4(ip) = address(SENDER, false) else { unreachable!() };
+    ip
+}
+
+fn receiver_ip() -> Ipv4Addr {
+    let std::net::IpAddr::V4(ip) = address(RECEIVER, false) else { unreachable!() };
+    ip
+}
+
+/// Runs `program args…` in `ns`; panics with its stderr when it fails.
+fn run(ns: &Netns, program: &str, args: &[&str]) -> String {
+    let output = ns.exec(program, args);
+    assert!(output.status.success(), "`{program} {}` in {ns}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Two namespaces joined by a veth pair: A (`wire0`, w2's address) and B (`wire1`, w1's).
+struct Pair {
+    a: Netns,
+    b: Netns,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let (a, b) = (Netns::new("wire-a").unwrap(), Netns::new("wire-b").unwrap());
+        // IPv4 only: no neighbour discovery or MLD beside the measured traffic.
+        for ns in [&a, &b] {
+            run(ns, "sysctl", &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
+        }
+        let mac = |m: [u8; 6]| m.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":");
+        let (a_mac, b_mac) = (mac(A_MAC), mac(B_MAC));
+        run(&a, "ip", &["link", "add", A_IF, "address", &a_mac, "type", "veth", "peer", "name", B_IF, "address", &b_mac, "netns", b.name()]);
+        for (ns, interface, ip) in [(&a, A_IF, sender_ip()), (&b, B_IF, receiver_ip())] {
+            run(ns, "ip", &["addr", "add", &format!("{ip}/16"), "dev", interface]);
+            run(ns, "ip", &["link", "set", interface, "up"]);
+        }
+        // B routes, as a node does (zt checks an uplink packet's source against B's routes).
+        run(&b, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+        // NAPI on B's veth in every condition: redirected frames need it (XDP turns it on too).
+        run(&b, "ethtool", &["-K", B_IF, "gro", "on"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !run(&b, "ip", &["-br", "link", "show", B_IF]).contains(" UP ") {
+            assert!(Instant::now() < deadline, "{B_IF} never came up");
+            thread::sleep(Duration::from_millis(10));
+        }
+        Pair { a, b }
+    }
+
+    fn sender_ifindex(&self) -> u32 {
+        run(&self.a, "cat", &[&format!("/sys/class/net/{A_IF}/ifindex")]).trim().parse().unwrap()
+    }
+}
+
+/// Starts a thread that enters `ns` and runs `f` there.
+fn spawn_in<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let file = fs::File::open(ns.path()).unwrap();
+    thread::spawn(move || {
+        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+}
+
+// ---- The generator: a raw XDP program in BPF_PROG_TEST_RUN's live-frames mode ----
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+/// One BPF instruction: opcode, registers, offset, immediate.
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    code as u64 | ((dst | src << 4) as u64) << 8 | (off as u16 as u64) << 16 | (imm as u32 as u64) << 32
+}
+
+/// Sets a random UDP source port in 1024..2048 (1024 flows), then redirects out of `ifindex`.
+fn generator_program(ifindex: u32) -> Vec<u64> {
+    vec![
+        insn(0xbf, 6, 1, 0, 0),    // r6 = ctx
+        insn(0x85, 0, 0, 0, 7),    // r0 = bpf_get_prandom_u32()
+        insn(0x61, 2, 6, 0, 0),    // r2 = ctx->data
+        insn(0x61, 3, 6, 4, 0),    // r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),    // r4 = r2
+        insn(0x07, 4, 0, 0, 42),   // r4 += 42 (Ethernet, IPv4, UDP headers)
+        insn(0x2d, 4, 3, 4, 0),    // if r4 > r3 skip the next four
+        insn(0x57, 0, 0, 0, 1023), // r0 &= 1023
+        insn(0x07, 0, 0, 0, 1024), // r0 += 1024
+        insn(0xdc, 0, 0, 0, 16),   // r0 = htons(r0)
+        insn(0x6b, 2, 0, 34, 0),   // *(u16 *)(r2 + 34) = r0: the UDP source port
+        insn(0xb7, 1, 0, 0, ifindex as i32),
+        insn(0xb7, 2, 0, 0, 0),
+        insn(0x85, 0, 0, 0, 23), // return bpf_redirect(ifindex, 0)
+        insn(0x95, 0, 0, 0, 0),
+    ]
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
+}
+
+fn load_generator(ifindex: u32) -> OwnedFd {
+    let insns = generator_program(ifindex);
+    let license = c"GPL";
+    let mut log = vec![0u8; 65_536];
+    // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf.
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    attr[3] = 1 | (log.len() as u64) << 32;
+    attr[4] = log.as_mut_ptr() as u64;
+    let fd = bpf(BPF_PROG_LOAD, &mut attr);
+    assert!(fd >= 0, "loading the generator: {}\n{}", std::io::Error::last_os_error(), String::from_utf8_lossy(&log));
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Sends `frame` out of A's veth until dropped, counting frames.
+struct Generator {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Generator {
+    fn start(pair: &Pair, frame: Vec<u8>) -> Generator {
+        let program = load_generator(pair.sender_ifindex());
+        let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (flag, count) = (stop.clone(), sent.clone());
+        // In A: a live frame's redirect looks its target up in the runner's namespace.
+        let thread = spawn_in(&pair.a, move || {
+            while !flag.load(Ordering::Relaxed) {
+                // union bpf_attr, BPF_PROG_TEST_RUN: prog_fd, data_size_in, data_in, repeat, flags.
+                let repeat: u32 = 20_000;
+                let mut attr = [0u64; 16];
+                attr[0] = program.as_raw_fd() as u64;
+                attr[1] = frame.len() as u64;
+                attr[2] = frame.as_ptr() as u64;
+                attr[4] = repeat as u64;
+                attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES as u64;
+                let ret = bpf(BPF_PROG_TEST_RUN, &mut attr);
+                assert!(ret == 0, "the generator's test run: {}", std::io::Error::last_os_error());
+                count.fetch_add(u64::from(repeat), Ordering::Relaxed);
+            }
+        });
+        Generator { stop, sent, thread: Some(thread) }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // A failed test run panics in the thread; say so here.
+            if thread.join().is_err() && !thread::panicking() {
+                panic!("the generator failed");
+            }
+        }
+    }
+}
+
+/// A 64-byte UDP frame from A to B's `port`, UDP checksum 0 (none): the generator rewrites the
+/// source port.
+fn udp_frame(port: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(A_MAC, B_MAC).ipv4(sender_ip().octets(), receiver_ip().octets(), 64).udp(1024, port);
+    let mut frame = Vec::with_capacity(builder.size(PAYLOAD.len()));
+    builder.write(&mut frame, &PAYLOAD).unwrap();
+    frame[40..42].fill(0);
+    assert_eq!(frame.len(), 60);
+    frame
+}
+
+// ---- Receivers ----
+
+/// Drains a UDP socket in B with `recvmmsg` until stopped.
+struct UdpSink {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpSink {
+    fn start(pair: &Pair, port: u16) -> UdpSink {
+        let socket = pair.b.run(|| UdpSocket::bind((receiver_ip(), port))).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let size: libc::c_int = 8 << 20;
+        let fd = socket.as_raw_fd();
+        unsafe {
+            let value = (&size as *const libc::c_int).cast();
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value, size_of::<libc::c_int>() as u32);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            const BATCH: usize = 64;
+            let mut buffers = vec![[0u8; 64]; BATCH];
+            let mut iovecs: Vec<libc::iovec> =
+                buffers.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+            let mut headers: Vec<libc::mmsghdr> = iovecs
+                .iter_mut()
+                .map(|iov| {
+                    let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    header.msg_hdr.msg_iov = iov;
+                    header.msg_hdr.msg_iovlen = 1;
+                    header
+                })
+                .collect();
+            while !flag.load(Ordering::Relaxed) {
+                unsafe { libc::recvmmsg(fd, headers.as_mut_ptr(), BATCH as u32, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
+            }
+            drop(socket);
+        });
+        UdpSink { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.take().unwrap().join();
+    }
+}
+
+/// Datagrams that reached UDP in B: queued to the socket or refused by its full buffer.
+fn udp_delivered(pair: &Pair) -> u64 {
+    let snmp = pair.b.run(|| fs::read_to_string("/proc/thread-self/net/snmp")).unwrap();
+    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let value = |name: &str| -> u64 {
+        let at = names.split_whitespace().position(|n| n == name).unwrap();
+        values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    };
+    value("InDatagrams") + value("RcvbufErrors")
+}
+
+/// One TCP connection A → B, written to with 128 KiB writes until stopped; bytes read in B.
+struct TcpFlow {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl TcpFlow {
+    fn start(pair: &Pair, port: u16) -> TcpFlow {
+        let listener = pair.b.run(|| TcpListener::bind((receiver_ip(), port))).unwrap();
+        let addr = SocketAddr::from((receiver_ip(), port));
+        let mut sender = pair.a.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).expect("the rules allow the TCP flow");
+        let (mut receiver, _) = listener.accept().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        for stream in [&sender, &receiver] {
+            stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            stream.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+        }
+        let (flag, count) = (stop.clone(), received.clone());
+        let reader = thread::spawn(move || {
+            let mut buffer = vec![0u8; 256 << 10];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(n) = receiver.read(&mut buffer) {
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        let flag = stop.clone();
+        let writer = thread::spawn(move || {
+            let buffer = vec![0x5au8; 128 << 10];
+            while !flag.load(Ordering::Relaxed) {
+                let _ = sender.write(&buffer);
+            }
+        });
+        TcpFlow { stop, received, threads: vec![reader, writer] }
+    }
+}
+
+impl Drop for TcpFlow {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+// ---- The filters ----
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Filter {
+    None,
+    /// datapath.rs's floor, an XDP program that passes everything: what any XDP program costs.
+    XdpFloor,
+    ZtXdp,
+    ZtTc,
+    Nft,
+    Iptables,
+}
+
+impl Filter {
+    fn name(self) -> &'static str {
+        match self {
+            Filter::None => "no filtering",
+            Filter::XdpFloor => "XDP floor",
+            Filter::ZtXdp => "zt, XDP",
+            Filter::ZtTc => "zt, TC",
+            Filter::Nft => "nftables",
+            Filter::Iptables => "iptables",
+        }
+    }
+}
+
+const FILTERS: [Filter; 5] = [Filter::XdpFloor, Filter::ZtXdp, Filter::ZtTc, Filter::Nft, Filter::Iptables];
+
+/// Where zt's programs go on B's veth.
+#[derive(Clone, Copy, PartialEq)]
+enum Attach {
+    /// XDP, the veth marked an uplink, as `--uplink` does.
+    Uplink,
+    /// TC ingress and egress, the veth marked a workload's, as `--attach` does.
+    Workload,
+    /// XDP attached directly, the veth not marked: zt skips its source check there.
+    Unmarked,
+}
+
+/// zt's datapath as the agent loads it, pinned in a directory of this run's, enforcing.
+struct Zt {
+    datapath: Datapath,
+    _pins: Arc<BpffsDir>,
+}
+
+impl Zt {
+    fn start(pair: &Pair, rules: usize, protocol: &str, attach: Attach) -> Zt {
+        let pins = BpffsDir::new(&pair.b).unwrap();
+        let dir = PinDir::open(pins.path()).unwrap();
+        let mut datapath = Datapath::load_pinned(dir, Some(Mode::Enforce), Capacities::default()).expect("loading the datapath needs root");
+        // The agent's default event limits: a flood is counted, not reported packet by packet.
+        let limits = EventLimitSettings { window: Duration::from_secs(1), rate: 5_000, burst: 10_000 };
+        datapath.set_event_limits(&limits).unwrap();
+        let set = policy::parse_str(&policy_text_for(rules, IDENTITIES, protocol), "wire.yaml").expect("the bench policy parses");
+        datapath.install(&policy::compile::compile(&set).expect("the bench policy compiles")).expect("the bench policy fits");
+        let attached = pair.b.run(|| match attach {
+            Attach::Uplink => datapath.attach_uplink(B_IF),
+            Attach::Workload => datapath.attach_workload(B_IF),
+            Attach::Unmarked => {
+                let program = datapath.program::<Xdp>(programs::XDP)?;
+                program.attach(B_IF, XdpMode::Driver).map(|_| ()).map_err(Into::into)
+            }
+        });
+        attached.unwrap_or_else(|e| panic!("attaching zt to {B_IF}: {e:#}"));
+        Zt { datapath, _pins: pins }
+    }
+
+    fn packets(&self, verdict: Verdict) -> u64 {
+        self.datapath.counters().unwrap().all().filter(|c| c.verdict == verdict).map(|c| c.packets).sum()
+    }
+}
+
+/// The rules as (source, destination, port), the measured flow's last.
+fn rule_tuples(rules: usize) -> Vec<(Ipv4Addr, Ipv4Addr, u16)> {
+    let v4 = |i| match address(i, false) {
+        std::net::IpAddr::V4(ip) => ip,
+        _ => unreachable!(),
+    };
+    let order = (0..rules).filter(|&k| k != RULE).chain([RULE]);
+    order.map(|k| rule(k, IDENTITIES)).map(|(peer, subject, port)| (v4(peer), v4(subject), port)).collect()
+}
+
+/// Loads a ruleset file with `loader` (`nft -f`, `iptables-restore`) in B.
+fn load_rules(pair: &Pair, loader: &[&str], text: &str) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    fs::write(file.path(), text).unwrap();
+    let mut args: Vec<&str> = loader[1..].to_vec();
+    args.push(file.path().to_str().unwrap());
+    run(&pair.b, loader[0], &args);
+}
+
+/// nftables, the best-practice way: conntrack first, then one set lookup, policy drop.
+fn nft_input(rules: usize, protocol: &str) -> String {
+    let mut text = format!(
+        "table inet zt {{\n  set allowed {{\n    type ipv4_addr . ipv4_addr . inet_service\n    size {}\n    elements = {{\n",
+        rules.max(1) * 2
+    );
+    for (src, dst, port) in rule_tuples(rules) {
+        writeln!(text, "      {src} . {dst} . {port},").unwrap();
+    }
+    writeln!(text, "    }}\n  }}\n  chain input {{\n    type filter hook input priority filter; policy drop;").unwrap();
+    writeln!(text, "    ct state established,related accept\n    ip saddr . ip daddr . {protocol} dport @allowed accept\n  }}\n}}").unwrap();
+    text
+}
+
+/// iptables, linear: conntrack first, one rule per rule (the measured flow's last), policy drop.
+fn iptables_input(rules: usize, protocol: &str) -> String {
+    let mut text = String::from("*filter\n:INPUT DROP [0:0]\n-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+    for (src, dst, port) in rule_tuples(rules) {
+        writeln!(text, "-A INPUT -s {src}/32 -d {dst}/32 -p {protocol} -m {protocol} --dport {port} -j ACCEPT").unwrap();
+    }
+    text.push_str("COMMIT\n");
+    text
+}
+
+/// Installs `filter` in B; returns what must live while it is measured (zt's datapath, the
+/// reference programs, or nothing).
+fn install(pair: &Pair, filter: Filter, rules: usize, protocol: &str) -> Box<dyn Any> {
+    match filter {
+        Filter::None => Box::new(()),
+        Filter::XdpFloor => Box::new(attach_reference(pair, programs::REFERENCE_FLOOR)),
+        Filter::ZtXdp => Box::new(Zt::start(pair, rules, protocol, Attach::Uplink)),
+        Filter::ZtTc => Box::new(Zt::start(pair, rules, protocol, Attach::Workload)),
+        Filter::Nft => {
+            load_rules(pair, &["nft", "-f"], &nft_input(rules, protocol));
+            Box::new(())
+        }
+        Filter::Iptables => {
+            load_rules(pair, &["iptables-restore"], &iptables_input(rules, protocol));
+            Box::new(())
+        }
+    }
+}
+
+// ---- Measures ----
+
+/// Warm-up, then `sample` before and after the measured interval; its increase per second.
+fn rate(mut sample: impl FnMut() -> u64) -> f64 {
+    thread::sleep(WARMUP);
+    let (before, started) = (sample(), Instant::now());
+    thread::sleep(MEASURE);
+    let after = sample();
+    (after - before) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// UDP datagrams per second that reach B's socket layer through `filter`.
+fn udp_pps(filter: Filter, rules: usize) -> f64 {
+    let pair = Pair::new();
+    let installed = install(&pair, filter, rules, "udp");
+    let _sink = UdpSink::start(&pair, 1024);
+    let generator = Generator::start(&pair, udp_frame(1024));
+    let pps = rate(|| udp_delivered(&pair));
+    drop(generator);
+    if let Some(zt) = installed.downcast_ref::<Zt>() {
+        let counters = zt.datapath.counters().unwrap();
+        let denied: Vec<_> = counters.nonzero().filter(|c| c.verdict == Verdict::Deny).collect();
+        assert!(denied.is_empty(), "zt denied some of the allowed flow: {denied:?}");
+    }
+    assert!(pps > 0.0, "{}: nothing reached B", filter.name());
+    pps
+}
+
+/// TCP Gbit/s from A to B through `filter`.
+fn tcp_gbps(filter: Filter, rules: usize) -> f64 {
+    let pair = Pair::new();
+    let _installed = install(&pair, filter, rules, "tcp");
+    let flow = TcpFlow::start(&pair, 1024);
+    let bytes_per_s = rate(|| flow.received.load(Ordering::Relaxed));
+    assert!(bytes_per_s > 0.0, "{}: the TCP flow carried nothing", filter.name());
+    bytes_per_s * 8.0 / 1e9
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Dropper {
+    /// datapath.rs's lookup reference: zt's parser and one hash lookup, then XDP_DROP.
+    Reference,
+    ZtXdp,
+    /// Diagnostic: zt's XDP program on a veth not marked an uplink, so without its source check.
+    ZtXdpUnchecked,
+    IptablesRaw,
+    NftNetdev,
+}
+
+impl Dropper {
+    fn name(self) -> &'static str {
+        match self {
+            Dropper::Reference => "XDP reference",
+            Dropper::ZtXdp => "zt, XDP",
+            Dropper::ZtXdpUnchecked => "zt, XDP, no source check",
+            Dropper::IptablesRaw => "iptables raw",
+            Dropper::NftNetdev => "nftables netdev",
+        }
+    }
+}
+
+const DROPPERS: [Dropper; 4] = [Dropper::ZtXdp, Dropper::ZtXdpUnchecked, Dropper::IptablesRaw, Dropper::NftNetdev];
+
+/// iptables' raw table: the rules (ACCEPT ends the raw table's walk), then DROP.
+fn iptables_raw(rules: usize) -> String {
+    let mut text = String::from("*raw\n");
+    for (src, dst, port) in rule_tuples(rules) {
+        writeln!(text, "-A PREROUTING -s {src}/32 -d {dst}/32 -p udp -m udp --dport {port} -j ACCEPT").unwrap();
+    }
+    text.push_str("-A PREROUTING -j DROP\nCOMMIT\n");
+    text
+}
+
+/// nftables on B's veth ingress: the set lookup, then a counted drop.
+fn nft_netdev(rules: usize) -> String {
+    let mut text = format!("table netdev zt {{\n  counter drops {{}}\n  set allowed {{\n    type ipv4_addr . ipv4_addr . inet_service\n    size {}\n    elements = {{\n", rules.max(1) * 2);
+    for (src, dst, port) in rule_tuples(rules) {
+        writeln!(text, "      {src} . {dst} . {port},").unwrap();
+    }
+    writeln!(text, "    }}\n  }}\n  chain ingress {{\n    type filter hook ingress device \"{B_IF}\" priority 0; policy accept;").unwrap();
+    writeln!(text, "    ip saddr . ip daddr . udp dport @allowed accept\n    counter name \"drops\" drop\n  }}\n}}").unwrap();
+    text
+}
+
+/// The reference programs, `name` attached to B's veth (natively, as zt's uplink XDP).
+fn attach_reference(pair: &Pair, name: &str) -> Ebpf {
+    let mut references = zt_agent::datapath::reference_programs().expect("the reference programs load");
+    let program: &mut Xdp = references.program_mut(name).unwrap().try_into().unwrap();
+    pair.b.run(|| program.attach(B_IF, XdpMode::Driver)).expect("native XDP on a veth");
+    references
+}
+
+/// The packets iptables' final raw DROP rule counted.
+fn iptables_raw_drops(pair: &Pair) -> u64 {
+    let listing = run(&pair.b, "iptables", &["-t", "raw", "-vnxL", "PREROUTING"]);
+    let last = listing.lines().rev().find(|line| !line.trim().is_empty()).unwrap();
+    assert!(last.contains("DROP"), "the raw table's last rule is not the DROP: {last}");
+    last.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn nft_drops(pair: &Pair) -> u64 {
+    let listing = run(&pair.b, "nft", &["list", "counter", "netdev", "zt", "drops"]);
+    let packets = listing.split_whitespace().skip_while(|w| *w != "packets").nth(1).unwrap();
+    packets.parse().unwrap()
+}
+
+/// Packets per second `dropper` drops of a flood it denies, by its own counter.
+fn drop_rate(dropper: Dropper, rules: usize) -> f64 {
+    let pair = Pair::new();
+    let (mut zt, mut references) = (None, None);
+    match dropper {
+        Dropper::Reference => references = Some(attach_reference(&pair, programs::REFERENCE_LOOKUP)),
+        Dropper::ZtXdp => zt = Some(Zt::start(&pair, rules, "udp", Attach::Uplink)),
+        Dropper::ZtXdpUnchecked => zt = Some(Zt::start(&pair, rules, "udp", Attach::Unmarked)),
+        Dropper::IptablesRaw => load_rules(&pair, &["iptables-restore"], &iptables_raw(rules)),
+        Dropper::NftNetdev => load_rules(&pair, &["nft", "-f"], &nft_netdev(rules)),
+    }
+    let before = udp_delivered(&pair);
+    let generator = Generator::start(&pair, udp_frame(DENIED_PORT));
+    let dropped = rate(|| match dropper {
+        // It has no counter: every frame sent is dropped (checked below).
+        Dropper::Reference => generator.sent(),
+        Dropper::ZtXdp | Dropper::ZtXdpUnchecked => zt.as_ref().unwrap().packets(Verdict::Deny),
+        Dropper::IptablesRaw => iptables_raw_drops(&pair),
+        Dropper::NftNetdev => nft_drops(&pair),
+    });
+    drop(generator);
+    drop(references);
+    assert_eq!(udp_delivered(&pair), before, "{}: some of the flood got through", dropper.name());
+    assert!(dropped > 0.0, "{}: counted no drops", dropper.name());
+    dropped
+}
+
+// ---- Report ----
+
+/// One condition's figures, and no filtering's measured around its rule size's group.
+struct Row {
+    rules: usize,
+    filter: Filter,
+    udp_pps: f64,
+    tcp_gbps: f64,
+    udp_none: f64,
+    tcp_none: f64,
+}
+
+/// One drop rate, and the reference's measured around its rule size's group.
+struct DropRate {
+    rules: usize,
+    dropper: Dropper,
+    per_s: f64,
+    reference: f64,
+}
+
+/// "on"/"off": A's veth TSO, without and with zt's XDP program on B's veth.
+fn sender_tso() -> (String, String) {
+    let pair = Pair::new();
+    let tso = || {
+        let features = run(&pair.a, "ethtool", &["-k", A_IF]);
+        let line = features.lines().find(|l| l.starts_with("tcp-segmentation-offload:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().to_owned()
+    };
+    let without = tso();
+    let _zt = Zt::start(&pair, 10, "tcp", Attach::Uplink);
+    (without, tso())
+}
+
+fn measure(what: &str, name: &str, rules: usize, f: impl FnOnce() -> f64) -> f64 {
+    let value = f();
+    eprintln!("bench: wire, {what}, {name}, {rules} rules: {value:.3}");
+    value
+}
+
+/// Around each group of figures of one rule size, before and after, the baseline it is divided by.
+fn bracketed(baselines: &[f64], group: usize) -> f64 {
+    (baselines[group] + baselines[group + 1]) / 2.0
+}
+
+fn main() {
+    let date = String::from_utf8(std::process::Command::new("date").arg("+%F").output().unwrap().stdout).unwrap();
+    let date = date.trim();
+    let started = Instant::now();
+    let tso = sender_tso();
+    let (mut udp_none, mut tcp_none) = (Vec::new(), Vec::new());
+    let mut figures = Vec::new();
+    for rules in SIZES {
+        udp_none.push(measure("UDP pps", "no filtering", 0, || udp_pps(Filter::None, 0)));
+        tcp_none.push(measure("TCP Gbit/s", "no filtering", 0, || tcp_gbps(Filter::None, 0)));
+        for filter in FILTERS {
+            let udp = measure("UDP pps", filter.name(), rules, || udp_pps(filter, rules));
+            let tcp = measure("TCP Gbit/s", filter.name(), rules, || tcp_gbps(filter, rules));
+            figures.push((rules, filter, udp, tcp));
+        }
+    }
+    udp_none.push(measure("UDP pps", "no filtering", 0, || udp_pps(Filter::None, 0)));
+    tcp_none.push(measure("TCP Gbit/s", "no filtering", 0, || tcp_gbps(Filter::None, 0)));
+    let mut reference = Vec::new();
+    let mut rates = Vec::new();
+    for rules in SIZES {
+        reference.push(measure("drops/s", Dropper::Reference.name(), 0, || drop_rate(Dropper::Reference, 0)));
+        for dropper in DROPPERS {
+            rates.push((rules, dropper, measure("drops/s", dropper.name(), rules, || drop_rate(dropper, rules))));
+        }
+    }
+    reference.push(measure("drops/s", Dropper::Reference.name(), 0, || drop_rate(Dropper::Reference, 0)));
+    eprintln!("bench: wire took {:.0} s", started.elapsed().as_secs_f64());
+
+    let group = |rules: usize| SIZES.iter().position(|&r| r == rules).unwrap();
+    let rows: Vec<Row> = figures
+        .into_iter()
+        .map(|(rules, filter, udp_pps, tcp_gbps)| Row {
+            rules,
+            filter,
+            udp_pps,
+            tcp_gbps,
+            udp_none: bracketed(&udp_none, group(rules)),
+            tcp_none: bracketed(&tcp_none, group(rules)),
+        })
+        .collect();
+    let drops: Vec<DropRate> = rates
+        .into_iter()
+        .map(|(rules, dropper, per_s)| DropRate { rules, dropper, per_s, reference: bracketed(&reference, group(rules)) })
+        .collect();
+    let md = report(&rows, &drops, &tso, [&udp_none, &tcp_none, &reference]);
+    print!("{md}");
+    append_results(date, &md, results_json(&rows, &drops, &tso, [&udp_none, &tcp_none, &reference]));
+}
+
+fn row(rows: &[Row], rules: usize, filter: Filter) -> &Row {
+    rows.iter().find(|r| r.rules == rules && r.filter == filter).unwrap()
+}
+
+fn drop_of(drops: &[DropRate], rules: usize, dropper: Dropper) -> &DropRate {
+    drops.iter().find(|d| d.rules == rules && d.dropper == dropper).unwrap()
+}
+
+fn kilo(values: &[f64]) -> String {
+    values.iter().map(|v| format!("{:.0}", v / 1e3)).collect::<Vec<_>>().join(", ")
+}
+
+fn report(rows: &[Row], drops: &[DropRate], tso: &(String, String), baselines: [&Vec<f64>; 3]) -> String {
+    let [udp_none, tcp_none, reference] = baselines;
+    let mut md = String::new();
+    writeln!(md, "\n## End to end over a veth pair: UDP 64-byte frames, TCP, denied flood\n").unwrap();
+    writeln!(md, "`tests/benches/wire.rs` (its doc comment has the method): namespaces A → B, the bench policy's rules ({IDENTITIES} identities) in each filter, the measured flow allowed by the rule iptables holds last; {} s warm-up, {} s measured per figure, fresh namespaces each.", WARMUP.as_secs(), MEASURE.as_secs()).unwrap();
+    writeln!(md, "Each × none divides by no filtering measured just before and just after its rule size's group (UDP {} kpps; TCP {} Gbit/s, in order).", kilo(udp_none), tcp_none.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", ")).unwrap();
+    writeln!(md, "The generator and the cheapest drop on B's veth (the XDP reference below) take {:.0} ns a frame of every ns/pkt. A's veth TSO: {} without XDP on B's veth, {} with zt's (the veth driver turns its peer's GSO off under any XDP program: see the XDP floor's TCP).\n", 1e9 * reference.len() as f64 / reference.iter().sum::<f64>(), tso.0, tso.1).unwrap();
+    writeln!(md, "| rules | filter | UDP kpps | ns/pkt | × none | TCP Gbit/s | × none |\n|---:|---|---:|---:|---:|---:|---:|").unwrap();
+    for r in rows {
+        let (udp, tcp) = (r.udp_pps, r.tcp_gbps);
+        writeln!(md, "| {} | {} | {:.0} | {:.0} | {:.2} | {tcp:.1} | {:.2} |", r.rules, r.filter.name(), udp / 1e3, 1e9 / udp, udp / r.udp_none, tcp / r.tcp_none).unwrap();
+    }
+    writeln!(md, "\nzt against the others, × their figure:\n").unwrap();
+    writeln!(md, "| rules | zt hook | UDP × nftables | UDP × iptables | TCP × nftables | TCP × iptables | UDP × XDP floor | TCP × XDP floor |\n|---:|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    for r in rows.iter().filter(|r| matches!(r.filter, Filter::ZtXdp | Filter::ZtTc)) {
+        let (nft, ipt) = (row(rows, r.rules, Filter::Nft), row(rows, r.rules, Filter::Iptables));
+        let hook = if r.filter == Filter::ZtXdp { "XDP" } else { "TC" };
+        let (udp, tcp) = (r.udp_pps, r.tcp_gbps);
+        let floor = row(rows, r.rules, Filter::XdpFloor);
+        let vs_floor = if r.filter == Filter::ZtXdp { format!("{:.2} | {:.2}", udp / floor.udp_pps, tcp / floor.tcp_gbps) } else { "— | —".into() };
+        writeln!(md, "| {} | {hook} | {:.2} | {:.2} | {:.2} | {:.2} | {vs_floor} |", r.rules, udp / nft.udp_pps, udp / ipt.udp_pps, tcp / nft.tcp_gbps, tcp / ipt.tcp_gbps).unwrap();
+    }
+    writeln!(md, "\nA denied flood (UDP to a port no rule names), packets dropped per second at each mechanism's earliest hook, by its own counter; the XDP reference (zt's parser, one hash lookup, drop; {} kpps around each group) is what a drop on B's veth costs at least with this generator:\n", kilo(reference)).unwrap();
+    writeln!(md, "| rules | zt XDP kpps | × reference | iptables raw kpps | nftables netdev kpps | zt × iptables raw | zt × nftables netdev | zt without its source check kpps (diagnostic) |\n|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    for rules in SIZES {
+        let (zt, ipt, nft) = (drop_of(drops, rules, Dropper::ZtXdp), drop_of(drops, rules, Dropper::IptablesRaw), drop_of(drops, rules, Dropper::NftNetdev));
+        let unchecked = drop_of(drops, rules, Dropper::ZtXdpUnchecked).per_s;
+        writeln!(md, "| {rules} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} |", zt.per_s / 1e3, zt.per_s / zt.reference, ipt.per_s / 1e3, nft.per_s / 1e3, zt.per_s / ipt.per_s, zt.per_s / nft.per_s, unchecked / 1e3).unwrap();
+    }
+    md
+}
+
+fn results_json(rows: &[Row], drops: &[DropRate], tso: &(String, String), baselines: [&Vec<f64>; 3]) -> Value {
+    let [udp_none, tcp_none, reference] = baselines;
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let (nft, ipt) = (row(rows, r.rules, Filter::Nft), row(rows, r.rules, Filter::Iptables));
+            json!({"rules": r.rules, "filter": r.filter.name(),
+                "udp_pps": r.udp_pps, "udp_none_pps": r.udp_none, "udp_vs_none": r.udp_pps / r.udp_none,
+                "udp_vs_nftables": r.udp_pps / nft.udp_pps, "udp_vs_iptables": r.udp_pps / ipt.udp_pps,
+                "tcp_gbps": r.tcp_gbps, "tcp_none_gbps": r.tcp_none, "tcp_vs_none": r.tcp_gbps / r.tcp_none,
+                "tcp_vs_nftables": r.tcp_gbps / nft.tcp_gbps, "tcp_vs_iptables": r.tcp_gbps / ipt.tcp_gbps})
+        })
+        .collect();
+    let drops: Vec<Value> = drops
+        .iter()
+        .map(|d| {
+            let zt = drop_of(drops, d.rules, Dropper::ZtXdp).per_s;
+            json!({"rules": d.rules, "mechanism": d.dropper.name(), "drops_per_s": d.per_s,
+                "reference_per_s": d.reference, "vs_reference": d.per_s / d.reference, "zt_vs_this": zt / d.per_s})
+        })
+        .collect();
+    json!({
+        "identities": IDENTITIES, "warmup_s": WARMUP.as_secs_f64(), "measure_s": MEASURE.as_secs_f64(),
+        "sender_tso": {"without_xdp": tso.0, "with_zt_xdp": tso.1},
+        "none": {"udp_pps": udp_none, "tcp_gbps": tcp_none}, "reference_drops_per_s": reference,
+        "rows": rows, "drops": drops,
+    })
+}
+
+/// Appends to the day's .md and adds `wire` to its .json (both written by benches/datapath.rs).
+fn append_results(date: &str, md: &str, wire: Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    fs::create_dir_all(&dir).unwrap();
+    let md_path = dir.join(format!("{date}.md"));
+    let mut text = fs::read_to_string(&md_path).unwrap_or_default();
+    text.push_str(md);
+    fs::write(&md_path, text).unwrap();
+    let json_path = dir.join(format!("{date}.json"));
+    let mut results: Value = fs::read_to_string(&json_path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| json!({}));
+    results["wire"] = wire;
+    fs::write(&json_path, serde_json::to_string_pretty(&results).unwrap() + "\n").unwrap();
+    eprintln!("bench: appended to {}", md_path.display());
+}
