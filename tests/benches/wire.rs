@@ -1,37 +1,47 @@
 //! `cargo xtask bench`, end to end: real packets over a veth pair between two namespaces the
-//! bench creates (A, the sender, and B, the receiver), through zt, nftables and iptables holding
-//! the same rules, each figure a ratio to no filtering measured in the same run.
+//! bench creates (A sends, B receives), through zt, nftables and iptables holding the same
+//! rules, every figure a ratio to no filtering (or a reference) measured in the same run.
 //!
-//! - **UDP, 64-byte frames.** The generator is the kernel's own XDP "live frames" test mode
-//!   (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES), run in A: a 15-instruction program
+//! - **UDP, 64-byte frames.** The generator is the kernel's XDP "live frames" test mode
+//!   (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES) run in A: a 15-instruction program
 //!   gives each frame a random source port (1024 flows) and redirects it out of A's veth, so B
-//!   receives it as a NIC would, without A's socket and IP stack in the way. Counted in B as
-//!   what reached UDP (`InDatagrams` + `RcvbufErrors`), a receiver draining with `recvmmsg`.
+//!   receives frames as from a NIC, with no socket or IP stack of A's in the way. Counted in B
+//!   as what reached UDP (`InDatagrams` + `RcvbufErrors`), a receiver draining with `recvmmsg`.
 //! - **TCP**: one connection A → B, 128 KiB writes, bytes read in B.
-//! - **Denied flood**: the UDP generator on a port no rule names; each mechanism's own drop
-//!   counter at its earliest hook — zt's XDP program (its counters map), iptables' raw table,
-//!   nftables' netdev ingress.
+//! - **A denied flood**: the same generator, to a port no rule names, each mechanism at its
+//!   earliest hook counting its own drops: zt's XDP program (its counters map), iptables' raw
+//!   table (the DROP rule's counter), nftables' netdev ingress (a named counter).
 //!
-//! Each condition gets fresh namespaces: 1 s warm-up, then 3 s measured. Policies (the bench
-//! policy of `zt_tests::bench_policy`, on UDP or TCP, 1000 identities; A is w2, B is w1) hold
-//! 10, 1k and 10k rules, and the measured flow is allowed by rule 1 (w2 → w1:1024):
-//! - zt: the datapath the agent loads, in this process, enforcing, on B's veth — the XDP
-//!   program (B's veth as an uplink) and, separately, the TC programs (as a workload veth);
+//! Policies: the bench policy (`zt_tests::bench_policy`, on UDP or TCP, 1000 identities; A is
+//! w2, B is w1) at 10, 1k and 10k rules; the measured flow is rule 1's (w2 → w1:1024).
+//! - zt: the datapath the agent loads, in this process, pinned, enforcing, on B's veth: its XDP
+//!   program (the veth marked an uplink) or, as another condition, its TC programs (a workload's);
 //! - nftables: an `inet` input chain, `ct state established,related accept`, then one lookup of
 //!   `ip saddr . ip daddr . <proto> dport` in a set of every rule, policy drop;
-//! - iptables (the system's, iptables-nft on Debian 12): the same conntrack rule first, then
-//!   one `-s -d -p --dport -j ACCEPT` per rule, the measured flow's last, policy drop.
+//! - iptables (the system's: iptables-nft on Debian 12): the same conntrack rule first, then one
+//!   `-s -d -p --dport -j ACCEPT` per rule, the measured flow's last, policy drop.
 //!
-//! All three keep state, so the comparison is fair: established TCP skips the rules in each.
-//! UDP that gets no reply never becomes ESTABLISHED in netfilter's conntrack, so iptables and
-//! nftables evaluate their rules on every UDP packet, while zt's conntrack admits a flow once
-//! and passes its later packets — each as it is built. The flood is a new flow to every filter.
+//! Fair: all three keep state, so established TCP skips the rules in each. One-way UDP never
+//! becomes ESTABLISHED in netfilter's conntrack (that needs a reply), so iptables and nftables
+//! judge every UDP packet by their rules, while zt's conntrack passes a flow's later packets —
+//! each as it is built. A flood packet is a new flow to every mechanism.
 //!
-//! The generator and B's receive path share a core (veth processes in the sender's softirq),
-//! so a filter's cost shows as a lower rate; `ns/pkt` is 1/rate, for scale. B's veth has GRO on
-//! in every condition (a veth only takes redirected frames with NAPI, which GRO or XDP turns
-//! on). Attaching XDP to a veth also turns off GSO on its peer (unless the program handles
-//! multi-buffer frames), which the TCP figure of zt's XDP hook pays and a NIC's would not.
+//! References, on B's veth in the same run: the **XDP floor** (datapath.rs's program that passes
+//! everything: what any XDP program costs here) and, for the flood, the **XDP reference**
+//! (zt's parser, one hash lookup, drop: the cheapest drop, so the generator's ceiling). A
+//! diagnostic shows what zt's source check (a FIB lookup of the source) costs: its XDP program
+//! on a veth not marked an uplink, where it skips the check.
+//!
+//! Shared, noisy machine: all conditions of a rule size are set up at once (fresh namespaces
+//! each) and measured in turn, in 3 rounds of 0.5 s warm-up and 1 s measured; a figure is the
+//! median of its rounds, a ratio the median of the rounds' ratios. The generator is one test
+//! run of `u32::MAX` frames, ended by a signal: a run's set-up and tear-down take tens of
+//! milliseconds, which short runs would leave as idle gaps. It shares a core with B's receive
+//! path (veth runs B's NAPI in the sender's softirq), so a filter's cost shows as a lower rate;
+//! ns/pkt is 1/rate. B's veth has GRO on in every condition (a veth takes redirected frames
+//! only with NAPI, which GRO or an XDP program turns on). XDP on a veth turns its peer's GSO
+//! off, so TCP under any XDP program there (the floor's too) is sent as MTU-sized segments; a
+//! NIC's XDP costs its sender nothing of the kind.
 //!
 //! Appends its tables to bench/results/<date>.md and its figures to the .json that
 //! `benches/datapath.rs` wrote. Needs root.
@@ -46,7 +56,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Once,
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -57,7 +67,11 @@ use aya::{
     Ebpf,
 };
 use etherparse::PacketBuilder;
-use nix::{libc, sched::CloneFlags};
+use nix::{
+    libc,
+    sched::CloneFlags,
+    sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal},
+};
 use serde_json::{json, Value};
 use zt_agent::{
     datapath::{capacity::Capacities, Datapath, Mode, PinDir},
@@ -78,8 +92,10 @@ const RECEIVER: usize = 1;
 const RULE: usize = 1;
 /// A port no rule names (rules use 1024 and up): the flood's.
 const DENIED_PORT: u16 = 9;
-const WARMUP: Duration = Duration::from_secs(1);
-const MEASURE: Duration = Duration::from_secs(3);
+/// Per round; every figure has ROUNDS of them.
+const ROUNDS: usize = 3;
+const WARMUP: Duration = Duration::from_millis(500);
+const MEASURE: Duration = Duration::from_secs(1);
 const A_IF: &str = "wire0";
 const B_IF: &str = "wire1";
 const A_MAC: [u8; 6] = [2, 0x7a, 0, 0, 0, 1];
@@ -203,50 +219,59 @@ fn load_generator(ifindex: u32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
 
-/// Sends `frame` out of A's veth until dropped, counting frames.
+/// Sends `frame` out of A's veth until dropped. One test run of `u32::MAX` frames, ended by a
+/// signal: each run's start and end cost tens of milliseconds (the kernel sets up and tears down
+/// a page pool), which short runs would spread over the measured interval as idle gaps.
 struct Generator {
     stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<(JoinHandle<()>, libc::pthread_t)>,
 }
+
+extern "C" fn interrupt(_: libc::c_int) {}
 
 impl Generator {
     fn start(pair: &Pair, frame: Vec<u8>) -> Generator {
+        static HANDLER: Once = Once::new();
+        // No SA_RESTART: the signal ends the test run (EINTR) instead of restarting it.
+        let action = SigAction::new(SigHandler::Handler(interrupt), SaFlags::empty(), SigSet::empty());
+        HANDLER.call_once(|| unsafe { sigaction(Signal::SIGUSR1, &action) }.map(drop).unwrap());
         let program = load_generator(pair.sender_ifindex());
-        let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let (flag, count) = (stop.clone(), sent.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
         // In A: a live frame's redirect looks its target up in the runner's namespace.
         let thread = spawn_in(&pair.a, move || {
+            tx.send(unsafe { libc::pthread_self() }).unwrap();
             while !flag.load(Ordering::Relaxed) {
                 // union bpf_attr, BPF_PROG_TEST_RUN: prog_fd, data_size_in, data_in, repeat, flags.
-                let repeat: u32 = 20_000;
                 let mut attr = [0u64; 16];
                 attr[0] = program.as_raw_fd() as u64;
                 attr[1] = frame.len() as u64;
                 attr[2] = frame.as_ptr() as u64;
-                attr[4] = repeat as u64;
+                attr[4] = u32::MAX as u64;
                 attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES as u64;
                 let ret = bpf(BPF_PROG_TEST_RUN, &mut attr);
-                assert!(ret == 0, "the generator's test run: {}", std::io::Error::last_os_error());
-                count.fetch_add(u64::from(repeat), Ordering::Relaxed);
+                let error = std::io::Error::last_os_error();
+                assert!(ret == 0 || error.raw_os_error() == Some(libc::EINTR), "the generator's test run: {error}");
             }
         });
-        Generator { stop, sent, thread: Some(thread) }
-    }
-
-    fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        let id = rx.recv().unwrap();
+        Generator { stop, thread: Some((thread, id)) }
     }
 }
 
 impl Drop for Generator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            // A failed test run panics in the thread; say so here.
-            if thread.join().is_err() && !thread::panicking() {
-                panic!("the generator failed");
-            }
+        let Some((thread, id)) = self.thread.take() else { return };
+        // Until it notices: a signal between two runs interrupts nothing.
+        while !thread.is_finished() {
+            unsafe { libc::pthread_kill(id, libc::SIGUSR1) };
+            thread::sleep(Duration::from_millis(5));
+        }
+        // A failed test run panics in the thread; say so here.
+        if thread.join().is_err() && !thread::panicking() {
+            panic!("the generator failed");
         }
     }
 }
@@ -380,6 +405,8 @@ enum Filter {
     /// datapath.rs's floor, an XDP program that passes everything: what any XDP program costs.
     XdpFloor,
     ZtXdp,
+    /// Diagnostic: zt's XDP program on a veth not marked an uplink, so without its source check.
+    ZtXdpUnchecked,
     ZtTc,
     Nft,
     Iptables,
@@ -391,6 +418,7 @@ impl Filter {
             Filter::None => "no filtering",
             Filter::XdpFloor => "XDP floor",
             Filter::ZtXdp => "zt, XDP",
+            Filter::ZtXdpUnchecked => "zt, XDP, no source check (diagnostic)",
             Filter::ZtTc => "zt, TC",
             Filter::Nft => "nftables",
             Filter::Iptables => "iptables",
@@ -398,7 +426,8 @@ impl Filter {
     }
 }
 
-const FILTERS: [Filter; 5] = [Filter::XdpFloor, Filter::ZtXdp, Filter::ZtTc, Filter::Nft, Filter::Iptables];
+const FILTERS: [Filter; 7] =
+    [Filter::None, Filter::XdpFloor, Filter::ZtXdp, Filter::ZtXdpUnchecked, Filter::ZtTc, Filter::Nft, Filter::Iptables];
 
 /// Where zt's programs go on B's veth.
 #[derive(Clone, Copy, PartialEq)]
@@ -494,6 +523,7 @@ fn install(pair: &Pair, filter: Filter, rules: usize, protocol: &str) -> Box<dyn
         Filter::None => Box::new(()),
         Filter::XdpFloor => Box::new(attach_reference(pair, programs::REFERENCE_FLOOR)),
         Filter::ZtXdp => Box::new(Zt::start(pair, rules, protocol, Attach::Uplink)),
+        Filter::ZtXdpUnchecked => Box::new(Zt::start(pair, rules, protocol, Attach::Unmarked)),
         Filter::ZtTc => Box::new(Zt::start(pair, rules, protocol, Attach::Workload)),
         Filter::Nft => {
             load_rules(pair, &["nft", "-f"], &nft_input(rules, protocol));
@@ -508,6 +538,26 @@ fn install(pair: &Pair, filter: Filter, rules: usize, protocol: &str) -> Box<dyn
 
 // ---- Measures ----
 
+/// One condition, in namespaces of its own, kept while its rounds run.
+struct Setup<K> {
+    kind: K,
+    pair: Pair,
+    /// What must live while it is measured: zt's datapath, the reference programs, or nothing.
+    installed: Box<dyn Any>,
+}
+
+/// Each condition's figure in each of [`ROUNDS`] rounds. A round measures every condition once,
+/// in turn, so a slow moment of the (shared) machine falls on all of them alike.
+fn interleaved<K>(setups: &[Setup<K>], mut once: impl FnMut(&Setup<K>) -> f64) -> Vec<Vec<f64>> {
+    let mut figures = vec![Vec::new(); setups.len()];
+    for _ in 0..ROUNDS {
+        for (setup, figures) in setups.iter().zip(&mut figures) {
+            figures.push(once(setup));
+        }
+    }
+    figures
+}
+
 /// Warm-up, then `sample` before and after the measured interval; its increase per second.
 fn rate(mut sample: impl FnMut() -> u64) -> f64 {
     thread::sleep(WARMUP);
@@ -517,30 +567,37 @@ fn rate(mut sample: impl FnMut() -> u64) -> f64 {
     (after - before) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// UDP datagrams per second that reach B's socket layer through `filter`.
-fn udp_pps(filter: Filter, rules: usize) -> f64 {
-    let pair = Pair::new();
-    let installed = install(&pair, filter, rules, "udp");
-    let _sink = UdpSink::start(&pair, 1024);
-    let generator = Generator::start(&pair, udp_frame(1024));
-    let pps = rate(|| udp_delivered(&pair));
+fn filter_setups(rules: usize, protocol: &str) -> Vec<Setup<Filter>> {
+    FILTERS
+        .iter()
+        .map(|&filter| {
+            let pair = Pair::new();
+            let installed = install(&pair, filter, rules, protocol);
+            Setup { kind: filter, pair, installed }
+        })
+        .collect()
+}
+
+/// UDP datagrams per second that reach B's socket layer.
+fn udp_once(setup: &Setup<Filter>) -> f64 {
+    let _sink = UdpSink::start(&setup.pair, 1024);
+    let generator = Generator::start(&setup.pair, udp_frame(1024));
+    let pps = rate(|| udp_delivered(&setup.pair));
     drop(generator);
-    if let Some(zt) = installed.downcast_ref::<Zt>() {
+    if let Some(zt) = setup.installed.downcast_ref::<Zt>() {
         let counters = zt.datapath.counters().unwrap();
         let denied: Vec<_> = counters.nonzero().filter(|c| c.verdict == Verdict::Deny).collect();
         assert!(denied.is_empty(), "zt denied some of the allowed flow: {denied:?}");
     }
-    assert!(pps > 0.0, "{}: nothing reached B", filter.name());
+    assert!(pps > 0.0, "{}: nothing reached B", setup.kind.name());
     pps
 }
 
-/// TCP Gbit/s from A to B through `filter`.
-fn tcp_gbps(filter: Filter, rules: usize) -> f64 {
-    let pair = Pair::new();
-    let _installed = install(&pair, filter, rules, "tcp");
-    let flow = TcpFlow::start(&pair, 1024);
+/// TCP Gbit/s from A to B, a new connection each round.
+fn tcp_once(setup: &Setup<Filter>) -> f64 {
+    let flow = TcpFlow::start(&setup.pair, 1024);
     let bytes_per_s = rate(|| flow.received.load(Ordering::Relaxed));
-    assert!(bytes_per_s > 0.0, "{}: the TCP flow carried nothing", filter.name());
+    assert!(bytes_per_s > 0.0, "{}: the TCP flow carried nothing", setup.kind.name());
     bytes_per_s * 8.0 / 1e9
 }
 
@@ -560,14 +617,15 @@ impl Dropper {
         match self {
             Dropper::Reference => "XDP reference",
             Dropper::ZtXdp => "zt, XDP",
-            Dropper::ZtXdpUnchecked => "zt, XDP, no source check",
+            Dropper::ZtXdpUnchecked => "zt, XDP, no source check (diagnostic)",
             Dropper::IptablesRaw => "iptables raw",
             Dropper::NftNetdev => "nftables netdev",
         }
     }
 }
 
-const DROPPERS: [Dropper; 4] = [Dropper::ZtXdp, Dropper::ZtXdpUnchecked, Dropper::IptablesRaw, Dropper::NftNetdev];
+const DROPPERS: [Dropper; 5] =
+    [Dropper::Reference, Dropper::ZtXdp, Dropper::ZtXdpUnchecked, Dropper::IptablesRaw, Dropper::NftNetdev];
 
 /// iptables' raw table: the rules (ACCEPT ends the raw table's walk), then DROP.
 fn iptables_raw(rules: usize) -> String {
@@ -598,6 +656,13 @@ fn attach_reference(pair: &Pair, name: &str) -> Ebpf {
     references
 }
 
+/// The frames B's veth saw its XDP program drop (`ethtool -S`, per queue).
+fn xdp_drops(pair: &Pair) -> u64 {
+    let stats = run(&pair.b, "ethtool", &["-S", B_IF]);
+    let drops = stats.lines().filter_map(|l| l.trim().strip_prefix("rx_queue_")?.split_once("_xdp_drops: ").map(|(_, n)| n.to_owned()));
+    drops.map(|n| n.parse::<u64>().unwrap()).sum()
+}
+
 /// The packets iptables' final raw DROP rule counted.
 fn iptables_raw_drops(pair: &Pair) -> u64 {
     let listing = run(&pair.b, "iptables", &["-t", "raw", "-vnxL", "PREROUTING"]);
@@ -612,51 +677,74 @@ fn nft_drops(pair: &Pair) -> u64 {
     packets.parse().unwrap()
 }
 
-/// Packets per second `dropper` drops of a flood it denies, by its own counter.
-fn drop_rate(dropper: Dropper, rules: usize) -> f64 {
-    let pair = Pair::new();
-    let (mut zt, mut references) = (None, None);
-    match dropper {
-        Dropper::Reference => references = Some(attach_reference(&pair, programs::REFERENCE_LOOKUP)),
-        Dropper::ZtXdp => zt = Some(Zt::start(&pair, rules, "udp", Attach::Uplink)),
-        Dropper::ZtXdpUnchecked => zt = Some(Zt::start(&pair, rules, "udp", Attach::Unmarked)),
-        Dropper::IptablesRaw => load_rules(&pair, &["iptables-restore"], &iptables_raw(rules)),
-        Dropper::NftNetdev => load_rules(&pair, &["nft", "-f"], &nft_netdev(rules)),
-    }
-    let before = udp_delivered(&pair);
-    let generator = Generator::start(&pair, udp_frame(DENIED_PORT));
+fn dropper_setups(rules: usize) -> Vec<Setup<Dropper>> {
+    DROPPERS
+        .iter()
+        .map(|&dropper| {
+            let pair = Pair::new();
+            let installed: Box<dyn Any> = match dropper {
+                Dropper::Reference => Box::new(attach_reference(&pair, programs::REFERENCE_LOOKUP)),
+                Dropper::ZtXdp => Box::new(Zt::start(&pair, rules, "udp", Attach::Uplink)),
+                Dropper::ZtXdpUnchecked => Box::new(Zt::start(&pair, rules, "udp", Attach::Unmarked)),
+                Dropper::IptablesRaw => {
+                    load_rules(&pair, &["iptables-restore"], &iptables_raw(rules));
+                    Box::new(())
+                }
+                Dropper::NftNetdev => {
+                    load_rules(&pair, &["nft", "-f"], &nft_netdev(rules));
+                    Box::new(())
+                }
+            };
+            Setup { kind: dropper, pair, installed }
+        })
+        .collect()
+}
+
+/// Packets per second of a flood it denies that the mechanism drops, by its own counter.
+fn drop_once(setup: &Setup<Dropper>) -> f64 {
+    let (pair, dropper) = (&setup.pair, setup.kind);
+    let before = udp_delivered(pair);
+    let generator = Generator::start(pair, udp_frame(DENIED_PORT));
     let dropped = rate(|| match dropper {
-        // It has no counter: every frame sent is dropped (checked below).
-        Dropper::Reference => generator.sent(),
-        Dropper::ZtXdp | Dropper::ZtXdpUnchecked => zt.as_ref().unwrap().packets(Verdict::Deny),
-        Dropper::IptablesRaw => iptables_raw_drops(&pair),
-        Dropper::NftNetdev => nft_drops(&pair),
+        // It has no counter of its own: the veth counts its XDP drops.
+        Dropper::Reference => xdp_drops(pair),
+        Dropper::ZtXdp | Dropper::ZtXdpUnchecked => setup.installed.downcast_ref::<Zt>().unwrap().packets(Verdict::Deny),
+        Dropper::IptablesRaw => iptables_raw_drops(pair),
+        Dropper::NftNetdev => nft_drops(pair),
     });
     drop(generator);
-    drop(references);
-    assert_eq!(udp_delivered(&pair), before, "{}: some of the flood got through", dropper.name());
+    assert_eq!(udp_delivered(pair), before, "{}: some of the flood got through", dropper.name());
     assert!(dropped > 0.0, "{}: counted no drops", dropper.name());
     dropped
 }
 
 // ---- Report ----
 
-/// One condition's figures, and no filtering's measured around its rule size's group.
+/// A filter's figures at one rule size, one a round.
 struct Row {
     rules: usize,
     filter: Filter,
-    udp_pps: f64,
-    tcp_gbps: f64,
-    udp_none: f64,
-    tcp_none: f64,
+    udp_pps: Vec<f64>,
+    tcp_gbps: Vec<f64>,
 }
 
-/// One drop rate, and the reference's measured around its rule size's group.
-struct DropRate {
+/// A mechanism's drop rates at one rule size, one a round.
+struct DropRow {
     rules: usize,
     dropper: Dropper,
-    per_s: f64,
-    reference: f64,
+    per_s: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+}
+
+/// The median over rounds of `a / b`, each round's figures divided by each other.
+fn ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(&a.iter().zip(b).map(|(a, b)| a / b).collect::<Vec<_>>())
 }
 
 /// "on"/"off": A's veth TSO, without and with zt's XDP program on B's veth.
@@ -672,15 +760,10 @@ fn sender_tso() -> (String, String) {
     (without, tso())
 }
 
-fn measure(what: &str, name: &str, rules: usize, f: impl FnOnce() -> f64) -> f64 {
-    let value = f();
-    eprintln!("bench: wire, {what}, {name}, {rules} rules: {value:.3}");
-    value
-}
-
-/// Around each group of figures of one rule size, before and after, the baseline it is divided by.
-fn bracketed(baselines: &[f64], group: usize) -> f64 {
-    (baselines[group] + baselines[group + 1]) / 2.0
+fn log<K: Copy>(what: &str, rules: usize, setups: &[Setup<K>], name: impl Fn(K) -> &'static str, figures: &[Vec<f64>]) {
+    for (setup, figures) in setups.iter().zip(figures) {
+        eprintln!("bench: wire, {rules} rules, {what}, {}: median {:.3} of {figures:.3?}", name(setup.kind), median(figures));
+    }
 }
 
 fn main() {
@@ -688,121 +771,93 @@ fn main() {
     let date = date.trim();
     let started = Instant::now();
     let tso = sender_tso();
-    let (mut udp_none, mut tcp_none) = (Vec::new(), Vec::new());
-    let mut figures = Vec::new();
+    let mut rows = Vec::new();
+    let mut drops = Vec::new();
     for rules in SIZES {
-        udp_none.push(measure("UDP pps", "no filtering", 0, || udp_pps(Filter::None, 0)));
-        tcp_none.push(measure("TCP Gbit/s", "no filtering", 0, || tcp_gbps(Filter::None, 0)));
-        for filter in FILTERS {
-            let udp = measure("UDP pps", filter.name(), rules, || udp_pps(filter, rules));
-            let tcp = measure("TCP Gbit/s", filter.name(), rules, || tcp_gbps(filter, rules));
-            figures.push((rules, filter, udp, tcp));
+        let setups = filter_setups(rules, "udp");
+        let udp = interleaved(&setups, udp_once);
+        log("UDP pps", rules, &setups, Filter::name, &udp);
+        drop(setups);
+        let setups = filter_setups(rules, "tcp");
+        let tcp = interleaved(&setups, tcp_once);
+        log("TCP Gbit/s", rules, &setups, Filter::name, &tcp);
+        for ((filter, udp_pps), tcp_gbps) in FILTERS.into_iter().zip(udp).zip(tcp) {
+            rows.push(Row { rules, filter, udp_pps, tcp_gbps });
         }
+        drop(setups);
+        let setups = dropper_setups(rules);
+        let rates = interleaved(&setups, drop_once);
+        log("drops/s", rules, &setups, Dropper::name, &rates);
+        drops.extend(DROPPERS.into_iter().zip(rates).map(|(dropper, per_s)| DropRow { rules, dropper, per_s }));
     }
-    udp_none.push(measure("UDP pps", "no filtering", 0, || udp_pps(Filter::None, 0)));
-    tcp_none.push(measure("TCP Gbit/s", "no filtering", 0, || tcp_gbps(Filter::None, 0)));
-    let mut reference = Vec::new();
-    let mut rates = Vec::new();
-    for rules in SIZES {
-        reference.push(measure("drops/s", Dropper::Reference.name(), 0, || drop_rate(Dropper::Reference, 0)));
-        for dropper in DROPPERS {
-            rates.push((rules, dropper, measure("drops/s", dropper.name(), rules, || drop_rate(dropper, rules))));
-        }
-    }
-    reference.push(measure("drops/s", Dropper::Reference.name(), 0, || drop_rate(Dropper::Reference, 0)));
     eprintln!("bench: wire took {:.0} s", started.elapsed().as_secs_f64());
-
-    let group = |rules: usize| SIZES.iter().position(|&r| r == rules).unwrap();
-    let rows: Vec<Row> = figures
-        .into_iter()
-        .map(|(rules, filter, udp_pps, tcp_gbps)| Row {
-            rules,
-            filter,
-            udp_pps,
-            tcp_gbps,
-            udp_none: bracketed(&udp_none, group(rules)),
-            tcp_none: bracketed(&tcp_none, group(rules)),
-        })
-        .collect();
-    let drops: Vec<DropRate> = rates
-        .into_iter()
-        .map(|(rules, dropper, per_s)| DropRate { rules, dropper, per_s, reference: bracketed(&reference, group(rules)) })
-        .collect();
-    let md = report(&rows, &drops, &tso, [&udp_none, &tcp_none, &reference]);
+    let md = report(&rows, &drops, &tso);
     print!("{md}");
-    append_results(date, &md, results_json(&rows, &drops, &tso, [&udp_none, &tcp_none, &reference]));
+    append_results(date, &md, results_json(&rows, &drops, &tso));
 }
 
 fn row(rows: &[Row], rules: usize, filter: Filter) -> &Row {
     rows.iter().find(|r| r.rules == rules && r.filter == filter).unwrap()
 }
 
-fn drop_of(drops: &[DropRate], rules: usize, dropper: Dropper) -> &DropRate {
+fn drop_row(drops: &[DropRow], rules: usize, dropper: Dropper) -> &DropRow {
     drops.iter().find(|d| d.rules == rules && d.dropper == dropper).unwrap()
 }
 
-fn kilo(values: &[f64]) -> String {
-    values.iter().map(|v| format!("{:.0}", v / 1e3)).collect::<Vec<_>>().join(", ")
-}
-
-fn report(rows: &[Row], drops: &[DropRate], tso: &(String, String), baselines: [&Vec<f64>; 3]) -> String {
-    let [udp_none, tcp_none, reference] = baselines;
+fn report(rows: &[Row], drops: &[DropRow], tso: &(String, String)) -> String {
     let mut md = String::new();
-    writeln!(md, "\n## End to end over a veth pair: UDP 64-byte frames, TCP, denied flood\n").unwrap();
-    writeln!(md, "`tests/benches/wire.rs` (its doc comment has the method): namespaces A → B, the bench policy's rules ({IDENTITIES} identities) in each filter, the measured flow allowed by the rule iptables holds last; {} s warm-up, {} s measured per figure, fresh namespaces each.", WARMUP.as_secs(), MEASURE.as_secs()).unwrap();
-    writeln!(md, "Each × none divides by no filtering measured just before and just after its rule size's group (UDP {} kpps; TCP {} Gbit/s, in order).", kilo(udp_none), tcp_none.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", ")).unwrap();
-    writeln!(md, "The generator and the cheapest drop on B's veth (the XDP reference below) take {:.0} ns a frame of every ns/pkt. A's veth TSO: {} without XDP on B's veth, {} with zt's (the veth driver turns its peer's GSO off under any XDP program: see the XDP floor's TCP).\n", 1e9 * reference.len() as f64 / reference.iter().sum::<f64>(), tso.0, tso.1).unwrap();
+    writeln!(md, "\n## End to end over a veth pair: UDP 64-byte frames, TCP, a denied flood\n").unwrap();
+    writeln!(md, "`tests/benches/wire.rs` (its doc comment has the method): namespaces A → B, the bench policy's rules ({IDENTITIES} identities) in each filter, the measured flow allowed by the rule iptables holds last. Every condition of a rule size is set up at once, then measured in {ROUNDS} interleaved rounds ({} ms warm-up, {} ms measured each); a figure is the median over rounds, a ratio the median of the rounds' ratios.", WARMUP.as_millis(), MEASURE.as_millis()).unwrap();
+    let reference: Vec<f64> = drops.iter().filter(|d| d.dropper == Dropper::Reference).flat_map(|d| d.per_s.iter().copied()).collect();
+    writeln!(md, "The generator with the cheapest drop on B's veth (the XDP reference below) takes {:.0} ns a frame of every ns/pkt. A's veth TSO: {} without XDP on B's veth, {} with zt's (the veth driver turns its peer's GSO off under any XDP program: see the XDP floor's TCP; a NIC's XDP costs its sender nothing of the kind).\n", 1e9 / median(&reference), tso.0, tso.1).unwrap();
     writeln!(md, "| rules | filter | UDP kpps | ns/pkt | × none | TCP Gbit/s | × none |\n|---:|---|---:|---:|---:|---:|---:|").unwrap();
     for r in rows {
-        let (udp, tcp) = (r.udp_pps, r.tcp_gbps);
-        writeln!(md, "| {} | {} | {:.0} | {:.0} | {:.2} | {tcp:.1} | {:.2} |", r.rules, r.filter.name(), udp / 1e3, 1e9 / udp, udp / r.udp_none, tcp / r.tcp_none).unwrap();
+        let none = row(rows, r.rules, Filter::None);
+        let (udp, tcp) = (median(&r.udp_pps), median(&r.tcp_gbps));
+        writeln!(md, "| {} | {} | {:.0} | {:.0} | {:.2} | {tcp:.1} | {:.2} |", r.rules, r.filter.name(), udp / 1e3, 1e9 / udp, ratio(&r.udp_pps, &none.udp_pps), ratio(&r.tcp_gbps, &none.tcp_gbps)).unwrap();
     }
-    writeln!(md, "\nzt against the others, × their figure:\n").unwrap();
+    writeln!(md, "\nzt against the others, × their figure (the XDP floor: an XDP program that passes everything, on the same veth):\n").unwrap();
     writeln!(md, "| rules | zt hook | UDP × nftables | UDP × iptables | TCP × nftables | TCP × iptables | UDP × XDP floor | TCP × XDP floor |\n|---:|---|---:|---:|---:|---:|---:|---:|").unwrap();
     for r in rows.iter().filter(|r| matches!(r.filter, Filter::ZtXdp | Filter::ZtTc)) {
-        let (nft, ipt) = (row(rows, r.rules, Filter::Nft), row(rows, r.rules, Filter::Iptables));
+        let (nft, ipt, floor) = (row(rows, r.rules, Filter::Nft), row(rows, r.rules, Filter::Iptables), row(rows, r.rules, Filter::XdpFloor));
         let hook = if r.filter == Filter::ZtXdp { "XDP" } else { "TC" };
-        let (udp, tcp) = (r.udp_pps, r.tcp_gbps);
-        let floor = row(rows, r.rules, Filter::XdpFloor);
-        let vs_floor = if r.filter == Filter::ZtXdp { format!("{:.2} | {:.2}", udp / floor.udp_pps, tcp / floor.tcp_gbps) } else { "— | —".into() };
-        writeln!(md, "| {} | {hook} | {:.2} | {:.2} | {:.2} | {:.2} | {vs_floor} |", r.rules, udp / nft.udp_pps, udp / ipt.udp_pps, tcp / nft.tcp_gbps, tcp / ipt.tcp_gbps).unwrap();
+        let vs_floor = if r.filter == Filter::ZtXdp { format!("{:.2} | {:.2}", ratio(&r.udp_pps, &floor.udp_pps), ratio(&r.tcp_gbps, &floor.tcp_gbps)) } else { "— | —".into() };
+        writeln!(md, "| {} | {hook} | {:.2} | {:.2} | {:.2} | {:.2} | {vs_floor} |", r.rules, ratio(&r.udp_pps, &nft.udp_pps), ratio(&r.udp_pps, &ipt.udp_pps), ratio(&r.tcp_gbps, &nft.tcp_gbps), ratio(&r.tcp_gbps, &ipt.tcp_gbps)).unwrap();
     }
-    writeln!(md, "\nA denied flood (UDP to a port no rule names), packets dropped per second at each mechanism's earliest hook, by its own counter; the XDP reference (zt's parser, one hash lookup, drop; {} kpps around each group) is what a drop on B's veth costs at least with this generator:\n", kilo(reference)).unwrap();
-    writeln!(md, "| rules | zt XDP kpps | × reference | iptables raw kpps | nftables netdev kpps | zt × iptables raw | zt × nftables netdev | zt without its source check kpps (diagnostic) |\n|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    writeln!(md, "\nA denied flood (UDP to a port no rule names): packets dropped per second at each mechanism's earliest hook, by its own counter. The XDP reference (zt's parser, one hash lookup, drop) is the least a drop on B's veth costs with this generator; zt without its source check is a diagnostic (its XDP program on a veth not marked an uplink):\n").unwrap();
+    writeln!(md, "| rules | zt XDP kpps | × XDP reference | iptables raw kpps | nftables netdev kpps | zt × iptables raw | zt × nftables netdev | XDP reference kpps | zt without its source check kpps |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
     for rules in SIZES {
-        let (zt, ipt, nft) = (drop_of(drops, rules, Dropper::ZtXdp), drop_of(drops, rules, Dropper::IptablesRaw), drop_of(drops, rules, Dropper::NftNetdev));
-        let unchecked = drop_of(drops, rules, Dropper::ZtXdpUnchecked).per_s;
-        writeln!(md, "| {rules} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} |", zt.per_s / 1e3, zt.per_s / zt.reference, ipt.per_s / 1e3, nft.per_s / 1e3, zt.per_s / ipt.per_s, zt.per_s / nft.per_s, unchecked / 1e3).unwrap();
+        let per_s = |d: Dropper| &drop_row(drops, rules, d).per_s;
+        let (zt, ipt, nft, reference) = (per_s(Dropper::ZtXdp), per_s(Dropper::IptablesRaw), per_s(Dropper::NftNetdev), per_s(Dropper::Reference));
+        let unchecked = per_s(Dropper::ZtXdpUnchecked);
+        writeln!(md, "| {rules} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} |", median(zt) / 1e3, ratio(zt, reference), median(ipt) / 1e3, median(nft) / 1e3, ratio(zt, ipt), ratio(zt, nft), median(reference) / 1e3, median(unchecked) / 1e3).unwrap();
     }
     md
 }
 
-fn results_json(rows: &[Row], drops: &[DropRate], tso: &(String, String), baselines: [&Vec<f64>; 3]) -> Value {
-    let [udp_none, tcp_none, reference] = baselines;
+fn results_json(rows: &[Row], drops: &[DropRow], tso: &(String, String)) -> Value {
     let rows: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let (nft, ipt) = (row(rows, r.rules, Filter::Nft), row(rows, r.rules, Filter::Iptables));
+            let (none, nft, ipt) = (row(rows, r.rules, Filter::None), row(rows, r.rules, Filter::Nft), row(rows, r.rules, Filter::Iptables));
             json!({"rules": r.rules, "filter": r.filter.name(),
-                "udp_pps": r.udp_pps, "udp_none_pps": r.udp_none, "udp_vs_none": r.udp_pps / r.udp_none,
-                "udp_vs_nftables": r.udp_pps / nft.udp_pps, "udp_vs_iptables": r.udp_pps / ipt.udp_pps,
-                "tcp_gbps": r.tcp_gbps, "tcp_none_gbps": r.tcp_none, "tcp_vs_none": r.tcp_gbps / r.tcp_none,
-                "tcp_vs_nftables": r.tcp_gbps / nft.tcp_gbps, "tcp_vs_iptables": r.tcp_gbps / ipt.tcp_gbps})
+                "udp_pps": median(&r.udp_pps), "udp_pps_rounds": r.udp_pps, "udp_vs_none": ratio(&r.udp_pps, &none.udp_pps),
+                "udp_vs_nftables": ratio(&r.udp_pps, &nft.udp_pps), "udp_vs_iptables": ratio(&r.udp_pps, &ipt.udp_pps),
+                "tcp_gbps": median(&r.tcp_gbps), "tcp_gbps_rounds": r.tcp_gbps, "tcp_vs_none": ratio(&r.tcp_gbps, &none.tcp_gbps),
+                "tcp_vs_nftables": ratio(&r.tcp_gbps, &nft.tcp_gbps), "tcp_vs_iptables": ratio(&r.tcp_gbps, &ipt.tcp_gbps)})
         })
         .collect();
     let drops: Vec<Value> = drops
         .iter()
         .map(|d| {
-            let zt = drop_of(drops, d.rules, Dropper::ZtXdp).per_s;
-            json!({"rules": d.rules, "mechanism": d.dropper.name(), "drops_per_s": d.per_s,
-                "reference_per_s": d.reference, "vs_reference": d.per_s / d.reference, "zt_vs_this": zt / d.per_s})
+            let (zt, reference) = (&drop_row(drops, d.rules, Dropper::ZtXdp).per_s, &drop_row(drops, d.rules, Dropper::Reference).per_s);
+            json!({"rules": d.rules, "mechanism": d.dropper.name(), "drops_per_s": median(&d.per_s), "rounds": d.per_s,
+                "vs_reference": ratio(&d.per_s, reference), "zt_vs_this": ratio(zt, &d.per_s)})
         })
         .collect();
     json!({
-        "identities": IDENTITIES, "warmup_s": WARMUP.as_secs_f64(), "measure_s": MEASURE.as_secs_f64(),
-        "sender_tso": {"without_xdp": tso.0, "with_zt_xdp": tso.1},
-        "none": {"udp_pps": udp_none, "tcp_gbps": tcp_none}, "reference_drops_per_s": reference,
-        "rows": rows, "drops": drops,
+        "identities": IDENTITIES, "rounds": ROUNDS, "warmup_s": WARMUP.as_secs_f64(), "measure_s": MEASURE.as_secs_f64(),
+        "sender_tso": {"without_xdp": tso.0, "with_zt_xdp": tso.1}, "rows": rows, "drops": drops,
     })
 }
 
