@@ -78,7 +78,7 @@ fn apply(rules: usize) -> (f64, f64) {
     // One rule to start with: every measured reload changes the policy.
     write_version(&policy, "..v1", &policy_text(1, IDENTITIES));
     publish(&policy, "..v1");
-    let options = AgentOptions { extra_args: vec!["--capacity".into(), "ipcache=262144".into()], ..AgentOptions::for_node(t.node(), &policy, "enforce") };
+    let options = AgentOptions { extra_args: vec!["--capacity".into(), "hosts=262144".into()], ..AgentOptions::for_node(t.node(), &policy, "enforce") };
     let agent = Agent::start(t.node().ns(), &options).unwrap();
     let applied = |agent: &Agent| agent.events().iter().filter(|e| e["kind"] == "policy" && e["result"] == "applied").count();
     let before = applied(&agent);

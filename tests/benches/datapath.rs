@@ -138,7 +138,7 @@ struct Row {
 
 fn measure_case(rules: usize, identities: usize) -> (Vec<Row>, f64) {
     // Room for 50k identities' two addresses; the rest at the agent's defaults.
-    let settings: Vec<CapacitySetting> = ["ipcache=262144"].iter().map(|s| s.parse().unwrap()).collect();
+    let settings: Vec<CapacitySetting> = ["hosts=262144"].iter().map(|s| s.parse().unwrap()).collect();
     let mut datapath = Datapath::load_sized(Capacities::new(&settings).unwrap()).expect("loading the datapath needs root");
     // The agent's default event limits (`run --event-window 1s --event-rate 5000/s
     // --event-burst 10000`): a flood of denials is counted, not written out one by one.

@@ -3,6 +3,7 @@
 //! Everything here is `#[repr(C)]` plain data with its size checked at compile time, so the two
 //! sides can never disagree on a layout. Multi-byte fields that are LPM-trie key material are
 //! byte arrays in network order, because the trie matches prefixes bit by bit from the first byte.
+//! Hash keys have explicit padding fields: every byte of a key is hashed.
 #![no_std]
 
 use core::mem::{align_of, size_of};
@@ -11,6 +12,8 @@ use core::mem::{align_of, size_of};
 pub mod maps {
     pub const CONFIG: &str = "ZT_CONFIG";
     pub const IPCACHE: &str = "ZT_IPCACHE";
+    /// Single addresses (/32, /128), found with one exact-match lookup before the ipcache.
+    pub const HOSTS: &str = "ZT_HOSTS";
     pub const POLICY: &str = "ZT_POLICY";
     pub const ISOLATION: &str = "ZT_ISOLATION";
     pub const CONNTRACK: &str = "ZT_CONNTRACK";
@@ -31,7 +34,10 @@ pub mod maps {
     /// built aside (see [`super::Config::slot`]). Their capacities below are per generation.
     pub const SLOTS: u32 = 2;
     pub const IPCACHE_CAPACITY: u32 = 65_536;
-    pub const POLICY_CAPACITY: u32 = 1 << 20;
+    pub const HOSTS_CAPACITY: u32 = 65_536;
+    /// Blocks of the policy map ([`super::PolicyKey`]): about one per (subject, peer, direction)
+    /// a rule names. Allocated as used, so the capacity costs only the hash table's buckets.
+    pub const POLICY_CAPACITY: u32 = 1 << 18;
     pub const ISOLATION_CAPACITY: u32 = 65_536;
     /// A build with `ZT_DATAPATH_VARIANT` set (the second datapath of the upgrade tests, see
     /// `cargo xtask test`) has a few more entries, so that upgrading to it migrates the map.
@@ -110,7 +116,7 @@ pub struct Config {
     /// Policy generation in force; conntrack entries remember the generation that admitted them,
     /// and a flow admitted under another generation is judged again.
     pub generation: u32,
-    /// Which half (0 or 1) of the policy-derived maps (`ZT_IPCACHE`, `ZT_POLICY`,
+    /// Which half (0 or 1) of the policy-derived maps (`ZT_IPCACHE`, `ZT_HOSTS`, `ZT_POLICY`,
     /// `ZT_ISOLATION`) is in force: every key there carries its slot, so the agent builds the
     /// next generation in the other slot and switches to it with one write of this value.
     pub slot: u32,
@@ -118,7 +124,13 @@ pub struct Config {
 
 /// Isolation flags in `ZT_ISOLATION` (identity → flags). A direction listed by a policy for a
 /// subject makes that subject default-deny in that direction. Key [`identity::ANY`] applies to
-/// every declared identity.
+/// every declared identity. Flags that depend on a direction are `FLAG << direction`
+/// ([`Direction::Ingress`] 0, [`Direction::Egress`] 1).
+///
+/// The wildcard flags say which of a check's four groups can exist, so the kernel probes only
+/// those: (subject, peer) always; (subject, any) if the subject has [`ANY_PEER`]; (any, peer) if
+/// the peer has [`PEER_OF_ANY`]; (any, any) if the `ANY` entry has [`ANY_ANY`]. An identity that
+/// is only a peer has an entry for its wildcard flags alone.
 ///
 /// Policies are judged in two views at once: the *enforced* view (policies in force) decides
 /// the packet's fate; the *staged* view (policies in force plus those with `mode: monitor`)
@@ -134,6 +146,17 @@ pub mod isolation {
     /// A staged policy names this subject, so its staged view may differ from its enforced one
     /// (the staged view is judged only then).
     pub const STAGED_RULES: u32 = 16;
+    /// Rules of this subject name `any` peer (group (subject, any)).
+    pub const ANY_PEER: u32 = 32;
+    /// Rules of an `any` subject name this peer (group (any, peer)).
+    pub const PEER_OF_ANY: u32 = 128;
+    /// On the `ANY` entry: rules of an `any` subject name `any` peer (group (any, any)).
+    pub const ANY_ANY: u32 = 512;
+
+    /// `flag` for `direction`.
+    pub const fn of(flag: u32, direction: super::Direction) -> u32 {
+        flag << direction as u32
+    }
 }
 
 /// Direction of a policy check, from the subject's point of view.
@@ -427,10 +450,9 @@ pub mod proto {
 /// so an IPv4 /n prefix is an IPv6 /(96 + n).
 pub type IpKey = [u8; 16];
 
-/// Key material of the slotted LPM tries: the slot byte first, so every prefix of one slot is
-/// longer than [`SLOT_BITS`] and never matches in the other. `ZT_IPCACHE` is keyed
-/// by `Slotted<IpKey>` (an IPv4 /n at prefix length 8 + 96 + n), `ZT_POLICY` by
-/// `Slotted<PolicyKey>` (the [`PolicyKey`] bit counts plus 8).
+/// An address in one slot: the key of `ZT_HOSTS`, and the key material of the `ZT_IPCACHE` LPM
+/// trie, where the slot byte comes first, so every prefix of one slot is longer than
+/// [`SLOT_BITS`] and never matches in the other (an IPv4 /n at prefix length 8 + 96 + n).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Slotted<K> {
@@ -455,35 +477,54 @@ pub struct IsolationKey {
     pub identity: u32,
 }
 
-/// Key material of the `ZT_POLICY` LPM trie. Field order is prefix order: a rule for any protocol
-/// is a prefix of [`PolicyKey::ANY_PROTOCOL_BITS`], for any port of
-/// [`PolicyKey::ANY_PORT_BITS`], and a port range is a set of longer prefixes over `port`.
+/// A (protocol, destination port) point of a policy group's space: `protocol << 16 | port`, so
+/// a rule for any protocol covers every point and one for a whole protocol a block of 2^16.
+pub const fn policy_point(protocol: u8, port: u16) -> u32 {
+    (protocol as u32) << 16 | port as u32
+}
+
+/// The shape of the policy map's trees. A group — (slot, subject, peer, direction) — holds the
+/// decisions over its point space as sorted runs of points. A block holds at most [`RUNS`] runs;
+/// a block with more is *split*: its runs are in its sub-blocks at the next level, only those
+/// that have any. Level `l` blocks are `2^SHIFTS[l]` points wide (the whole space, a protocol,
+/// 256 ports, 8 ports): a last-level block has at most 8 points, so it always fits. A lookup
+/// is one hash probe per level it descends, and one suffices for every group of up to
+/// [`RUNS`] runs.
+pub mod policy_tree {
+    pub const RUNS: usize = 8;
+    pub const LEVELS: usize = 4;
+    pub const SHIFTS: [u32; LEVELS] = [24, 16, 8, 3];
+    const _: () = assert!(1 << SHIFTS[LEVELS - 1] <= RUNS);
+}
+
+/// Key of the `ZT_POLICY` hash: one block of one group (see [`policy_tree`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
-    /// Identity the rule protects (big-endian), or [`identity::ANY`].
-    pub subject: [u8; 4],
-    /// Identity of the other end (big-endian), or [`identity::ANY`].
-    pub peer: [u8; 4],
+    /// Identity the rule protects, or [`identity::ANY`].
+    pub subject: u32,
+    /// Identity of the other end, or [`identity::ANY`].
+    pub peer: u32,
+    /// The block's first point, shifted right by its level's shift.
+    pub block: u32,
+    pub slot: u8,
     /// [`Direction::Ingress`] or [`Direction::Egress`].
     pub direction: u8,
-    pub protocol: u8,
-    /// Destination port (big-endian); for ICMP and ICMPv6 the message type in the low byte.
-    pub port: [u8; 2],
+    pub level: u8,
+    pub _pad: u8,
 }
 
 impl PolicyKey {
-    pub const ANY_PROTOCOL_BITS: u32 = 72;
-    pub const ANY_PORT_BITS: u32 = 80;
-    pub const FULL_BITS: u32 = 96;
-
-    pub const fn new(subject: u32, peer: u32, direction: Direction, protocol: u8, port: u16) -> Self {
+    /// The key of the block at `level` that holds `point`.
+    pub const fn new(slot: u32, subject: u32, peer: u32, direction: Direction, level: usize, point: u32) -> Self {
         Self {
-            subject: subject.to_be_bytes(),
-            peer: peer.to_be_bytes(),
+            subject,
+            peer,
+            block: point >> policy_tree::SHIFTS[level],
+            slot: slot as u8,
             direction: direction as u8,
-            protocol,
-            port: port.to_be_bytes(),
+            level: level as u8,
+            _pad: 0,
         }
     }
 }
@@ -496,13 +537,16 @@ pub mod action {
     pub const DENY: u8 = 2;
 }
 
-/// Value of the `ZT_POLICY` trie: the winning rule at this prefix in each view (see
-/// [`isolation`]). A prefix exists where either view's decision differs from the shorter
-/// prefixes', so the longest match is exact for both.
+/// Consecutive points with the same winning rule in each view (see [`isolation`]): deny beats
+/// allow, then the lowest rule id, over every rule of the group that matches them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PolicyValue {
-    /// The enforced view's rule (index into the agent's rule table, starting at 1).
+pub struct PortRun {
+    /// First and last point, inclusive.
+    pub first: u32,
+    pub last: u32,
+    /// The enforced view's rule (index into the agent's rule table, starting at 1), or
+    /// [`NO_RULE`].
     pub rule_id: u32,
     /// The staged view's rule.
     pub staged_rule_id: u32,
@@ -511,6 +555,34 @@ pub struct PolicyValue {
     /// [`action`] of `staged_rule_id`, or `NONE`.
     pub staged_action: u8,
     pub _pad: [u8; 2],
+}
+
+/// Value of the `ZT_POLICY` hash: a block's runs, or that it is split.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Sorted by point, disjoint; the first `count` are in use. Points in no run match no rule.
+    pub runs: [PortRun; policy_tree::RUNS],
+    pub count: u8,
+    /// The runs are in the sub-blocks at the next level (`count` is 0).
+    pub split: u8,
+    pub _pad: [u8; 2],
+}
+
+impl PolicyValue {
+    /// The run holding `point`, if any: the kernel's search and the agent's evaluator's.
+    #[inline(always)]
+    pub fn run_at(&self, point: u32) -> Option<&PortRun> {
+        let mut i = 0;
+        while i < policy_tree::RUNS && i < self.count as usize {
+            let run = &self.runs[i];
+            if point <= run.last {
+                return if run.first <= point { Some(run) } else { None };
+            }
+            i += 1;
+        }
+        None
+    }
 }
 
 /// `rule_id` meaning "no rule": default deny, or no policy consulted.
@@ -657,10 +729,10 @@ macro_rules! assert_layout {
 }
 assert_layout!(Config, 12, 4);
 assert_layout!(Slotted<IpKey>, 17, 1);
-assert_layout!(PolicyKey, 12, 1);
-assert_layout!(Slotted<PolicyKey>, 13, 1);
+assert_layout!(PolicyKey, 16, 4);
+assert_layout!(PortRun, 20, 4);
+assert_layout!(PolicyValue, 20 * policy_tree::RUNS + 4, 4);
 assert_layout!(IsolationKey, 8, 4);
-assert_layout!(PolicyValue, 12, 4);
 assert_layout!(CtKey, 40, 2);
 assert_layout!(CtValue, 24, 8);
 assert_layout!(FlowEvent, 88, 8);
@@ -677,7 +749,6 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::Slotted<super::IpKey> {}
-    unsafe impl aya::Pod for super::Slotted<super::PolicyKey> {}
     unsafe impl aya::Pod for super::IsolationKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::CtKey {}

@@ -11,7 +11,7 @@ use zt_common::{
     agent_state, counters,
     maps::{
         CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, EVENT_FLOWS_CAPACITY, FRAGMENTS_CAPACITY,
-        INTERFACES_CAPACITY, IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
+        HOSTS_CAPACITY, INTERFACES_CAPACITY, IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
     },
     Config, CtKey, CtValue, EventFlowKey, EventFlowState, EventLimits, FragmentKey, FragmentValue, InterfaceInfo, IpKey,
     IsolationKey, PolicyKey, PolicyValue, Slotted,
@@ -24,9 +24,14 @@ use zt_common::{
 #[map]
 pub static ZT_CONFIG: HashMap<u32, Config> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
-/// (slot, address prefix) → identity.
+/// (slot, address prefix) → identity, for prefixes shorter than an address.
 #[map]
 pub static ZT_IPCACHE: LpmTrie<Slotted<IpKey>, u32> = LpmTrie::with_max_entries(SLOTS * IPCACHE_CAPACITY, 0);
+
+/// (slot, address) → identity: the ipcache's full-length entries, which are its longest match
+/// wherever they exist, in a hash, whose lookup costs the same however many there are.
+#[map]
+pub static ZT_HOSTS: HashMap<Slotted<IpKey>, u32> = HashMap::with_max_entries(SLOTS * HOSTS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// cgroup id (the cgroup directory's inode) → identity of the processes in it. Not slotted:
 /// identity ids are derived from names, so a binding stays valid across generations.
@@ -38,10 +43,10 @@ pub static ZT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUPS_CAP
 #[map]
 pub static ZT_INTERFACES: HashMap<u32, InterfaceInfo> = HashMap::with_max_entries(INTERFACES_CAPACITY, 0);
 
-/// (slot, subject, peer, direction, protocol, port prefix) → rule.
+/// (subject, peer, block, slot, direction, level) → the block's runs (`zt_common::policy_tree`).
+/// Allocated as used: most groups are one block of one run, a few are many.
 #[map]
-pub static ZT_POLICY: LpmTrie<Slotted<PolicyKey>, PolicyValue> =
-    LpmTrie::with_max_entries(SLOTS * POLICY_CAPACITY, 0);
+pub static ZT_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(SLOTS * POLICY_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// (slot, identity) → isolation flags.
 #[map]

@@ -1,29 +1,37 @@
 //! Identification and policy: a bounded number of O(1) lookups whatever the number of rules.
 //!
 //! The flow src → dst needs the consent of both ends: the source's egress rules if the source is
-//! egress-isolated, the destination's ingress rules if it is ingress-isolated. Each check is four
-//! longest-prefix lookups — (subject, peer), (subject, any), (any, peer), (any, any) — and an
-//! explicit deny anywhere beats every allow. The same lookups answer for the enforced and the
-//! staged view (`zt_common::isolation`). The agent's reference evaluator mirrors this file.
+//! egress-isolated, the destination's ingress rules if it is ingress-isolated. Each check
+//! consults up to four groups — (subject, peer), (subject, any), (any, peer), (any, any) — only
+//! those the ends' wildcard flags say exist, each with exact-match lookups of its blocks
+//! (`zt_common::policy_tree`, one lookup unless the group has many ports), and an explicit deny
+//! anywhere beats every allow. The same lookups answer for the enforced and the staged view
+//! (`zt_common::isolation`). The agent's reference evaluator mirrors this file.
 //!
 //! Every address, policy and isolation lookup is made in the slot of the generation in force
 //! (`Config::slot`), which the caller read once for the packet.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use zt_common::{
-    action, event_flags, identity, isolation, Direction, Hook, IsolationKey, PolicyKey, Reason, Slotted, NO_RULE, SLOT_BITS,
+    action, event_flags, identity, isolation, policy_point, policy_tree, Direction, Hook, IsolationKey, PolicyKey,
+    PortRun, Reason, Slotted, NO_RULE, SLOT_BITS,
 };
 
 use crate::{
-    maps::{ZT_CGROUPS, ZT_INTERFACES, ZT_IPCACHE, ZT_ISOLATION, ZT_POLICY},
+    maps::{ZT_CGROUPS, ZT_HOSTS, ZT_INTERFACES, ZT_IPCACHE, ZT_ISOLATION, ZT_POLICY},
     parse::Packet,
 };
 
 const IP_BITS: u32 = 128;
 
+/// The ipcache's longest match: an address entry if there is one, else the longest prefix.
 #[inline(always)]
 pub fn by_address(slot: u32, addr: &zt_common::IpKey) -> u32 {
-    match ZT_IPCACHE.get(Key::new(SLOT_BITS + IP_BITS, Slotted::new(slot, *addr))) {
+    let key = Slotted::new(slot, *addr);
+    if let Some(id) = unsafe { ZT_HOSTS.get(&key) } {
+        return *id;
+    }
+    match ZT_IPCACHE.get(Key::new(SLOT_BITS + IP_BITS, key)) {
         Some(id) => *id,
         None => identity::UNKNOWN,
     }
@@ -133,33 +141,66 @@ impl Found {
     }
 }
 
-/// One end's check in one view (`STAGED`: the staged view's fields of each entry). `isolated`:
-/// the end is isolated for `direction` in that view. `key` holds the slot, protocol and port;
-/// every check rewrites the rest of it in place, because the stack has room for one key.
+/// The run of one group that holds `point`: its blocks from the whole space down, until one
+/// that is not split.
+#[inline(always)]
+fn run_of(key: &mut PolicyKey, point: u32) -> Option<&'static PortRun> {
+    for level in 0..policy_tree::LEVELS {
+        key.level = level as u8;
+        key.block = point >> policy_tree::SHIFTS[level];
+        let value = unsafe { ZT_POLICY.get(&*key) }?;
+        if value.split == 0 {
+            return value.run_at(point);
+        }
+    }
+    None
+}
+
+/// Which of a check's groups exist, from the two ends' flags (`zt_common::isolation`): bit `i`
+/// for the `i`th group of [`check`].
+#[inline(always)]
+fn groups(subject_flags: u32, peer_flags: u32, direction: Direction) -> u32 {
+    let has = |flags: u32, flag: u32| (flags & isolation::of(flag, direction) != 0) as u32;
+    1 | has(subject_flags, isolation::ANY_PEER) << 1
+        | has(peer_flags, isolation::PEER_OF_ANY) << 2
+        | has(subject_flags, isolation::ANY_ANY) << 3
+}
+
+/// One end's check in one view (`STAGED`: the staged view's fields of each run). `isolated`:
+/// the end is isolated for `direction` in that view; `groups`: which groups to probe. `key`
+/// holds the slot; every check rewrites the rest of it in place, because the stack has room
+/// for one key.
 #[inline(always)]
 fn check<const STAGED: bool>(
-    key: &mut Key<Slotted<PolicyKey>>,
-    subject: u32,
-    peer: u32,
+    key: &mut PolicyKey,
+    point: u32,
+    (subject, peer): (u32, u32),
     direction: Direction,
     isolated: bool,
+    groups: u32,
 ) -> Check {
     let mut found = Found::NOTHING;
     if isolated {
-        key.data.key.direction = direction as u8;
-        for (s, p) in [
+        key.direction = direction as u8;
+        for (i, (s, p)) in [
             (subject, peer),
             (subject, identity::ANY),
             (identity::ANY, peer),
             (identity::ANY, identity::ANY),
-        ] {
-            key.data.key.subject = s.to_be_bytes();
-            key.data.key.peer = p.to_be_bytes();
-            if let Some(value) = ZT_POLICY.get(&*key) {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if groups & 1 << i == 0 {
+                continue;
+            }
+            key.subject = s;
+            key.peer = p;
+            if let Some(run) = run_of(key, point) {
                 if STAGED {
-                    found.note(value.staged_action, value.staged_rule_id);
+                    found.note(run.staged_action, run.staged_rule_id);
                 } else {
-                    found.note(value.action, value.rule_id);
+                    found.note(run.action, run.rule_id);
                 }
             }
         }
@@ -206,20 +247,21 @@ fn verdict(egress: Check, ingress: Check) -> Decision {
 pub fn decide(slot: u32, src_id: u32, dst_id: u32, protocol: u8, port: u16) -> Decision {
     let src_flags = isolation_of(slot, src_id);
     let dst_flags = isolation_of(slot, dst_id);
-    let mut key = Key::new(
-        SLOT_BITS + PolicyKey::FULL_BITS,
-        Slotted::new(slot, PolicyKey::new(identity::ANY, identity::ANY, Direction::None, protocol, port)),
-    );
+    let point = policy_point(protocol, port);
+    let egress_groups = groups(src_flags, dst_flags, Direction::Egress);
+    let ingress_groups = groups(dst_flags, src_flags, Direction::Ingress);
+    let mut key = PolicyKey::new(slot, identity::ANY, identity::ANY, Direction::None, 0, 0);
+    let (egress, ingress) = ((src_id, dst_id), (dst_id, src_id));
     let enforced = verdict(
-        check::<false>(&mut key, src_id, dst_id, Direction::Egress, src_flags & isolation::EGRESS != 0),
-        check::<false>(&mut key, dst_id, src_id, Direction::Ingress, dst_flags & isolation::INGRESS != 0),
+        check::<false>(&mut key, point, egress, Direction::Egress, src_flags & isolation::EGRESS != 0, egress_groups),
+        check::<false>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::INGRESS != 0, ingress_groups),
     );
     if !enforced.allow || (src_flags | dst_flags) & isolation::STAGED_RULES == 0 {
         return enforced;
     }
     let staged = verdict(
-        check::<true>(&mut key, src_id, dst_id, Direction::Egress, src_flags & isolation::STAGED_EGRESS != 0),
-        check::<true>(&mut key, dst_id, src_id, Direction::Ingress, dst_flags & isolation::STAGED_INGRESS != 0),
+        check::<true>(&mut key, point, egress, Direction::Egress, src_flags & isolation::STAGED_EGRESS != 0, egress_groups),
+        check::<true>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::STAGED_INGRESS != 0, ingress_groups),
     );
     if staged.allow {
         enforced

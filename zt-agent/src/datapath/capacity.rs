@@ -17,10 +17,11 @@ struct Configurable {
     slotted: bool,
 }
 
-const CONFIGURABLE: [Configurable; 7] = [
+const CONFIGURABLE: [Configurable; 8] = [
     Configurable { name: "conntrack", map: maps::CONNTRACK, default: maps::CONNTRACK_CAPACITY, ceiling: 1 << 24, slotted: false },
     Configurable { name: "fragments", map: maps::FRAGMENTS, default: maps::FRAGMENTS_CAPACITY, ceiling: 1 << 22, slotted: false },
     Configurable { name: "ipcache", map: maps::IPCACHE, default: maps::IPCACHE_CAPACITY, ceiling: IPCACHE_CEILING, slotted: true },
+    Configurable { name: "hosts", map: maps::HOSTS, default: maps::HOSTS_CAPACITY, ceiling: IPCACHE_CEILING, slotted: true },
     Configurable { name: "policy", map: maps::POLICY, default: maps::POLICY_CAPACITY, ceiling: POLICY_CEILING, slotted: true },
     Configurable { name: "cgroups", map: maps::CGROUPS, default: maps::CGROUPS_CAPACITY, ceiling: 1 << 22, slotted: false },
     Configurable { name: "interfaces", map: maps::INTERFACES, default: maps::INTERFACES_CAPACITY, ceiling: 1 << 20, slotted: false },

@@ -10,7 +10,7 @@
 //! - `ZT_CONNTRACK`: every old flow, copied (again after the switch, for the flows the old
 //!   programs admitted meanwhile), when its entries' layout is unchanged; otherwise empty, and
 //!   established flows are judged again as new.
-//! - The policy maps (`ZT_IPCACHE`, `ZT_POLICY`, `ZT_ISOLATION`) and the identity maps
+//! - The policy maps (`ZT_IPCACHE`, `ZT_HOSTS`, `ZT_POLICY`, `ZT_ISOLATION`) and the identity maps
 //!   (`ZT_CGROUPS`, `ZT_INTERFACES`): empty, filled by the agent from its policy and sources
 //!   before the first link switches. They migrate with `ZT_CONFIG` as one group, so the old
 //!   programs never see a slot switch the new policy made.
@@ -66,8 +66,8 @@ impl StartKind {
 }
 
 /// Maps that migrate together: the config names the slot the policy maps are read in.
-const POLICY_GROUP: [&str; 6] =
-    [maps::CONFIG, maps::IPCACHE, maps::POLICY, maps::ISOLATION, maps::CGROUPS, maps::INTERFACES];
+const POLICY_GROUP: [&str; 7] =
+    [maps::CONFIG, maps::IPCACHE, maps::HOSTS, maps::POLICY, maps::ISOLATION, maps::CGROUPS, maps::INTERFACES];
 
 /// A map as the object declares it, or as the kernel has it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! with [`Datapath::load`], for `policy test` and the kernel tests, pins nothing and attaches
 //! nothing.)
 //!
-//! **Generations.** The policy-derived maps (`ZT_IPCACHE`, `ZT_POLICY`, `ZT_ISOLATION`) have two
+//! **Generations.** The policy-derived maps (`ZT_IPCACHE`, `ZT_HOSTS`, `ZT_POLICY`, `ZT_ISOLATION`) have two
 //! slots: every key carries one. Packets use the slot named by `ZT_CONFIG`, which they read once.
 //! A new policy is [`staged`](Datapath::stage) in the other slot while the old one stays in force,
 //! then [`switch`](Datapath::switch) makes it current with one write of the config (slot and
@@ -39,7 +39,7 @@ use sys::GracePeriod;
 
 use crate::{
     events::limits::EventLimitSettings,
-    policy::compile::{ipcache_prefix, Compiled},
+    policy::compile::{ip_key, ipcache_prefix, Compiled},
 };
 use capacity::Capacities;
 use counters::Counters;
@@ -114,7 +114,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     config: HashMap<MapData, u32, Config>,
     ipcache: LpmTrie<MapData, Slotted<IpKey>, u32>,
-    policy: LpmTrie<MapData, Slotted<PolicyKey>, PolicyValue>,
+    hosts: HashMap<MapData, Slotted<IpKey>, u32>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
     isolation: HashMap<MapData, IsolationKey, u32>,
     cgroups: HashMap<MapData, u64, u32>,
     interfaces: HashMap<MapData, u32, InterfaceInfo>,
@@ -164,6 +165,7 @@ impl Datapath {
         Ok(Self {
             config: take_map(&mut ebpf, maps::CONFIG)?,
             ipcache: take_map(&mut ebpf, maps::IPCACHE)?,
+            hosts: take_map(&mut ebpf, maps::HOSTS)?,
             policy: take_map(&mut ebpf, maps::POLICY)?,
             isolation: take_map(&mut ebpf, maps::ISOLATION)?,
             cgroups: take_map(&mut ebpf, maps::CGROUPS)?,
@@ -260,24 +262,30 @@ impl Datapath {
     /// other slot until [`switch`](Self::switch). On an error, [`discard_staged`](Self::discard_staged).
     pub fn stage(&mut self, compiled: &Compiled) -> Result<()> {
         // Refused before anything is written: the generation in force stays whole.
-        capacity::check_fits(maps::IPCACHE, compiled.ipcache.len(), self.capacities.per_generation(maps::IPCACHE))?;
+        let (hosts, prefixes): (Vec<_>, Vec<_>) =
+            compiled.ipcache.iter().partition(|(net, _)| net.prefix_len() == net.max_prefix_len());
+        capacity::check_fits(maps::IPCACHE, prefixes.len(), self.capacities.per_generation(maps::IPCACHE))?;
+        capacity::check_fits(maps::HOSTS, hosts.len(), self.capacities.per_generation(maps::HOSTS))?;
         capacity::check_fits(maps::POLICY, compiled.policy.len(), self.capacities.per_generation(maps::POLICY))?;
         let slot = self.staging_slot()?;
         self.clear_slot(slot)?;
-        for (net, id) in &compiled.ipcache {
-            let (prefix_len, key) = ipcache_prefix(net);
+        for &(net, id) in prefixes {
+            let (prefix_len, key) = ipcache_prefix(&net);
             self.ipcache
                 .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
                 .with_context(|| format!("ipcache full at {net} (capacity {})", self.capacities.per_generation(maps::IPCACHE)))?;
+        }
+        for &(net, id) in hosts {
+            self.bind_address_in(slot, net.addr(), id)?;
         }
         for (id, flags) in &compiled.isolation {
             self.isolation
                 .insert(IsolationKey { slot, identity: *id }, flags, 0)
                 .with_context(|| format!("isolation map full (capacity {})", maps::ISOLATION_CAPACITY))?;
         }
-        for (prefix_len, key, value) in &compiled.policy {
+        for (key, value) in &compiled.policy {
             self.policy
-                .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, *key)), value, 0)
+                .insert(PolicyKey { slot: slot as u8, ..*key }, value, 0)
                 .with_context(|| format!("policy map full (capacity {})", self.capacities.per_generation(maps::POLICY)))?;
         }
         Ok(())
@@ -332,10 +340,18 @@ impl Datapath {
         for key in ipcache {
             remove_if_present(self.ipcache.remove(&key))?;
         }
+        let hosts: Vec<_> = self
+            .hosts
+            .keys()
+            .filter(|key| key.as_ref().map_or(true, |key| u32::from(key.slot) == slot))
+            .collect::<Result<_, _>>()?;
+        for key in hosts {
+            remove_if_present(self.hosts.remove(&key))?;
+        }
         let policy: Vec<_> = self
             .policy
             .keys()
-            .filter(|key| key.as_ref().map_or(true, |key| u32::from(key.data().slot) == slot))
+            .filter(|key| key.as_ref().map_or(true, |key| u32::from(key.slot) == slot))
             .collect::<Result<_, _>>()?;
         for key in policy {
             remove_if_present(self.policy.remove(&key))?;
@@ -426,27 +442,29 @@ impl Datapath {
         self.bind_address_in(slot, addr, id)
     }
 
+    /// A single address goes to the hosts map, which the kernel consults before the ipcache.
     fn bind_address_in(&mut self, slot: u32, addr: std::net::IpAddr, id: u32) -> Result<()> {
-        let (prefix_len, key) = ipcache_prefix(&addr.into());
-        self.ipcache
-            .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
-            .with_context(|| full(&format!("ipcache at {addr}"), self.capacities.per_generation(maps::IPCACHE), "ipcache"))
+        self.hosts
+            .insert(Slotted::new(slot, ip_key(addr)), id, 0)
+            .with_context(|| full(&format!("hosts map at {addr}"), self.capacities.per_generation(maps::HOSTS), "hosts"))
     }
 
     pub fn unbind_address(&mut self, addr: std::net::IpAddr) -> Result<()> {
         let slot = self.config()?.slot;
-        let (prefix_len, key) = ipcache_prefix(&addr.into());
-        remove_if_present(self.ipcache.remove(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key))))
+        remove_if_present(self.hosts.remove(&Slotted::new(slot, ip_key(addr))))
     }
 
-    /// Entries in the slotted maps, by slot: (ipcache, policy, isolation). For tests.
+    /// Entries in the slotted maps, by slot: (ipcache and hosts, policy, isolation). For tests.
     pub fn slot_entries(&self) -> Result<[(usize, usize, usize); 2]> {
         let mut counts = [(0, 0, 0); 2];
         for key in self.ipcache.keys() {
             counts[usize::from(key?.data().slot & 1)].0 += 1;
         }
+        for key in self.hosts.keys() {
+            counts[usize::from(key?.slot & 1)].0 += 1;
+        }
         for key in self.policy.keys() {
-            counts[usize::from(key?.data().slot & 1)].1 += 1;
+            counts[usize::from(key?.slot & 1)].1 += 1;
         }
         for key in self.isolation.keys() {
             counts[(key?.slot & 1) as usize].2 += 1;
@@ -490,6 +508,7 @@ impl Datapath {
             config: probe::dup(self.config.map())?,
             counters: probe::dup(self.counters.map())?,
             ipcache: probe::dup(self.ipcache.map())?,
+            hosts: probe::dup(self.hosts.map())?,
             policy: probe::dup(self.policy.map())?,
             isolation: probe::dup(self.isolation.map())?,
             cgroups: probe::dup(self.cgroups.map())?,

@@ -20,6 +20,7 @@ pub struct Fds {
     pub config: OwnedFd,
     pub counters: OwnedFd,
     pub ipcache: OwnedFd,
+    pub hosts: OwnedFd,
     pub policy: OwnedFd,
     pub isolation: OwnedFd,
     pub cgroups: OwnedFd,
@@ -47,7 +48,7 @@ pub fn data_of(map: &Map) -> Result<&MapData> {
 /// How full one map is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapUsage {
-    /// Short name: `ipcache`, `policy`, `isolation`, `conntrack`, `fragments`, `cgroups`,
+    /// Short name: `ipcache`, `hosts`, `policy`, `isolation`, `conntrack`, `fragments`, `cgroups`,
     /// `interfaces`, `event_flows`.
     pub name: &'static str,
     pub entries: u64,
@@ -59,7 +60,8 @@ pub struct Probe {
     config: HashMap<MapData, u32, Config>,
     counters: PerCpuArray<MapData, u64>,
     ipcache: LpmTrie<MapData, Slotted<IpKey>, u32>,
-    policy: LpmTrie<MapData, Slotted<PolicyKey>, PolicyValue>,
+    hosts: HashMap<MapData, Slotted<IpKey>, u32>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
     isolation: HashMap<MapData, IsolationKey, u32>,
     cgroups: HashMap<MapData, u64, u32>,
     interfaces: HashMap<MapData, u32, zt_common::InterfaceInfo>,
@@ -80,7 +82,8 @@ impl Probe {
             config: open(fds.config, Map::HashMap)?,
             counters: open(fds.counters, Map::PerCpuArray)?,
             ipcache: open(fds.ipcache, Map::LpmTrie)?,
-            policy: open(fds.policy, Map::LpmTrie)?,
+            hosts: open(fds.hosts, Map::HashMap)?,
+            policy: open(fds.policy, Map::HashMap)?,
             isolation: open(fds.isolation, Map::HashMap)?,
             cgroups: open(fds.cgroups, Map::HashMap)?,
             interfaces: open(fds.interfaces, Map::HashMap)?,
@@ -107,6 +110,7 @@ impl Probe {
     pub fn map_usage(&self) -> Result<Vec<MapUsage>> {
         Ok(vec![
             usage("ipcache", self.ipcache.map(), self.ipcache.keys())?,
+            usage("hosts", self.hosts.map(), self.hosts.keys())?,
             usage("policy", self.policy.map(), self.policy.keys())?,
             usage("isolation", self.isolation.map(), self.isolation.keys())?,
             usage("conntrack", self.conntrack.map(), self.conntrack.keys())?,

@@ -1,11 +1,11 @@
 //! Compiles a validated policy set into the entries of the kernel's maps.
 //!
-//! The kernel checks a flow against one (subject, peer, direction) *group* at a time with a
-//! single longest-prefix-match lookup, so within a group the entries must already encode rule
-//! precedence: the longest match has to be the winning rule. Precedence within a group is
-//! "deny beats allow, then the lowest rule id", for every (protocol, port) point. Across the four
-//! groups a check consults, the kernel itself applies the order
-//! (subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY) — see `eval`.
+//! The kernel checks a flow against one (subject, peer, direction) *group* at a time, finding
+//! the run of (protocol, port) points that holds the packet's (`zt_common::policy_tree`), so
+//! within a group the runs already encode rule precedence: "deny beats allow, then the lowest
+//! rule id", at every point. Across the four groups a check consults, the kernel itself applies
+//! the order (subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY) — see `eval` — and probes
+//! only the groups the isolation entries' wildcard flags say exist.
 //!
 //! Every entry answers for two views (`zt_common::isolation`): the enforced view holds the rules
 //! of policies in force, the staged view those plus the rules of `mode: monitor` policies.
@@ -30,12 +30,12 @@ use thiserror::Error;
 use zt_common::{
     action,
     identity::{ANY, FIRST_CIDR, HOST, WORLD},
-    isolation, maps, Direction, IpKey, PolicyKey, PolicyValue,
+    isolation, maps, policy_point, policy_tree, Direction, IpKey, PolicyKey, PolicyValue, PortRun,
 };
 
 use crate::datapath::capacity::{IPCACHE_CEILING, POLICY_CEILING};
 
-use super::{Action, Peer, PolicyMode, PolicySet, PortRange, Protocol, Subject};
+use super::{Action, Peer, PolicyMode, PolicySet, Protocol, Subject};
 use crate::identity::{
     pods::{Cluster, NamedPorts},
     IdentityError, IdentityTable,
@@ -60,10 +60,11 @@ pub struct Compiled {
     /// The `interface` selectors: (host-side interface name, identity), sorted by name; each
     /// name once. Resolved by the agent.
     pub interfaces: Vec<(String, u32)>,
-    /// (identity or ANY, `isolation::*` flags), one entry per identity.
+    /// (identity or ANY, `isolation::*` flags), one entry per identity, sorted.
     pub isolation: Vec<(u32, u32)>,
-    /// (prefix length, key, value) for the policy LPM trie; every (length, key) once.
-    pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
+    /// The policy map's blocks, keyed in slot 0 (the datapath puts them in the slot it
+    /// stages); every key once, sorted.
+    pub policy: Vec<(PolicyKey, PolicyValue)>,
     /// Rule `id` is `rules[id - 1]`.
     pub rules: Vec<RuleInfo>,
     /// The label sets and namespaces `pods` selectors were expanded over; each label set is an
@@ -209,8 +210,7 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
 
     let mut rules = Vec::new();
     let mut isolation_flags: BTreeMap<u32, u32> = BTreeMap::new();
-    // Keyed by the group's key with protocol and port zero.
-    let mut groups: BTreeMap<PolicyKey, Group> = BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
     for policy in set.policies() {
         let subjects: BTreeSet<u32> = policy
             .subjects
@@ -235,12 +235,13 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
                 let peers: BTreeSet<u32> = rule.peers.iter().flat_map(peer_ids).collect();
                 for &subject in &subjects {
                     for &peer in &peers {
-                        let group = groups.entry(PolicyKey::new(subject, peer, direction, 0, 0)).or_default();
+                        let group = groups.entry((subject, peer, direction as u8)).or_default();
                         match &rule.ports {
-                            None => group.any_protocol.push(outcome),
+                            None => group.push((0, ALL_POINTS, outcome)),
                             Some(ports) => {
                                 for port in ports {
-                                    group.by_protocol.entry(port.protocol).or_default().push((port.range, outcome));
+                                    let point = |number| policy_point(port.protocol.number(), number);
+                                    group.push((point(port.range.first), point(port.range.last), outcome));
                                 }
                             }
                         }
@@ -260,10 +261,10 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
                             if resolved.is_empty() {
                                 continue;
                             }
-                            let group = groups.entry(PolicyKey::new(subject, peer, direction, 0, 0)).or_default();
+                            let group = groups.entry((subject, peer, direction as u8)).or_default();
                             for (protocol, port) in resolved {
-                                let range = PortRange { first: port, last: port };
-                                group.by_protocol.entry(protocol).or_default().push((range, outcome));
+                                let point = policy_point(protocol.number(), port);
+                                group.push((point, point, outcome));
                             }
                         }
                     }
@@ -272,7 +273,23 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
         }
     }
 
-    let policy: Vec<_> = groups.iter().flat_map(|(base, group)| group.entries(*base)).collect();
+    for &(subject, peer, direction) in groups.keys() {
+        let direction = Direction::from_u8(direction).expect("a rule's direction");
+        let (id, flag) = match (subject, peer) {
+            (ANY, ANY) => (ANY, isolation::ANY_ANY),
+            (ANY, peer) => (peer, isolation::PEER_OF_ANY),
+            (subject, ANY) => (subject, isolation::ANY_PEER),
+            _ => continue,
+        };
+        *isolation_flags.entry(id).or_default() |= isolation::of(flag, direction);
+    }
+    let mut policy = Vec::new();
+    for (&(subject, peer, direction), items) in &groups {
+        let runs = runs(items);
+        let base = PolicyKey { subject, peer, direction, ..PolicyKey::default() };
+        blocks(base, 0, 0, &runs, &mut policy);
+    }
+    policy.sort_unstable_by_key(|(key, _)| *key);
     let isolation: Vec<_> = isolation_flags.into_iter().collect();
     // The node's own capacities (`--capacity`) are checked when the policy is staged; these are
     // the ceilings no node can hold more than.
@@ -318,13 +335,32 @@ struct Outcome {
     staged: bool,
 }
 
+/// (subject, peer, direction): the rules of one group, as the points each covers.
+type GroupKey = (u32, u32, u8);
+type Group = Vec<(u32, u32, Outcome)>;
+
+/// The last point: protocol 255, port 65535.
+const ALL_POINTS: u32 = (1 << 24) - 1;
+
 /// The winning rule at a point in the enforced view and in the staged view.
 type Views = (Option<Outcome>, Option<Outcome>);
 
-fn value((enforced, staged): Views) -> PolicyValue {
+/// The winner among the outcomes of the rules matching one point, in each view: deny beats
+/// allow, then the lowest rule id.
+fn decide(outcomes: &[Outcome]) -> Views {
+    let winner = |staged_too: bool| {
+        let matching = outcomes.iter().filter(|o| staged_too || !o.staged);
+        matching.min_by_key(|outcome| (outcome.action != Action::Deny, outcome.rule_id)).copied()
+    };
+    (winner(false), winner(true))
+}
+
+fn run((first, last): (u32, u32), (enforced, staged): Views) -> PortRun {
     let code = |outcome: Option<Outcome>| outcome.map_or(action::NONE, |o| o.action.code());
     let rule = |outcome: Option<Outcome>| outcome.map_or(zt_common::NO_RULE, |o| o.rule_id);
-    PolicyValue {
+    PortRun {
+        first,
+        last,
         rule_id: rule(enforced),
         staged_rule_id: rule(staged),
         action: code(enforced),
@@ -333,97 +369,68 @@ fn value((enforced, staged): Views) -> PolicyValue {
     }
 }
 
-/// The winner among the outcomes of the rules matching one point, in each view: deny beats
-/// allow, then the lowest rule id.
-fn decide(outcomes: impl IntoIterator<Item = Outcome> + Clone) -> Views {
-    let winner = |outcomes: &mut dyn Iterator<Item = Outcome>| {
-        outcomes.min_by_key(|outcome| (outcome.action != Action::Deny, outcome.rule_id))
-    };
-    (winner(&mut outcomes.clone().into_iter().filter(|o| !o.staged)), winner(&mut outcomes.into_iter()))
-}
-
-/// The rules of one (subject, peer, direction).
-#[derive(Default)]
-struct Group {
-    /// Rules without `ports`.
-    any_protocol: Vec<Outcome>,
-    by_protocol: BTreeMap<Protocol, Vec<(PortRange, Outcome)>>,
-}
-
-impl Group {
-    /// The 72-bit entry carries the any-protocol decision; longer entries are emitted only where
-    /// the decision over *all* matching rules differs from it, so the longest match always
-    /// yields the decision. When the any-protocol decision is a deny, that leaves only denies of
-    /// a lower rule id: allows could never win there.
-    fn entries(&self, base: PolicyKey) -> Vec<(u32, PolicyKey, PolicyValue)> {
-        let fallback = decide(self.any_protocol.iter().copied());
-        let mut entries = Vec::new();
-        if fallback != (None, None) {
-            entries.push((PolicyKey::ANY_PROTOCOL_BITS, base, value(fallback)));
-        }
-        for (protocol, items) in &self.by_protocol {
-            let key = PolicyKey { protocol: protocol.number(), ..base };
-            let full = protocol.full_range();
-            for (first, last, views) in runs(items, &self.any_protocol, fallback) {
-                if (first, last) == (full.first, full.last) {
-                    entries.push((PolicyKey::ANY_PORT_BITS, key, value(views)));
-                    continue;
-                }
-                for (port, bits) in port_prefixes(first, last) {
-                    let key = PolicyKey { port: port.to_be_bytes(), ..key };
-                    entries.push((PolicyKey::ANY_PORT_BITS + bits, key, value(views)));
-                }
-            }
-        }
-        entries
-    }
-}
-
-/// Maximal runs of ports (inclusive) with the same decisions that differ from `fallback`
-/// (the decisions of the `any_protocol` rules alone), over the ports some item covers. The
-/// decisions at a port include the `any_protocol` rules, which match every port.
-fn runs(items: &[(PortRange, Outcome)], any_protocol: &[Outcome], fallback: Views) -> Vec<(u16, u16, Views)> {
-    // Elementary intervals start at each item's first port and just past each item's last.
-    let mut cuts: Vec<u32> =
-        items.iter().flat_map(|(range, _)| [u32::from(range.first), u32::from(range.last) + 1]).collect();
+/// Maximal runs of points (inclusive) with the same decisions, over the points some rule
+/// covers, sorted.
+fn runs(items: &[(u32, u32, Outcome)]) -> Vec<PortRun> {
+    // Elementary intervals start at each item's first point and just past each item's last.
+    let mut cuts: Vec<u32> = items.iter().flat_map(|&(first, last, _)| [first, last + 1]).collect();
     cuts.sort_unstable();
     cuts.dedup();
-    let mut runs: Vec<(u16, u16, Views)> = Vec::new();
+    let mut runs: Vec<PortRun> = Vec::new();
+    let mut covering = Vec::new();
     for window in cuts.windows(2) {
-        // Both fit: a cut is at most 65536 and an interval ends one below the next cut.
-        let (first, last) = (window[0] as u16, (window[1] - 1) as u16);
-        let mut covering = items.iter().filter(|(range, _)| range.first <= first && last <= range.last).peekable();
-        if covering.peek().is_none() {
+        let (first, last) = (window[0], window[1] - 1);
+        covering.clear();
+        covering.extend(items.iter().filter(|(f, l, _)| *f <= first && last <= *l).map(|(_, _, outcome)| *outcome));
+        if covering.is_empty() {
             continue;
         }
-        let covering: Vec<Outcome> = covering.map(|(_, outcome)| *outcome).chain(any_protocol.iter().copied()).collect();
-        let outcome = decide(covering);
-        if outcome == fallback {
-            continue;
-        }
+        let next = run((first, last), decide(&covering));
         match runs.last_mut() {
-            Some(run) if u32::from(run.1) + 1 == u32::from(first) && run.2 == outcome => run.1 = last,
-            _ => runs.push((first, last, outcome)),
+            Some(prev) if prev.last + 1 == first && PortRun { first: prev.first, last: prev.last, ..next } == *prev => {
+                prev.last = last;
+            }
+            _ => runs.push(next),
         }
     }
     runs
 }
 
-/// The fewest aligned prefixes (value, prefix bits) of the 16-bit port space that exactly
-/// cover `first..=last`.
-fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u32)> {
-    let (mut start, last) = (u32::from(first), u32::from(last));
-    let mut prefixes = Vec::new();
-    while start <= last {
-        // The largest block aligned at `start` that stays within the range.
-        let mut size_bits = start.trailing_zeros().min(16);
-        while start + (1 << size_bits) - 1 > last {
-            size_bits -= 1;
-        }
-        prefixes.push((start as u16, 16 - size_bits));
-        start += 1 << size_bits;
+/// The block at `level` starting at point `start` holding `runs` (sorted, within the block):
+/// one entry if they fit, else a split entry and the sub-blocks that hold any run, each with
+/// its part of the runs.
+fn blocks(base: PolicyKey, level: usize, start: u32, runs: &[PortRun], out: &mut Vec<(PolicyKey, PolicyValue)>) {
+    let key = PolicyKey { level: level as u8, block: start >> policy_tree::SHIFTS[level], ..base };
+    let mut value = PolicyValue::default();
+    if runs.len() <= policy_tree::RUNS {
+        value.runs[..runs.len()].copy_from_slice(runs);
+        value.count = runs.len() as u8;
+        out.push((key, value));
+        return;
     }
-    prefixes
+    value.split = 1;
+    out.push((key, value));
+    let width = 1u32 << policy_tree::SHIFTS[level + 1];
+    let mut parts: Vec<PortRun> = Vec::new();
+    let mut sub = runs[0].first & !(width - 1);
+    for run in runs {
+        let mut run = *run;
+        loop {
+            let sub_last = sub + (width - 1);
+            if run.first > sub_last {
+                blocks(base, level + 1, sub, &parts, out);
+                parts.clear();
+                sub = run.first & !(width - 1);
+                continue;
+            }
+            parts.push(PortRun { last: run.last.min(sub_last), ..run });
+            if run.last <= sub_last {
+                break;
+            }
+            run.first = sub_last + 1;
+        }
+    }
+    blocks(base, level + 1, sub, &parts, out);
 }
 
 #[cfg(test)]
@@ -453,12 +460,14 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
         compile(&parse_str(&text, "test.yaml").unwrap()).unwrap()
     }
 
-    /// The entries as (prefix length, protocol, port, action, rule id).
-    fn entries(compiled: &Compiled) -> Vec<(u32, u8, u16, u8, u32)> {
-        let entries = compiled.policy.iter();
-        entries
-            .map(|(bits, key, value)| (*bits, key.protocol, u16::from_be_bytes(key.port), value.action, value.rule_id))
-            .collect()
+    /// Every block's runs as (first point, last point, action, rule id), in key order.
+    fn runs(compiled: &Compiled) -> Vec<(u32, u32, u8, u32)> {
+        let blocks = compiled.policy.iter().map(|(_, value)| &value.runs[..usize::from(value.count)]);
+        blocks.flatten().map(|run| (run.first, run.last, run.action, run.rule_id)).collect()
+    }
+
+    fn point(protocol: u8, port: u16) -> u32 {
+        policy_point(protocol, port)
     }
 
     const ALLOW: u8 = action::ALLOW;
@@ -466,30 +475,27 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
     const TCP: u8 = proto::TCP;
 
     #[test]
-    fn port_range_becomes_aligned_prefixes() {
-        assert_eq!(port_prefixes(8000, 8080), vec![(8000, 10), (8064, 12), (8080, 16)]);
-        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
-        assert_eq!(port_prefixes(1, 65535).len(), 16);
-        assert_eq!(port_prefixes(443, 443), vec![(443, 16)]);
+    fn port_range_is_one_run() {
         let compiled = compile_egress(&["ports: [{protocol: tcp, port: '8000-8080'}]"]);
-        assert_eq!(
-            entries(&compiled),
-            vec![(90, TCP, 8000, ALLOW, 1), (92, TCP, 8064, ALLOW, 1), (96, TCP, 8080, ALLOW, 1)]
-        );
+        assert_eq!(runs(&compiled), vec![(point(TCP, 8000), point(TCP, 8080), ALLOW, 1)]);
+        assert_eq!(compiled.policy.len(), 1, "one block holds the group");
     }
 
     #[test]
     fn keys_name_subject_peer_and_direction() {
         let compiled = compile_egress(&["ports: [{protocol: tcp, port: 443}]"]);
         let (web, api) = (compiled.identities.id("web").unwrap(), compiled.identities.id("api").unwrap());
-        assert_eq!(
-            compiled.policy,
-            vec![(
-                96,
-                PolicyKey::new(web, api, Direction::Egress, TCP, 443),
-                PolicyValue { rule_id: 1, staged_rule_id: 1, action: ALLOW, staged_action: ALLOW, _pad: [0; 2] }
-            )]
-        );
+        let mut value = PolicyValue { count: 1, ..PolicyValue::default() };
+        value.runs[0] = PortRun {
+            first: point(TCP, 443),
+            last: point(TCP, 443),
+            rule_id: 1,
+            staged_rule_id: 1,
+            action: ALLOW,
+            staged_action: ALLOW,
+            _pad: [0; 2],
+        };
+        assert_eq!(compiled.policy, vec![(PolicyKey::new(0, web, api, Direction::Egress, 0, 0), value)]);
     }
 
     #[test]
@@ -499,16 +505,11 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
             "ports: [{protocol: tcp, port: 8080}], action: deny",
         ]);
         assert_eq!(
-            entries(&compiled),
+            runs(&compiled),
             vec![
-                (90, TCP, 8000, ALLOW, 1),
-                (92, TCP, 8064, ALLOW, 1),
-                (96, TCP, 8080, DENY, 2),
-                (96, TCP, 8081, ALLOW, 1),
-                (95, TCP, 8082, ALLOW, 1),
-                (94, TCP, 8084, ALLOW, 1),
-                (93, TCP, 8088, ALLOW, 1),
-                (94, TCP, 8096, ALLOW, 1),
+                (point(TCP, 8000), point(TCP, 8079), ALLOW, 1),
+                (point(TCP, 8080), point(TCP, 8080), DENY, 2),
+                (point(TCP, 8081), point(TCP, 8099), ALLOW, 1),
             ]
         );
     }
@@ -519,40 +520,31 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
             "ports: [{protocol: tcp, port: '8000-8099'}], action: deny",
             "ports: [{protocol: tcp, port: 8080}]",
         ]);
-        // One deny run over the whole range: no allow entry can be longer than a deny.
-        assert_eq!(
-            entries(&compiled),
-            vec![(90, TCP, 8000, DENY, 1), (91, TCP, 8064, DENY, 1), (94, TCP, 8096, DENY, 1)]
-        );
+        assert_eq!(runs(&compiled), vec![(point(TCP, 8000), point(TCP, 8099), DENY, 1)]);
     }
 
     #[test]
     fn overlapping_allows_report_the_lowest_rule() {
         let compiled =
             compile_egress(&["ports: [{protocol: udp, port: '10-11'}]", "ports: [{protocol: udp, port: '8-15'}]"]);
-        assert_eq!(
-            entries(&compiled),
-            vec![(95, proto::UDP, 8, ALLOW, 2), (95, proto::UDP, 10, ALLOW, 1), (94, proto::UDP, 12, ALLOW, 2),]
-        );
+        let udp = |port| point(proto::UDP, port);
+        assert_eq!(runs(&compiled), vec![(udp(8), udp(9), ALLOW, 2), (udp(10), udp(11), ALLOW, 1), (udp(12), udp(15), ALLOW, 2)]);
     }
 
     #[test]
-    fn any_protocol_deny_suppresses_protocol_entries() {
+    fn any_protocol_rules_cover_every_point() {
         let compiled = compile_egress(&["ports: [{protocol: tcp, port: 80}]", "action: deny"]);
-        assert_eq!(entries(&compiled), vec![(72, 0, 0, DENY, 2)]);
-        // ... except denies by a lower rule id, which still decide their ports.
+        assert_eq!(runs(&compiled), vec![(0, ALL_POINTS, DENY, 2)]);
+        // ... except where a deny of a lower rule id decides.
         let compiled = compile_egress(&["ports: [{protocol: tcp, port: 80}], action: deny", "action: deny"]);
-        assert_eq!(entries(&compiled), vec![(72, 0, 0, DENY, 2), (96, TCP, 80, DENY, 1)]);
-    }
-
-    #[test]
-    fn any_protocol_allow_keeps_only_protocol_entries_that_change_the_decision() {
+        let http = point(TCP, 80);
+        assert_eq!(runs(&compiled), vec![(0, http - 1, DENY, 2), (http, http, DENY, 1), (http + 1, ALL_POINTS, DENY, 2)]);
         let compiled = compile_egress(&["action: allow", "ports: [{protocol: tcp, port: 80}]"]);
-        assert_eq!(entries(&compiled), vec![(72, 0, 0, ALLOW, 1)]);
+        assert_eq!(runs(&compiled), vec![(0, ALL_POINTS, ALLOW, 1)]);
         let compiled = compile_egress(&["ports: [{protocol: tcp, port: 80}]", "action: allow"]);
-        assert_eq!(entries(&compiled), vec![(72, 0, 0, ALLOW, 2), (96, TCP, 80, ALLOW, 1)]);
+        assert_eq!(runs(&compiled), vec![(0, http - 1, ALLOW, 2), (http, http, ALLOW, 1), (http + 1, ALL_POINTS, ALLOW, 2)]);
         let compiled = compile_egress(&["action: allow", "ports: [{protocol: tcp, port: 80}], action: deny"]);
-        assert_eq!(entries(&compiled), vec![(72, 0, 0, ALLOW, 1), (96, TCP, 80, DENY, 2)]);
+        assert_eq!(runs(&compiled), vec![(0, http - 1, ALLOW, 1), (http, http, DENY, 2), (http + 1, ALL_POINTS, ALLOW, 1)]);
     }
 
     #[test]
@@ -562,11 +554,62 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
             "ports: [{protocol: icmpv6, type: 128}]",
             "ports: [{protocol: tcp, port: '1-65535'}]",
         ]);
-        let entries = entries(&compiled);
-        assert!(entries.contains(&(80, proto::SCTP, 0, ALLOW, 1)), "{entries:?}");
-        assert!(entries.contains(&(80, proto::ICMP, 0, ALLOW, 1)), "{entries:?}");
-        assert!(entries.contains(&(96, proto::ICMPV6, 128, ALLOW, 2)), "{entries:?}");
-        assert!(entries.contains(&(81, TCP, 32768, ALLOW, 3)), "{entries:?}");
+        let runs = runs(&compiled);
+        assert!(runs.contains(&(point(proto::SCTP, 0), point(proto::SCTP, 65535), ALLOW, 1)), "{runs:?}");
+        assert!(runs.contains(&(point(proto::ICMP, 0), point(proto::ICMP, 255), ALLOW, 1)), "{runs:?}");
+        assert!(runs.contains(&(point(proto::ICMPV6, 128), point(proto::ICMPV6, 128), ALLOW, 2)), "{runs:?}");
+        assert!(runs.contains(&(point(TCP, 1), point(TCP, 65535), ALLOW, 3)), "{runs:?}");
+    }
+
+    #[test]
+    fn groups_of_many_ports_split_into_blocks_that_each_fit() {
+        use super::super::eval::{Evaluator, Flow};
+        use zt_common::{policy_tree::RUNS, Verdict};
+
+        // 40 single ports: 30 below 256 (one level-2 block, too many for it), 10 far above.
+        let ports: Vec<u16> = (0..30).map(|i| 3 + 7 * i).chain((0..10).map(|i| 40_000 + 1_000 * i)).collect();
+        let list: Vec<String> = ports.iter().map(|port| format!("{{protocol: tcp, port: {port}}}")).collect();
+        let compiled = compile_egress(&[&format!("ports: [{}]", list.join(", "))]);
+        assert_eq!(runs(&compiled).len(), ports.len());
+        assert!(compiled.policy.iter().all(|(_, value)| usize::from(value.count) <= RUNS));
+        let levels: BTreeSet<u8> = compiled.policy.iter().map(|(key, _)| key.level).collect();
+        assert_eq!(levels, BTreeSet::from([0, 1, 2, 3]), "the crowded block goes down to the last level");
+        let splits = compiled.policy.iter().filter(|(_, value)| value.split == 1);
+        assert!(splits.clone().all(|(_, value)| value.count == 0));
+        assert_eq!(splits.filter(|(key, _)| key.level == 1).count(), 1, "TCP, and no other protocol, is split");
+        let evaluator = Evaluator::new(&compiled);
+        let allowed = |port| {
+            let flow = Flow { src: "10.20.1.1".parse().unwrap(), dst: "10.20.2.1".parse().unwrap(), protocol: TCP, dst_port: port };
+            evaluator.evaluate(&flow).verdict == Verdict::Allow
+        };
+        for port in 0..=u16::MAX {
+            assert_eq!(allowed(port), ports.contains(&port), "port {port}");
+        }
+    }
+
+    #[test]
+    fn wildcard_flags_name_the_groups_that_exist() {
+        let text = format!(
+            "{IDENTITIES}---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: p}}
+spec: {{subject: [web], egress: [{{to: [any], ports: [{{protocol: udp, port: 53}}]}}]}}
+---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: q}}
+spec: {{subject: [any], ingress: [{{from: [api]}}], egress: [{{to: [any], action: deny, ports: [{{protocol: tcp, port: 23}}]}}]}}
+"
+        );
+        let compiled = compile(&parse_str(&text, "test.yaml").unwrap()).unwrap();
+        let (web, api) = (compiled.identities.id("web").unwrap(), compiled.identities.id("api").unwrap());
+        let flags = |id| compiled.isolation.iter().find(|(i, _)| *i == id).map_or(0, |(_, flags)| *flags);
+        let both = isolation::INGRESS | isolation::EGRESS;
+        let both = both | both << isolation::STAGED_SHIFT;
+        assert_eq!(flags(web), isolation::EGRESS | isolation::STAGED_EGRESS | isolation::of(isolation::ANY_PEER, Direction::Egress));
+        assert_eq!(flags(api), isolation::of(isolation::PEER_OF_ANY, Direction::Ingress), "a peer only");
+        assert_eq!(flags(ANY), both | isolation::of(isolation::ANY_ANY, Direction::Egress));
     }
 
     #[test]
@@ -585,7 +628,7 @@ spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp,
 "
         );
         let compiled = compile(&parse_str(&text, "test.yaml").unwrap()).unwrap();
-        assert_eq!(entries(&compiled), vec![(96, TCP, 80, DENY, 2)]);
+        assert_eq!(runs(&compiled), vec![(point(TCP, 80), point(TCP, 80), DENY, 2)]);
         assert_eq!(
             compiled.rule(2),
             Some(&RuleInfo {
@@ -629,7 +672,8 @@ spec: {{subject: [web, web], egress: [{{to: [api, api], ports: [{{protocol: tcp,
         // web→api, api←web, api←reports, api←billing, api→db, db←api, db←backup, reports→api,
         // billing→api, backup→db: one TCP port each. backup and billing have no address prefix.
         assert_eq!(compiled.policy.len(), 10);
-        assert!(compiled.policy.iter().all(|(bits, _, value)| *bits == 96 && value.action == ALLOW));
+        let runs = runs(&compiled);
+        assert!(runs.len() == 10 && runs.iter().all(|&(first, last, action, _)| first == last && action == ALLOW));
         assert_eq!(compiled.rules.len(), 7);
     }
 
@@ -717,8 +761,9 @@ spec:
         assert_eq!(compiled.range(FIRST_CIDR + 1), Some(private));
         assert_eq!(compiled.identities.name(FIRST_CIDR + 1), Some("world"));
         let peers = |rule_id: u32| -> BTreeSet<u32> {
-            let entries = compiled.policy.iter().filter(|(_, _, value)| value.rule_id == rule_id);
-            entries.map(|(_, key, _)| u32::from_be_bytes(key.peer)).collect()
+            let blocks = compiled.policy.iter();
+            let deciding = blocks.filter(|(_, value)| value.runs[..usize::from(value.count)].iter().any(|run| run.rule_id == rule_id));
+            deciding.map(|(key, _)| key.peer).collect()
         };
         // The CIDR peer: the IPv4 range minus the private one.
         assert_eq!(peers(1), BTreeSet::from([FIRST_CIDR]));
@@ -753,18 +798,15 @@ spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol:
         assert_eq!(compiled.isolation, vec![(web, flags)]);
         assert!(compiled.rule(2).unwrap().staged && !compiled.rule(1).unwrap().staged);
         // 443: allowed in force, denied staged; the rest of 440-447: nothing in force, denied staged.
-        let views: Vec<(u32, u16, u8, u32, u8, u32)> = compiled
-            .policy
-            .iter()
-            .map(|(bits, key, v)| (*bits, u16::from_be_bytes(key.port), v.action, v.rule_id, v.staged_action, v.staged_rule_id))
-            .collect();
+        let blocks = compiled.policy.iter().flat_map(|(_, value)| &value.runs[..usize::from(value.count)]);
+        let views: Vec<(u32, u32, u8, u32, u8, u32)> =
+            blocks.map(|r| (r.first, r.last, r.action, r.rule_id, r.staged_action, r.staged_rule_id)).collect();
         assert_eq!(
             views,
             vec![
-                (95, 440, action::NONE, 0, DENY, 2),
-                (96, 442, action::NONE, 0, DENY, 2),
-                (96, 443, ALLOW, 1, DENY, 2),
-                (94, 444, action::NONE, 0, DENY, 2)
+                (point(TCP, 440), point(TCP, 442), action::NONE, 0, DENY, 2),
+                (point(TCP, 443), point(TCP, 443), ALLOW, 1, DENY, 2),
+                (point(TCP, 444), point(TCP, 447), action::NONE, 0, DENY, 2)
             ]
         );
     }
@@ -884,10 +926,9 @@ spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol:
 
         // Only numbers reach the kernel, one entry per resolved (subject, peer, port).
         let ingress_ports = |compiled: &Compiled, subject: u32| -> Vec<u16> {
-            let entries = compiled.policy.iter().filter(|(_, key, _)| {
-                key.subject == subject.to_be_bytes() && key.direction == Direction::Ingress as u8
-            });
-            entries.map(|(_, key, _)| u16::from_be_bytes(key.port)).collect()
+            let blocks = compiled.policy.iter().filter(|(key, _)| key.subject == subject && key.direction == Direction::Ingress as u8);
+            let runs = blocks.flat_map(|(_, value)| &value.runs[..usize::from(value.count)]);
+            runs.map(|run| run.first as u16).collect()
         };
         assert_eq!(ingress_ports(&compiled, id("k8s:shop:default:app=api")), [9090]);
         // Another number under the name is another compile: a reload changes the entries.

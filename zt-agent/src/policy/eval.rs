@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr};
 use zt_common::{
     action,
     identity::{self, ANY, UNKNOWN},
-    isolation, Direction, PolicyKey, PolicyValue, Reason, Verdict, NO_RULE,
+    isolation, policy_point, policy_tree, Direction, PolicyKey, PolicyValue, PortRun, Reason, Verdict, NO_RULE,
 };
 
 use super::compile::{ip_key, ipcache_prefix, Compiled};
@@ -43,7 +43,7 @@ pub fn evaluate(compiled: &Compiled, flow: &Flow) -> Decision {
 pub struct Evaluator {
     ipcache: Lpm<u32>,
     isolation: HashMap<u32, u32>,
-    policy: Lpm<PolicyValue>,
+    policy: HashMap<PolicyKey, PolicyValue>,
 }
 
 /// The outcome of one end's rules.
@@ -60,15 +60,15 @@ impl Evaluator {
             let (bits, key) = ipcache_prefix(net);
             (bits, u128::from_be_bytes(key), *id)
         });
-        let policy = compiled.policy.iter().map(|(bits, key, value)| (*bits, policy_key_bits(key), *value));
         Self {
             ipcache: Lpm::new(ipcache),
             isolation: compiled.isolation.iter().copied().collect(),
-            policy: Lpm::new(policy),
+            policy: compiled.policy.iter().copied().collect(),
         }
     }
 
-    /// The identity the ipcache gives an address.
+    /// The identity the ipcache gives an address (the kernel looks for the address itself in a
+    /// hash first: the same longest match).
     pub fn identity(&self, addr: IpAddr) -> u32 {
         self.ipcache.lookup(u128::from_be_bytes(ip_key(addr))).copied().unwrap_or(UNKNOWN)
     }
@@ -76,8 +76,8 @@ impl Evaluator {
     pub fn evaluate(&self, flow: &Flow) -> Decision {
         let (src, dst) = (self.identity(flow.src), self.identity(flow.dst));
         let (src_flags, dst_flags) = (self.isolation(src), self.isolation(dst));
-        let egress = self.check(src, dst, Direction::Egress, flow);
-        let ingress = self.check(dst, src, Direction::Ingress, flow);
+        let egress = self.check((src, src_flags), (dst, dst_flags), Direction::Egress, flow);
+        let ingress = self.check((dst, dst_flags), (src, src_flags), Direction::Ingress, flow);
         let view = |shift: u32, pick: fn((Check, Check)) -> Check| {
             let egress = (src_flags & isolation::EGRESS << shift != 0).then(|| pick(egress));
             let ingress = (dst_flags & isolation::INGRESS << shift != 0).then(|| pick(ingress));
@@ -98,16 +98,35 @@ impl Evaluator {
     }
 
     /// In each view, the first deny, else the first allow, of the four groups in order of
-    /// specificity.
-    fn check(&self, subject: u32, peer: u32, direction: Direction, flow: &Flow) -> (Check, Check) {
-        let groups = [(subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY)];
-        let found = groups.map(|(subject, peer)| {
-            let key = PolicyKey::new(subject, peer, direction, flow.protocol, flow.dst_port);
-            self.policy.lookup(policy_key_bits(&key))
-        });
-        let enforced = found.iter().flatten().map(|value| (value.action, value.rule_id));
-        let staged = found.iter().flatten().map(|value| (value.staged_action, value.staged_rule_id));
+    /// specificity — of those the ends' wildcard flags say exist.
+    fn check(&self, (subject, subject_flags): (u32, u32), (peer, peer_flags): (u32, u32), direction: Direction, flow: &Flow) -> (Check, Check) {
+        let has = |flags: u32, flag| flags & isolation::of(flag, direction) != 0;
+        let groups = [
+            (subject, peer, true),
+            (subject, ANY, has(subject_flags, isolation::ANY_PEER)),
+            (ANY, peer, has(peer_flags, isolation::PEER_OF_ANY)),
+            (ANY, ANY, has(subject_flags, isolation::ANY_ANY)),
+        ];
+        let point = policy_point(flow.protocol, flow.dst_port);
+        let found: Vec<&PortRun> = groups
+            .iter()
+            .filter(|(_, _, exists)| *exists)
+            .filter_map(|&(subject, peer, _)| self.run_of(subject, peer, direction, point))
+            .collect();
+        let enforced = found.iter().map(|run| (run.action, run.rule_id));
+        let staged = found.iter().map(|run| (run.staged_action, run.staged_rule_id));
         (first_deny_else_allow(enforced), first_deny_else_allow(staged))
+    }
+
+    /// The group's blocks from the whole space down, until one that is not split.
+    fn run_of(&self, subject: u32, peer: u32, direction: Direction, point: u32) -> Option<&PortRun> {
+        for level in 0..policy_tree::LEVELS {
+            let value = self.policy.get(&PolicyKey::new(0, subject, peer, direction, level, point))?;
+            if value.split == 0 {
+                return value.run_at(point);
+            }
+        }
+        None
     }
 }
 
@@ -132,17 +151,6 @@ fn verdict(egress: Option<Check>, ingress: Option<Check>) -> Decision {
         (None, None) => (Verdict::Allow, Reason::NotIsolated, Direction::None, NO_RULE),
     };
     Decision { verdict, reason, direction, rule_id }
-}
-
-/// The key's 96 bits, in trie order, left-aligned in a u128.
-fn policy_key_bits(key: &PolicyKey) -> u128 {
-    let mut bytes = [0u8; 16];
-    bytes[0..4].copy_from_slice(&key.subject);
-    bytes[4..8].copy_from_slice(&key.peer);
-    bytes[8] = key.direction;
-    bytes[9] = key.protocol;
-    bytes[10..12].copy_from_slice(&key.port);
-    u128::from_be_bytes(bytes)
 }
 
 /// Longest-prefix match over left-aligned keys of up to 128 bits, as a BPF LPM trie does it.
@@ -558,11 +566,10 @@ mod tests {
             let set = parse_str(&yaml, "random.yaml")
                 .unwrap_or_else(|errors| panic!("case {case} (ZT_POLICY_SEED={seed:#x}):\n{yaml}\n{errors}"));
             let compiled = compile(&set).unwrap();
-            let mut prefixes: Vec<_> = compiled.policy.iter().map(|(bits, key, _)| (*bits, *key)).collect();
-            prefixes.sort();
-            prefixes.dedup();
+            let mut keys: Vec<_> = compiled.policy.iter().map(|(key, _)| *key).collect();
+            keys.dedup();
             assert_eq!(
-                prefixes.len(),
+                keys.len(),
                 compiled.policy.len(),
                 "case {case} (ZT_POLICY_SEED={seed:#x}): duplicate entries\n{yaml}"
             );
