@@ -202,6 +202,20 @@ fn flows_policy_does_not_allow_are_dropped_in_enforce_mode() {
 }
 
 #[test]
+fn a_group_of_many_ports_is_judged_exactly_through_its_split_blocks() {
+    // 40 ports: 30 crowd one 256-port block (more runs than a block holds), 10 lie far apart.
+    let ports: Vec<u16> = (0..30).map(|i| 3 + 7 * i).chain((0..10).map(|i| 40_000 + 1_000 * i)).collect();
+    let compiled = allowing(&ports);
+    assert!(compiled.policy.iter().any(|(key, _)| key.level == 3), "the policy reaches the last level");
+    let mut dp = datapath_with(&compiled, Mode::Enforce);
+    for (n, port) in (0u16..).zip(ports.iter().flat_map(|&port| [port - 1, port, port + 1])) {
+        let expected = if ports.contains(&port) { Outcome::Pass } else { Outcome::Drop };
+        // Each from its own source port: a new flow, judged by policy.
+        assert_eq!(judge_on(&mut dp, &tcp4(WEB, API, 20_000 + n, port), &[programs::XDP]), expected, "port {port}");
+    }
+}
+
+#[test]
 fn ipv6_follows_the_same_policy() {
     let mut dp = datapath(Mode::Enforce);
     assert_eq!(judge(&mut dp, &tcp6(WEB6, API6, 8080)), Outcome::Pass);
