@@ -206,7 +206,7 @@ fn a_group_of_many_ports_is_judged_exactly_through_its_split_blocks() {
     // 40 ports: 30 crowd one 256-port block (more runs than a block holds), 10 lie far apart.
     let ports: Vec<u16> = (0..30).map(|i| 3 + 7 * i).chain((0..10).map(|i| 40_000 + 1_000 * i)).collect();
     let compiled = allowing(&ports);
-    assert!(compiled.policy.iter().any(|(key, _)| key.level == 3), "the policy reaches the last level");
+    assert!(compiled.policy.iter().any(|block| block.key.level == 3), "the policy reaches the last level");
     let mut dp = datapath_with(&compiled, Mode::Enforce);
     for (n, port) in (0u16..).zip(ports.iter().flat_map(|&port| [port - 1, port, port + 1])) {
         let expected = if ports.contains(&port) { Outcome::Pass } else { Outcome::Drop };

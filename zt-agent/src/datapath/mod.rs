@@ -283,9 +283,9 @@ impl Datapath {
                 .insert(IsolationKey { slot, identity: *id }, flags, 0)
                 .with_context(|| format!("isolation map full (capacity {})", maps::ISOLATION_CAPACITY))?;
         }
-        for (key, value) in &compiled.policy {
+        for block in &compiled.policy {
             self.policy
-                .insert(PolicyKey { slot: slot as u8, ..*key }, value, 0)
+                .insert(PolicyKey { slot: slot as u8, ..block.key }, block.value(), 0)
                 .with_context(|| format!("policy map full (capacity {})", self.capacities.per_generation(maps::POLICY)))?;
         }
         Ok(())

@@ -227,7 +227,7 @@ spec:
     fn a_flow_is_named_by_the_policy_that_decided_it() {
         let (mut enricher, compiled) = enricher();
         let (api, db) = (compiled.identities.id("api").unwrap(), compiled.identities.id("db").unwrap());
-        let rule = compiled.rules.iter().position(|r| r.policy == "db-access").unwrap() as u32 + 1;
+        let rule = compiled.rules.iter().position(|r| &*r.policy == "db-access").unwrap() as u32 + 1;
         let at = 1_764_201_543_000_000_007;
         let ev = FlowEvent {
             timestamp_ns: at,

@@ -223,7 +223,7 @@ impl FlowRecord {
         let reason = Reason::from_u8(ev.reason);
         let rule = (ev.rule_id != NO_RULE).then(|| self.compiled.rule(ev.rule_id)).flatten();
         let policy = match (rule, reason) {
-            (Some(rule), _) => Some(rule.policy.as_str()),
+            (Some(rule), _) => Some(&*rule.policy),
             (None, Some(Reason::DefaultDeny)) => Some("default-deny"),
             _ => None,
         };
@@ -452,7 +452,7 @@ impl Serialize for FlowRecord {
         let reason = Reason::from_u8(ev.reason);
         let rule = (ev.rule_id != NO_RULE).then(|| self.compiled.rule(ev.rule_id)).flatten();
         let policy = match (rule, reason) {
-            (Some(rule), _) => Some(rule.policy.as_str()),
+            (Some(rule), _) => Some(&*rule.policy),
             (None, Some(Reason::DefaultDeny)) => Some("default-deny"),
             _ => None,
         };

@@ -23,6 +23,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -64,7 +65,7 @@ pub struct Compiled {
     pub isolation: Vec<(u32, u32)>,
     /// The policy map's blocks, keyed in slot 0 (the datapath puts them in the slot it
     /// stages); every key once, sorted.
-    pub policy: Vec<(PolicyKey, PolicyValue)>,
+    pub policy: Vec<PolicyBlock>,
     /// Rule `id` is `rules[id - 1]`.
     pub rules: Vec<RuleInfo>,
     /// The label sets and namespaces `pods` selectors were expanded over; each label set is an
@@ -92,10 +93,33 @@ impl Compiled {
     }
 }
 
+/// One block of the policy map (`zt_common::policy_tree`), held as compactly as the agent can:
+/// most blocks have one run, the kernel's value has room for eight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyBlock {
+    pub key: PolicyKey,
+    /// Sorted; empty when the block is split (a block that is not has at least one run).
+    pub runs: Box<[PortRun]>,
+}
+
+impl PolicyBlock {
+    pub fn is_split(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The block as the kernel's map holds it.
+    pub fn value(&self) -> PolicyValue {
+        let mut value = PolicyValue { count: self.runs.len() as u8, split: self.is_split().into(), ..PolicyValue::default() };
+        value.runs[..self.runs.len()].copy_from_slice(&self.runs);
+        value
+    }
+}
+
 /// Where a rule id comes from, to explain verdicts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleInfo {
-    pub policy: String,
+    /// Shared by the policy's rules.
+    pub policy: Arc<str>,
     pub direction: Direction,
     /// Position in the policy's ingress or egress list.
     pub index: usize,
@@ -210,7 +234,9 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
 
     let mut rules = Vec::new();
     let mut isolation_flags: BTreeMap<u32, u32> = BTreeMap::new();
-    let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
+    // Every (group, points, outcome) the rules make, in one flat list: a map of lists would
+    // cost several times as much at 100k rules.
+    let mut items: Vec<(GroupKey, u32, u32, Outcome)> = Vec::new();
     for policy in set.policies() {
         let subjects: BTreeSet<u32> = policy
             .subjects
@@ -222,6 +248,7 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
             })
             .collect();
         let staged = policy.mode == PolicyMode::Monitor;
+        let policy_name: Arc<str> = policy.name.as_str().into();
         for (direction, flag) in [(Direction::Ingress, isolation::INGRESS), (Direction::Egress, isolation::EGRESS)] {
             let Some(policy_rules) = policy.rules(direction) else { continue };
             // The staged view holds every policy; the enforced view only those in force.
@@ -230,18 +257,18 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
                 *isolation_flags.entry(subject).or_default() |= flags;
             }
             for (index, rule) in policy_rules.iter().enumerate() {
-                rules.push(RuleInfo { policy: policy.name.clone(), direction, index, action: rule.action, staged });
+                rules.push(RuleInfo { policy: policy_name.clone(), direction, index, action: rule.action, staged });
                 let outcome = Outcome { action: rule.action, rule_id: rules.len() as u32, staged };
                 let peers: BTreeSet<u32> = rule.peers.iter().flat_map(peer_ids).collect();
                 for &subject in &subjects {
                     for &peer in &peers {
-                        let group = groups.entry((subject, peer, direction as u8)).or_default();
+                        let group = (subject, peer, direction as u8);
                         match &rule.ports {
-                            None => group.push((0, ALL_POINTS, outcome)),
+                            None => items.push((group, 0, ALL_POINTS, outcome)),
                             Some(ports) => {
                                 for port in ports {
                                     let point = |number| policy_point(port.protocol.number(), number);
-                                    group.push((point(port.range.first), point(port.range.last), outcome));
+                                    items.push((group, point(port.range.first), point(port.range.last), outcome));
                                 }
                             }
                         }
@@ -261,10 +288,9 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
                             if resolved.is_empty() {
                                 continue;
                             }
-                            let group = groups.entry((subject, peer, direction as u8)).or_default();
                             for (protocol, port) in resolved {
                                 let point = policy_point(protocol.number(), port);
-                                group.push((point, point, outcome));
+                                items.push(((subject, peer, direction as u8), point, point, outcome));
                             }
                         }
                     }
@@ -273,23 +299,29 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
         }
     }
 
-    for &(subject, peer, direction) in groups.keys() {
-        let direction = Direction::from_u8(direction).expect("a rule's direction");
-        let (id, flag) = match (subject, peer) {
-            (ANY, ANY) => (ANY, isolation::ANY_ANY),
-            (ANY, peer) => (peer, isolation::PEER_OF_ANY),
-            (subject, ANY) => (subject, isolation::ANY_PEER),
-            _ => continue,
-        };
-        *isolation_flags.entry(id).or_default() |= isolation::of(flag, direction);
-    }
+    items.sort_unstable_by_key(|(group, ..)| *group);
     let mut policy = Vec::new();
-    for (&(subject, peer, direction), items) in &groups {
-        let runs = runs(items);
+    let mut points = Vec::new();
+    for group in items.chunk_by(|a, b| a.0 == b.0) {
+        let (subject, peer, direction) = group[0].0;
+        let wildcard = match (subject, peer) {
+            (ANY, ANY) => Some((ANY, isolation::ANY_ANY)),
+            (ANY, peer) => Some((peer, isolation::PEER_OF_ANY)),
+            (subject, ANY) => Some((subject, isolation::ANY_PEER)),
+            _ => None,
+        };
+        if let Some((id, flag)) = wildcard {
+            let direction = Direction::from_u8(direction).expect("a rule's direction");
+            *isolation_flags.entry(id).or_default() |= isolation::of(flag, direction);
+        }
+        points.clear();
+        points.extend(group.iter().map(|&(_, first, last, outcome)| (first, last, outcome)));
         let base = PolicyKey { subject, peer, direction, ..PolicyKey::default() };
-        blocks(base, 0, 0, &runs, &mut policy);
+        blocks(base, 0, 0, &runs(&points), &mut policy);
     }
-    policy.sort_unstable_by_key(|(key, _)| *key);
+    drop(items);
+    policy.sort_unstable_by_key(|block| block.key);
+    policy.shrink_to_fit();
     let isolation: Vec<_> = isolation_flags.into_iter().collect();
     // The node's own capacities (`--capacity`) are checked when the policy is staged; these are
     // the ceilings no node can hold more than.
@@ -335,9 +367,8 @@ struct Outcome {
     staged: bool,
 }
 
-/// (subject, peer, direction): the rules of one group, as the points each covers.
+/// (subject, peer, direction): one group.
 type GroupKey = (u32, u32, u8);
-type Group = Vec<(u32, u32, Outcome)>;
 
 /// The last point: protocol 255, port 65535.
 const ALL_POINTS: u32 = (1 << 24) - 1;
@@ -399,17 +430,13 @@ fn runs(items: &[(u32, u32, Outcome)]) -> Vec<PortRun> {
 /// The block at `level` starting at point `start` holding `runs` (sorted, within the block):
 /// one entry if they fit, else a split entry and the sub-blocks that hold any run, each with
 /// its part of the runs.
-fn blocks(base: PolicyKey, level: usize, start: u32, runs: &[PortRun], out: &mut Vec<(PolicyKey, PolicyValue)>) {
+fn blocks(base: PolicyKey, level: usize, start: u32, runs: &[PortRun], out: &mut Vec<PolicyBlock>) {
     let key = PolicyKey { level: level as u8, block: start >> policy_tree::SHIFTS[level], ..base };
-    let mut value = PolicyValue::default();
     if runs.len() <= policy_tree::RUNS {
-        value.runs[..runs.len()].copy_from_slice(runs);
-        value.count = runs.len() as u8;
-        out.push((key, value));
+        out.push(PolicyBlock { key, runs: runs.into() });
         return;
     }
-    value.split = 1;
-    out.push((key, value));
+    out.push(PolicyBlock { key, runs: Box::new([]) });
     let width = 1u32 << policy_tree::SHIFTS[level + 1];
     let mut parts: Vec<PortRun> = Vec::new();
     let mut sub = runs[0].first & !(width - 1);
@@ -462,8 +489,8 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
 
     /// Every block's runs as (first point, last point, action, rule id), in key order.
     fn runs(compiled: &Compiled) -> Vec<(u32, u32, u8, u32)> {
-        let blocks = compiled.policy.iter().map(|(_, value)| &value.runs[..usize::from(value.count)]);
-        blocks.flatten().map(|run| (run.first, run.last, run.action, run.rule_id)).collect()
+        let runs = compiled.policy.iter().flat_map(|block| block.runs.iter());
+        runs.map(|run| (run.first, run.last, run.action, run.rule_id)).collect()
     }
 
     fn point(protocol: u8, port: u16) -> u32 {
@@ -485,8 +512,7 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
     fn keys_name_subject_peer_and_direction() {
         let compiled = compile_egress(&["ports: [{protocol: tcp, port: 443}]"]);
         let (web, api) = (compiled.identities.id("web").unwrap(), compiled.identities.id("api").unwrap());
-        let mut value = PolicyValue { count: 1, ..PolicyValue::default() };
-        value.runs[0] = PortRun {
+        let run = PortRun {
             first: point(TCP, 443),
             last: point(TCP, 443),
             rule_id: 1,
@@ -495,7 +521,10 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
             staged_action: ALLOW,
             _pad: [0; 2],
         };
-        assert_eq!(compiled.policy, vec![(PolicyKey::new(0, web, api, Direction::Egress, 0, 0), value)]);
+        let block = PolicyBlock { key: PolicyKey::new(0, web, api, Direction::Egress, 0, 0), runs: Box::new([run]) };
+        assert_eq!(compiled.policy, vec![block.clone()]);
+        let value = block.value();
+        assert_eq!((value.count, value.split, value.runs[0], value.runs[1]), (1, 0, run, PortRun::default()));
     }
 
     #[test]
@@ -571,12 +600,12 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
         let list: Vec<String> = ports.iter().map(|port| format!("{{protocol: tcp, port: {port}}}")).collect();
         let compiled = compile_egress(&[&format!("ports: [{}]", list.join(", "))]);
         assert_eq!(runs(&compiled).len(), ports.len());
-        assert!(compiled.policy.iter().all(|(_, value)| usize::from(value.count) <= RUNS));
-        let levels: BTreeSet<u8> = compiled.policy.iter().map(|(key, _)| key.level).collect();
+        assert!(compiled.policy.iter().all(|block| block.runs.len() <= RUNS));
+        let levels: BTreeSet<u8> = compiled.policy.iter().map(|block| block.key.level).collect();
         assert_eq!(levels, BTreeSet::from([0, 1, 2, 3]), "the crowded block goes down to the last level");
-        let splits = compiled.policy.iter().filter(|(_, value)| value.split == 1);
-        assert!(splits.clone().all(|(_, value)| value.count == 0));
-        assert_eq!(splits.filter(|(key, _)| key.level == 1).count(), 1, "TCP, and no other protocol, is split");
+        let splits = compiled.policy.iter().filter(|block| block.is_split());
+        assert!(splits.clone().all(|block| block.value().split == 1 && block.value().count == 0));
+        assert_eq!(splits.filter(|block| block.key.level == 1).count(), 1, "TCP, and no other protocol, is split");
         let evaluator = Evaluator::new(&compiled);
         let allowed = |port| {
             let flow = Flow { src: "10.20.1.1".parse().unwrap(), dst: "10.20.2.1".parse().unwrap(), protocol: TCP, dst_port: port };
@@ -761,9 +790,8 @@ spec:
         assert_eq!(compiled.range(FIRST_CIDR + 1), Some(private));
         assert_eq!(compiled.identities.name(FIRST_CIDR + 1), Some("world"));
         let peers = |rule_id: u32| -> BTreeSet<u32> {
-            let blocks = compiled.policy.iter();
-            let deciding = blocks.filter(|(_, value)| value.runs[..usize::from(value.count)].iter().any(|run| run.rule_id == rule_id));
-            deciding.map(|(key, _)| key.peer).collect()
+            let deciding = compiled.policy.iter().filter(|block| block.runs.iter().any(|run| run.rule_id == rule_id));
+            deciding.map(|block| block.key.peer).collect()
         };
         // The CIDR peer: the IPv4 range minus the private one.
         assert_eq!(peers(1), BTreeSet::from([FIRST_CIDR]));
@@ -798,7 +826,7 @@ spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol:
         assert_eq!(compiled.isolation, vec![(web, flags)]);
         assert!(compiled.rule(2).unwrap().staged && !compiled.rule(1).unwrap().staged);
         // 443: allowed in force, denied staged; the rest of 440-447: nothing in force, denied staged.
-        let blocks = compiled.policy.iter().flat_map(|(_, value)| &value.runs[..usize::from(value.count)]);
+        let blocks = compiled.policy.iter().flat_map(|block| block.runs.iter());
         let views: Vec<(u32, u32, u8, u32, u8, u32)> =
             blocks.map(|r| (r.first, r.last, r.action, r.rule_id, r.staged_action, r.staged_rule_id)).collect();
         assert_eq!(
@@ -926,8 +954,8 @@ spec: {{subject: [web], mode: monitor, egress: [{{to: [api], ports: [{{protocol:
 
         // Only numbers reach the kernel, one entry per resolved (subject, peer, port).
         let ingress_ports = |compiled: &Compiled, subject: u32| -> Vec<u16> {
-            let blocks = compiled.policy.iter().filter(|(key, _)| key.subject == subject && key.direction == Direction::Ingress as u8);
-            let runs = blocks.flat_map(|(_, value)| &value.runs[..usize::from(value.count)]);
+            let blocks = compiled.policy.iter().filter(|b| b.key.subject == subject && b.key.direction == Direction::Ingress as u8);
+            let runs = blocks.flat_map(|block| block.runs.iter());
             runs.map(|run| run.first as u16).collect()
         };
         assert_eq!(ingress_ports(&compiled, id("k8s:shop:default:app=api")), [9090]);

@@ -63,7 +63,7 @@ impl Evaluator {
         Self {
             ipcache: Lpm::new(ipcache),
             isolation: compiled.isolation.iter().copied().collect(),
-            policy: compiled.policy.iter().copied().collect(),
+            policy: compiled.policy.iter().map(|block| (block.key, block.value())).collect(),
         }
     }
 
@@ -209,7 +209,7 @@ mod tests {
         let compiled = compile(&set).unwrap();
         let evaluator = Evaluator::new(&compiled);
         let rule = |policy: &str, direction| {
-            let found = compiled.rules.iter().position(|rule| rule.policy == policy && rule.direction == direction);
+            let found = compiled.rules.iter().position(|rule| &*rule.policy == policy && rule.direction == direction);
             found.unwrap() as u32 + 1
         };
         let allowed_by = |policy| {
@@ -566,7 +566,7 @@ mod tests {
             let set = parse_str(&yaml, "random.yaml")
                 .unwrap_or_else(|errors| panic!("case {case} (ZT_POLICY_SEED={seed:#x}):\n{yaml}\n{errors}"));
             let compiled = compile(&set).unwrap();
-            let mut keys: Vec<_> = compiled.policy.iter().map(|(key, _)| *key).collect();
+            let mut keys: Vec<_> = compiled.policy.iter().map(|block| block.key).collect();
             keys.dedup();
             assert_eq!(
                 keys.len(),

@@ -705,7 +705,7 @@ impl Loader {
             let message = format!("{peers_path} is empty, so the rule matches nothing; list peers, or [any]");
             self.errors.push(doc.error_at_value(&peers_path, message));
         }
-        let peers = peers
+        let mut peers: Vec<Peer> = peers
             .into_iter()
             .enumerate()
             .filter_map(|(index, peer)| match peer {
@@ -718,6 +718,9 @@ impl Loader {
                 PeerItem::Map(map) => self.peer_map(doc, &peers_path.index(index), map),
             })
             .collect();
+        // The collect reuses the parsed items' buffer (room for four, each larger than a peer):
+        // at 100k rules that is most of the agent's memory.
+        peers.shrink_to_fit();
         let ports_path = path.key("ports");
         if ports.as_ref().is_some_and(Vec::is_empty) {
             let message = format!("{ports_path} is empty; omit \"ports\" to match any protocol and port");
