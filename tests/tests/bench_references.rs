@@ -1,16 +1,17 @@
 //! What `cargo xtask bench` measures zt against must stay what it says it is, though the bench
 //! itself never runs in the test suite: the reference programs load (the verifier accepts
 //! them), the floor passes everything, the lookup reference parses zt's way and looks the flow
-//! up (a flow it does not hold is dropped, a frame zt cannot parse too), and the bench's policy
-//! has the rules it is named for. Needs root; fails, never skips.
+//! up (a flow it does not hold is dropped, a frame zt cannot parse too), the admit reference
+//! holds a flow's two conntrack entries, the report reference a window entry and an event, and
+//! the bench's policy has the rules it is named for. Needs root; fails, never skips.
 
 use aya::{
-    maps::HashMap,
+    maps::{HashMap, RingBuf},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use zt_agent::{datapath, policy, policy::compile::ip_key};
-use zt_common::{programs, proto, CtKey, CtValue};
+use zt_common::{programs, proto, CtKey, CtValue, EventFlowKey, EventFlowState, FlowEvent};
 use zt_tests::{bench_policy::policy_text, ensure_root};
 
 const XDP_DROP: u32 = 1;
@@ -48,6 +49,22 @@ fn the_reference_programs_load_and_do_what_the_bench_says() {
     let mut flows: HashMap<_, CtKey, CtValue> = HashMap::try_from(references.map_mut("REFERENCE_FLOWS").unwrap()).unwrap();
     flows.insert(key, CtValue::default(), 0).unwrap();
     assert_eq!(verdict(&mut references, programs::REFERENCE_LOOKUP, &frame), XDP_PASS, "parsed, looked up, found");
+
+    // Admitting: the flow and its reply are held, as conntrack holds them.
+    assert_eq!(verdict(&mut references, programs::REFERENCE_ADMIT, &frame), XDP_PASS);
+    let admitted: HashMap<_, CtKey, CtValue> = HashMap::try_from(references.map("REFERENCE_ADMITTED").unwrap()).unwrap();
+    let reply = CtKey { src: key.dst, dst: key.src, src_port: key.dst_port, dst_port: key.src_port, ..key };
+    let mut held: Vec<CtKey> = admitted.keys().map(Result::unwrap).collect();
+    held.sort_by_key(|k| k.src_port);
+    assert_eq!(held, [reply, key]);
+    // Reporting: the flow is in the window, and one event with its addresses is queued.
+    assert_eq!(verdict(&mut references, programs::REFERENCE_REPORT, &frame), XDP_DROP);
+    let window: HashMap<_, EventFlowKey, EventFlowState> = HashMap::try_from(references.map("REFERENCE_WINDOW").unwrap()).unwrap();
+    assert_eq!(window.keys().count(), 1);
+    let mut ring = RingBuf::try_from(references.map_mut("REFERENCE_EVENTS").unwrap()).unwrap();
+    let event: FlowEvent = unsafe { std::ptr::read_unaligned(ring.next().expect("one event").as_ptr().cast()) };
+    assert_eq!((event.src_addr, event.dst_addr), (key.src, key.dst));
+    assert!(ring.next().is_none());
 }
 
 #[test]

@@ -72,6 +72,10 @@ pub mod programs {
     /// (zt-ebpf/src/reference.rs, `zt_agent::datapath::reference`).
     pub const REFERENCE_FLOOR: &str = "zt_reference_floor";
     pub const REFERENCE_LOOKUP: &str = "zt_reference_lookup";
+    /// Parse, then a new flow's two conntrack inserts.
+    pub const REFERENCE_ADMIT: &str = "zt_reference_admit";
+    /// Parse, then an event window insert and a ring buffer record.
+    pub const REFERENCE_REPORT: &str = "zt_reference_report";
 }
 
 /// Numeric identities. Below [`identity::FIRST_USER`] they are reserved.

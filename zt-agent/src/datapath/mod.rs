@@ -58,7 +58,7 @@ pub fn reference_programs() -> Result<Ebpf> {
         bail!("built with AYA_BUILD_SKIP: no reference programs; rebuild without it");
     }
     let mut ebpf = Ebpf::load(REFERENCE).context("loading the reference object (are you root?)")?;
-    for name in [programs::REFERENCE_FLOOR, programs::REFERENCE_LOOKUP] {
+    for name in [programs::REFERENCE_FLOOR, programs::REFERENCE_LOOKUP, programs::REFERENCE_ADMIT, programs::REFERENCE_REPORT] {
         let program: &mut aya::programs::Xdp = program_mut(&mut ebpf, name)?;
         program.load().with_context(|| format!("loading {name}"))?;
     }
