@@ -39,6 +39,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once, at start: the size of `Run` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load policy, attach the datapath and stream flow events to the sinks (by default JSON
