@@ -16,7 +16,8 @@
 //! The kernel times a run itself. A repeated run (established) is timed over all repeats; a
 //! new flow can only be run once (the next run of the same frame is established), so new flows
 //! are timed one run each, over many frames — and the references are timed both ways, each
-//! measure divided by the reference timed as it was. Every run's verdict is checked, so a
+//! measure divided by the reference timed as it was. Every figure is the median of three
+//! rounds, each timing the references and zt in turn. Every run's verdict is checked, so a
 //! number never comes from a program that did something else.
 //!
 //! Writes bench/results/<date>.md and .json (the README's table comes from the .md).
@@ -44,6 +45,10 @@ use zt_tests::bench_policy::{address, policy_text};
 /// Runs of a repeated measure, and frames of a run-once measure.
 const REPEAT: u32 = 200_000;
 const FRAMES: u16 = 15_000;
+/// Every figure is the median of this many rounds, each timing the references and zt in turn
+/// (a reference timed once can be off by a third on a shared machine); a round's new flows
+/// are `FRAMES / ROUNDS` frames of their own.
+const ROUNDS: u16 = 3;
 const XDP_PASS: u32 = 2;
 const XDP_DROP: u32 = 1;
 const TC_ACT_UNSPEC: u32 = u32::MAX;
@@ -170,24 +175,40 @@ fn measure_case(rules: usize, identities: usize) -> (Vec<Row>, f64) {
     for (n, (under, family, v6)) in (0u16..).zip(programs) {
         // Source ports of their own: conntrack remembers what an earlier program admitted.
         let base = 1 + n * (FRAMES + 1);
-        let allowed: Vec<Vec<u8>> = (0..FRAMES).map(|i| syn(v6, base + i, 1024)).collect();
-        let denied: Vec<Vec<u8>> = (0..FRAMES).map(|i| syn(v6, base + i, 9)).collect();
         let established = syn(v6, base - 1, 1024);
         let tc = if under.tc { "tc" } else { "xdp" };
-        // The references on the same frames, timed the same two ways.
-        let floor_repeated = repeated(&mut loaded, FLOOR, &established, XDP_PASS);
-        let lookup_repeated = repeated(&mut loaded, LOOKUP, &established, XDP_DROP);
-        let floor_once = once_each(&mut loaded, FLOOR, &allowed, XDP_PASS);
-        let lookup_once = once_each(&mut loaded, LOOKUP, &allowed, XDP_DROP);
-        let admit_ns = once_each(&mut loaded, ADMIT, &allowed, XDP_PASS);
-        let report_ns = once_each(&mut loaded, REPORT, &denied, XDP_DROP);
-        drain_reference_events(&mut loaded);
         // The established flow: admitted by its first run.
         let (first, _) = run(&mut loaded, under, &established, 1);
         assert_eq!(first, under.pass(), "{tc} {family}: the first rule allows w1 → w0:1024");
-        let established_ns = repeated(&mut loaded, under, &established, under.pass());
-        let allowed_ns = once_each(&mut loaded, under, &allowed, under.pass());
-        let denied_ns = once_each(&mut loaded, under, &denied, under.drop());
+        let per_round = FRAMES / ROUNDS;
+        let rounds: Vec<[f64; 9]> = (0..ROUNDS)
+            .map(|round| {
+                let first_port = base + round * per_round;
+                let allowed: Vec<Vec<u8>> = (0..per_round).map(|i| syn(v6, first_port + i, 1024)).collect();
+                let denied: Vec<Vec<u8>> = (0..per_round).map(|i| syn(v6, first_port + i, 9)).collect();
+                // The references on the same frames, timed the same two ways.
+                let figures = [
+                    repeated(&mut loaded, FLOOR, &established, XDP_PASS),
+                    repeated(&mut loaded, LOOKUP, &established, XDP_DROP),
+                    once_each(&mut loaded, FLOOR, &allowed, XDP_PASS),
+                    once_each(&mut loaded, LOOKUP, &allowed, XDP_DROP),
+                    once_each(&mut loaded, ADMIT, &allowed, XDP_PASS),
+                    once_each(&mut loaded, REPORT, &denied, XDP_DROP),
+                    repeated(&mut loaded, under, &established, under.pass()),
+                    once_each(&mut loaded, under, &allowed, under.pass()),
+                    once_each(&mut loaded, under, &denied, under.drop()),
+                ];
+                drain_reference_events(&mut loaded);
+                figures
+            })
+            .collect();
+        let median = |i: usize| {
+            let mut values: Vec<f64> = rounds.iter().map(|round| round[i]).collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let [floor_repeated, lookup_repeated, floor_once, lookup_once, admit_ns, report_ns, established_ns, allowed_ns, denied_ns] =
+            std::array::from_fn(median);
         rows.push(Row {
             rules,
             identities,
