@@ -117,7 +117,8 @@ fn sweep(cases: u64, frames: u64, seed: Option<&str>) -> Result<()> {
 
 /// Runs the benchmarks: the datapath's per-packet cost (tests/benches/datapath.rs, which writes
 /// bench/results/<date>.md and .json), the agent's policy apply and memory (agent.rs, which
-/// appends to them) and the event pipeline (tests/benches/events.rs).
+/// appends to them), the event pipeline (events.rs), end to end over veth (wire.rs), and last
+/// the targets against the day's figures (targets.rs).
 fn bench() -> Result<()> {
     zt_tests::ensure_root()?;
     setup::run()?;
@@ -125,7 +126,7 @@ fn bench() -> Result<()> {
     run_checked(cargo().args(["build", "--release", "--package", "zt-agent", "--bins"]), "see the compiler errors above")?;
     let agent = target_dir().join("release/zt-agent");
     // datapath first: it writes the day's results, which agent and wire append to.
-    for bench in ["datapath", "agent", "events", "wire"] {
+    for bench in ["datapath", "agent", "events", "wire", "targets"] {
         run_checked(
             cargo().args(["bench", "--package", "zt-tests", "--bench", bench]).env(zt_tests::agent::AGENT_BIN_ENV, &agent),
             "see the errors above (the benches load the datapath, so they need root and a BPF-capable kernel)",

@@ -2,9 +2,9 @@
 //!
 //! The flow src → dst needs the consent of both ends: the source's egress rules if the source is
 //! egress-isolated, the destination's ingress rules if it is ingress-isolated. Each check
-//! consults up to four groups — (subject, peer), (subject, any), (any, peer), (any, any) — only
-//! those the ends' wildcard flags say exist, each with exact-match lookups of its blocks
-//! (`zt_common::policy_tree`, one lookup unless the group has many ports), and an explicit deny
+//! consults four groups — (subject, peer), (subject, any), (any, peer), (any, any) — each with
+//! exact-match lookups of its blocks (`zt_common::policy_tree`, one lookup unless the group has
+//! many ports), and an explicit deny
 //! anywhere beats every allow. The same lookups answer for the enforced and the staged view
 //! (`zt_common::isolation`). The agent's reference evaluator mirrors this file.
 //!
@@ -14,7 +14,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use zt_common::{
     action, event_flags, identity, isolation, policy_point, policy_tree, Direction, Hook, IsolationKey, PolicyKey,
-    PortRun, Reason, Slotted, NO_RULE, SLOT_BITS,
+    Reason, Slotted, NO_RULE, SLOT_BITS,
 };
 
 use crate::{
@@ -141,35 +141,32 @@ impl Found {
     }
 }
 
-/// The run of one group that holds `point`: its blocks from the whole space down, until one
-/// that is not split.
+/// The rule of one group at `point`, in one view (`STAGED`), or `(action::NONE, NO_RULE)`: its
+/// blocks from the whole space down, until one that is not split. Scalars, not a pointer to
+/// the run: a pointer would carry its offset in the block into the verifier's states, which
+/// then could not be pruned across groups.
 #[inline(always)]
-fn run_of(key: &mut PolicyKey, point: u32) -> Option<&'static PortRun> {
+fn rule_of<const STAGED: bool>(key: &mut PolicyKey, point: u32) -> (u8, u32) {
     for level in 0..policy_tree::LEVELS {
         key.level = level as u8;
         key.block = point >> policy_tree::SHIFTS[level];
-        let value = unsafe { ZT_POLICY.get(&*key) }?;
+        let Some(value) = (unsafe { ZT_POLICY.get(&*key) }) else { break };
         if value.split == 0 {
-            return value.run_at(point);
+            return match value.run_at(point) {
+                Some(run) if STAGED => (run.staged_action, run.staged_rule_id),
+                Some(run) => (run.action, run.rule_id),
+                None => (action::NONE, NO_RULE),
+            };
         }
     }
-    None
-}
-
-/// Which of a check's groups exist, from the two ends' flags (`zt_common::isolation`): bit `i`
-/// for the `i`th group of [`check`].
-#[inline(always)]
-fn groups(subject_flags: u32, peer_flags: u32, direction: Direction) -> u32 {
-    let has = |flags: u32, flag: u32| (flags & isolation::of(flag, direction) != 0) as u32;
-    1 | has(subject_flags, isolation::ANY_PEER) << 1
-        | has(peer_flags, isolation::PEER_OF_ANY) << 2
-        | has(subject_flags, isolation::ANY_ANY) << 3
+    (action::NONE, NO_RULE)
 }
 
 /// One end's check in one view (`STAGED`: the staged view's fields of each run). `isolated`:
-/// the end is isolated for `direction` in that view; `groups`: which groups to probe. `key`
-/// holds the slot; every check rewrites the rest of it in place, because the stack has room
-/// for one key.
+/// the end is isolated for `direction` in that view. Every group is probed: skipping those no
+/// rule names would save lookups but multiply the verifier's paths (a load took 4 s instead of
+/// 2.6). `key` holds the slot; every check rewrites the rest of it in place, because the stack
+/// has room for one key.
 #[inline(always)]
 fn check<const STAGED: bool>(
     key: &mut PolicyKey,
@@ -177,32 +174,20 @@ fn check<const STAGED: bool>(
     (subject, peer): (u32, u32),
     direction: Direction,
     isolated: bool,
-    groups: u32,
 ) -> Check {
     let mut found = Found::NOTHING;
     if isolated {
         key.direction = direction as u8;
-        for (i, (s, p)) in [
+        for (s, p) in [
             (subject, peer),
             (subject, identity::ANY),
             (identity::ANY, peer),
             (identity::ANY, identity::ANY),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if groups & 1 << i == 0 {
-                continue;
-            }
+        ] {
             key.subject = s;
             key.peer = p;
-            if let Some(run) = run_of(key, point) {
-                if STAGED {
-                    found.note(run.staged_action, run.staged_rule_id);
-                } else {
-                    found.note(run.action, run.rule_id);
-                }
-            }
+            let (action, rule) = rule_of::<STAGED>(key, point);
+            found.note(action, rule);
         }
     }
     found.check(isolated)
@@ -248,20 +233,18 @@ pub fn decide(slot: u32, src_id: u32, dst_id: u32, protocol: u8, port: u16) -> D
     let src_flags = isolation_of(slot, src_id);
     let dst_flags = isolation_of(slot, dst_id);
     let point = policy_point(protocol, port);
-    let egress_groups = groups(src_flags, dst_flags, Direction::Egress);
-    let ingress_groups = groups(dst_flags, src_flags, Direction::Ingress);
     let mut key = PolicyKey::new(slot, identity::ANY, identity::ANY, Direction::None, 0, 0);
     let (egress, ingress) = ((src_id, dst_id), (dst_id, src_id));
     let enforced = verdict(
-        check::<false>(&mut key, point, egress, Direction::Egress, src_flags & isolation::EGRESS != 0, egress_groups),
-        check::<false>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::INGRESS != 0, ingress_groups),
+        check::<false>(&mut key, point, egress, Direction::Egress, src_flags & isolation::EGRESS != 0),
+        check::<false>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::INGRESS != 0),
     );
     if !enforced.allow || (src_flags | dst_flags) & isolation::STAGED_RULES == 0 {
         return enforced;
     }
     let staged = verdict(
-        check::<true>(&mut key, point, egress, Direction::Egress, src_flags & isolation::STAGED_EGRESS != 0, egress_groups),
-        check::<true>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::STAGED_INGRESS != 0, ingress_groups),
+        check::<true>(&mut key, point, egress, Direction::Egress, src_flags & isolation::STAGED_EGRESS != 0),
+        check::<true>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::STAGED_INGRESS != 0),
     );
     if staged.allow {
         enforced
