@@ -128,7 +128,13 @@ pub struct Config {
 
 /// Isolation flags in `ZT_ISOLATION` (identity → flags). A direction listed by a policy for a
 /// subject makes that subject default-deny in that direction. Key [`identity::ANY`] applies to
-/// every declared identity.
+/// every declared identity. Flags that depend on a direction are `FLAG << direction`
+/// ([`Direction::Ingress`] 0, [`Direction::Egress`] 1).
+///
+/// The wildcard flags say which of a check's four groups can exist, so the kernel probes only
+/// those: (subject, peer) always; (subject, any) if the subject has [`ANY_PEER`]; (any, peer) if
+/// the peer has [`PEER_OF_ANY`]; (any, any) if the `ANY` entry has [`ANY_ANY`]. An identity that
+/// is only a peer has an entry for its wildcard flags alone.
 ///
 /// Policies are judged in two views at once: the *enforced* view (policies in force) decides
 /// the packet's fate; the *staged* view (policies in force plus those with `mode: monitor`)
@@ -144,6 +150,17 @@ pub mod isolation {
     /// A staged policy names this subject, so its staged view may differ from its enforced one
     /// (the staged view is judged only then).
     pub const STAGED_RULES: u32 = 16;
+    /// Rules of this subject name `any` peer (group (subject, any)).
+    pub const ANY_PEER: u32 = 32;
+    /// Rules of an `any` subject name this peer (group (any, peer)).
+    pub const PEER_OF_ANY: u32 = 128;
+    /// On the `ANY` entry: rules of an `any` subject name `any` peer (group (any, any)).
+    pub const ANY_ANY: u32 = 512;
+
+    /// `flag` for `direction`.
+    pub const fn of(flag: u32, direction: super::Direction) -> u32 {
+        flag << direction as u32
+    }
 }
 
 /// Direction of a policy check, from the subject's point of view.

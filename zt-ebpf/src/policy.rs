@@ -2,9 +2,9 @@
 //!
 //! The flow src → dst needs the consent of both ends: the source's egress rules if the source is
 //! egress-isolated, the destination's ingress rules if it is ingress-isolated. Each check
-//! consults four groups — (subject, peer), (subject, any), (any, peer), (any, any) — each with
-//! exact-match lookups of its blocks (`zt_common::policy_tree`, one lookup unless the group has
-//! many ports), and an explicit deny
+//! consults up to four groups — (subject, peer), (subject, any), (any, peer), (any, any) — only
+//! those the ends' wildcard flags say exist, each with exact-match lookups of its blocks
+//! (`zt_common::policy_tree`, one lookup unless the group has many ports), and an explicit deny
 //! anywhere beats every allow. The same lookups answer for the enforced and the staged view
 //! (`zt_common::isolation`). The agent's reference evaluator mirrors this file.
 //!
@@ -143,8 +143,7 @@ impl Found {
 
 /// The rule of one group at `point`, in one view (`STAGED`), or `(action::NONE, NO_RULE)`: its
 /// blocks from the whole space down, until one that is not split. Scalars, not a pointer to
-/// the run: a pointer would carry its offset in the block into the verifier's states, which
-/// then could not be pruned across groups.
+/// the run: a pointer would carry its offset in the block into the verifier's states.
 #[inline(always)]
 fn rule_of<const STAGED: bool>(key: &mut PolicyKey, point: u32) -> (u8, u32) {
     for level in 0..policy_tree::LEVELS {
@@ -162,35 +161,163 @@ fn rule_of<const STAGED: bool>(key: &mut PolicyKey, point: u32) -> (u8, u32) {
     (action::NONE, NO_RULE)
 }
 
+/// What [`zt_group_rule`] is asked: the slot, the direction and the view, in one argument.
+#[inline(always)]
+const fn group_query(slot: u32, direction: Direction, staged: bool) -> u32 {
+    slot & 0xff | (direction as u32) << 8 | (staged as u32) << 16
+}
+
+/// [`rule_of`] for one group, as `action << 32 | rule`. A global function (BTF linkage global,
+/// scalar arguments and result): the verifier checks its body once, on its own, instead of
+/// once for every path that reaches each of its sixteen call sites.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn zt_group_rule(query: u32, subject: u32, peer: u32, point: u32) -> u64 {
+    let mut key = PolicyKey {
+        subject,
+        peer,
+        block: 0,
+        slot: query as u8,
+        direction: (query >> 8) as u8,
+        level: 0,
+        _pad: 0,
+    };
+    let (action, rule) =
+        if query >> 16 & 1 != 0 { rule_of::<true>(&mut key, point) } else { rule_of::<false>(&mut key, point) };
+    (action as u64) << 32 | rule as u64
+}
+
+/// Which of a check's groups exist, from the two ends' flags (`zt_common::isolation`): bit `i`
+/// for the `i`th group of [`check`].
+#[inline(always)]
+fn groups(subject_flags: u32, peer_flags: u32, direction: Direction) -> u32 {
+    let has = |flags: u32, flag: u32| (flags & isolation::of(flag, direction) != 0) as u32;
+    1 | has(subject_flags, isolation::ANY_PEER) << 1
+        | has(peer_flags, isolation::PEER_OF_ANY) << 2
+        | has(subject_flags, isolation::ANY_ANY) << 3
+}
+
 /// One end's check in one view (`STAGED`: the staged view's fields of each run). `isolated`:
-/// the end is isolated for `direction` in that view. Every group is probed: skipping those no
-/// rule names would save lookups but multiply the verifier's paths (a load took 4 s instead of
-/// 2.6). `key` holds the slot; every check rewrites the rest of it in place, because the stack
-/// has room for one key.
+/// the end is isolated for `direction` in that view; `groups`: which groups to probe.
 #[inline(always)]
 fn check<const STAGED: bool>(
-    key: &mut PolicyKey,
+    slot: u32,
     point: u32,
     (subject, peer): (u32, u32),
     direction: Direction,
     isolated: bool,
+    groups: u32,
 ) -> Check {
     let mut found = Found::NOTHING;
     if isolated {
-        key.direction = direction as u8;
-        for (s, p) in [
+        let query = group_query(slot, direction, STAGED);
+        for (i, (s, p)) in [
             (subject, peer),
             (subject, identity::ANY),
             (identity::ANY, peer),
             (identity::ANY, identity::ANY),
-        ] {
-            key.subject = s;
-            key.peer = p;
-            let (action, rule) = rule_of::<STAGED>(key, point);
-            found.note(action, rule);
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if groups & 1 << i != 0 {
+                let rule = zt_group_rule(query, s, p, point);
+                found.note((rule >> 32) as u8, rule as u32);
+            }
         }
     }
     found.check(isolated)
+}
+
+/// How a flow was decided: which end, and how. The seven cases of [`verdict`].
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Outcome {
+    EgressDenies,
+    IngressDenies,
+    EgressDefaultDeny,
+    IngressDefaultDeny,
+    IngressAllows,
+    EgressAllows,
+    NotIsolated,
+}
+
+impl Outcome {
+    /// The inverse of `as u8`; anything else reads as a default deny.
+    #[inline(always)]
+    fn from_u8(code: u8) -> Self {
+        match code {
+            0 => Self::EgressDenies,
+            1 => Self::IngressDenies,
+            2 => Self::EgressDefaultDeny,
+            4 => Self::IngressAllows,
+            5 => Self::EgressAllows,
+            6 => Self::NotIsolated,
+            _ => Self::IngressDefaultDeny,
+        }
+    }
+
+    #[inline(always)]
+    fn allows(self) -> bool {
+        matches!(self, Self::IngressAllows | Self::EgressAllows | Self::NotIsolated)
+    }
+}
+
+/// Both ends must consent; an explicit deny is reported before a default deny, and when both
+/// ends allow, the destination's rule is named.
+#[inline(always)]
+fn verdict(egress: Check, ingress: Check) -> (Outcome, u32) {
+    if egress.outcome == DENIES {
+        (Outcome::EgressDenies, egress.rule)
+    } else if ingress.outcome == DENIES {
+        (Outcome::IngressDenies, ingress.rule)
+    } else if egress.outcome == DEFAULT_DENY {
+        (Outcome::EgressDefaultDeny, NO_RULE)
+    } else if ingress.outcome == DEFAULT_DENY {
+        (Outcome::IngressDefaultDeny, NO_RULE)
+    } else if ingress.outcome == ALLOWS {
+        (Outcome::IngressAllows, ingress.rule)
+    } else if egress.outcome == ALLOWS {
+        (Outcome::EgressAllows, egress.rule)
+    } else {
+        (Outcome::NotIsolated, NO_RULE)
+    }
+}
+
+/// [`decide`]'s result as a scalar: the rule in the low 32 bits, the outcome above it, and
+/// whether the staged view's (an audit) above that.
+#[inline(always)]
+fn packed((outcome, rule): (Outcome, u32), staged: bool) -> u64 {
+    rule as u64 | (outcome as u64) << 32 | (staged as u64) << 40
+}
+
+/// The enforced view decides; where it allows and a staged policy concerns either end, the
+/// staged view is judged too, and where that denies, the staged view's outcome is returned
+/// with the staged bit. A global function, as [`zt_group_rule`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn zt_decide(slot: u32, src_id: u32, dst_id: u32, point: u32) -> u64 {
+    let src_flags = isolation_of(slot, src_id);
+    let dst_flags = isolation_of(slot, dst_id);
+    let (egress, ingress) = ((src_id, dst_id), (dst_id, src_id));
+    let egress_groups = groups(src_flags, dst_flags, Direction::Egress);
+    let ingress_groups = groups(dst_flags, src_flags, Direction::Ingress);
+    let enforced = verdict(
+        check::<false>(slot, point, egress, Direction::Egress, src_flags & isolation::EGRESS != 0, egress_groups),
+        check::<false>(slot, point, ingress, Direction::Ingress, dst_flags & isolation::INGRESS != 0, ingress_groups),
+    );
+    if !enforced.0.allows() || (src_flags | dst_flags) & isolation::STAGED_RULES == 0 {
+        return packed(enforced, false);
+    }
+    let staged = verdict(
+        check::<true>(slot, point, egress, Direction::Egress, src_flags & isolation::STAGED_EGRESS != 0, egress_groups),
+        check::<true>(slot, point, ingress, Direction::Ingress, dst_flags & isolation::STAGED_INGRESS != 0, ingress_groups),
+    );
+    if staged.0.allows() {
+        packed(enforced, false)
+    } else {
+        packed(staged, true)
+    }
 }
 
 pub struct Decision {
@@ -203,52 +330,20 @@ pub struct Decision {
     pub rule_id: u32,
 }
 
-/// Both ends must consent; an explicit deny is reported before a default deny, and when both
-/// ends allow, the destination's rule is named.
-#[inline(always)]
-fn verdict(egress: Check, ingress: Check) -> Decision {
-    let (allow, reason, direction, rule_id) = if egress.outcome == DENIES {
-        (false, Reason::PolicyDeny, Direction::Egress, egress.rule)
-    } else if ingress.outcome == DENIES {
-        (false, Reason::PolicyDeny, Direction::Ingress, ingress.rule)
-    } else if egress.outcome == DEFAULT_DENY {
-        (false, Reason::DefaultDeny, Direction::Egress, NO_RULE)
-    } else if ingress.outcome == DEFAULT_DENY {
-        (false, Reason::DefaultDeny, Direction::Ingress, NO_RULE)
-    } else if ingress.outcome == ALLOWS {
-        (true, Reason::PolicyAllow, Direction::Ingress, ingress.rule)
-    } else if egress.outcome == ALLOWS {
-        (true, Reason::PolicyAllow, Direction::Egress, egress.rule)
-    } else {
-        (true, Reason::NotIsolated, Direction::None, NO_RULE)
-    };
-    Decision { allow, staged: false, reason, direction, rule_id }
-}
-
-/// The enforced view decides; where it allows and a staged policy concerns either end, the
-/// staged view is judged too (a second, separate pass: the verifier then adds the two passes'
-/// paths instead of multiplying them).
+/// The policy's decision on a new flow from `src_id` to `dst_id`.
 #[inline(always)]
 pub fn decide(slot: u32, src_id: u32, dst_id: u32, protocol: u8, port: u16) -> Decision {
-    let src_flags = isolation_of(slot, src_id);
-    let dst_flags = isolation_of(slot, dst_id);
-    let point = policy_point(protocol, port);
-    let mut key = PolicyKey::new(slot, identity::ANY, identity::ANY, Direction::None, 0, 0);
-    let (egress, ingress) = ((src_id, dst_id), (dst_id, src_id));
-    let enforced = verdict(
-        check::<false>(&mut key, point, egress, Direction::Egress, src_flags & isolation::EGRESS != 0),
-        check::<false>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::INGRESS != 0),
-    );
-    if !enforced.allow || (src_flags | dst_flags) & isolation::STAGED_RULES == 0 {
-        return enforced;
-    }
-    let staged = verdict(
-        check::<true>(&mut key, point, egress, Direction::Egress, src_flags & isolation::STAGED_EGRESS != 0),
-        check::<true>(&mut key, point, ingress, Direction::Ingress, dst_flags & isolation::STAGED_INGRESS != 0),
-    );
-    if staged.allow {
-        enforced
-    } else {
-        Decision { allow: true, staged: true, ..staged }
-    }
+    let packed = zt_decide(slot, src_id, dst_id, policy_point(protocol, port));
+    let outcome = Outcome::from_u8((packed >> 32) as u8);
+    let staged = (packed >> 40) & 1 != 0;
+    let (reason, direction) = match outcome {
+        Outcome::EgressDenies => (Reason::PolicyDeny, Direction::Egress),
+        Outcome::IngressDenies => (Reason::PolicyDeny, Direction::Ingress),
+        Outcome::EgressDefaultDeny => (Reason::DefaultDeny, Direction::Egress),
+        Outcome::IngressDefaultDeny => (Reason::DefaultDeny, Direction::Ingress),
+        Outcome::IngressAllows => (Reason::PolicyAllow, Direction::Ingress),
+        Outcome::EgressAllows => (Reason::PolicyAllow, Direction::Egress),
+        Outcome::NotIsolated => (Reason::NotIsolated, Direction::None),
+    };
+    Decision { allow: staged || outcome.allows(), staged, reason, direction, rule_id: packed as u32 }
 }

@@ -4,7 +4,8 @@
 //! the run of (protocol, port) points that holds the packet's (`zt_common::policy_tree`), so
 //! within a group the runs already encode rule precedence: "deny beats allow, then the lowest
 //! rule id", at every point. Across the four groups a check consults, the kernel itself applies
-//! the order (subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY) — see `eval`.
+//! the order (subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY) — see `eval` — and probes
+//! only the groups the isolation entries' wildcard flags say exist.
 //!
 //! Every entry answers for two views (`zt_common::isolation`): the enforced view holds the rules
 //! of policies in force, the staged view those plus the rules of `mode: monitor` policies.
@@ -303,6 +304,16 @@ pub fn compile_for(set: &PolicySet, cluster: &Cluster) -> Result<Compiled, Compi
     let mut points = Vec::new();
     for group in items.chunk_by(|a, b| a.0 == b.0) {
         let (subject, peer, direction) = group[0].0;
+        let wildcard = match (subject, peer) {
+            (ANY, ANY) => Some((ANY, isolation::ANY_ANY)),
+            (ANY, peer) => Some((peer, isolation::PEER_OF_ANY)),
+            (subject, ANY) => Some((subject, isolation::ANY_PEER)),
+            _ => None,
+        };
+        if let Some((id, flag)) = wildcard {
+            let direction = Direction::from_u8(direction).expect("a rule's direction");
+            *isolation_flags.entry(id).or_default() |= isolation::of(flag, direction);
+        }
         points.clear();
         points.extend(group.iter().map(|&(_, first, last, outcome)| (first, last, outcome)));
         let base = PolicyKey { subject, peer, direction, ..PolicyKey::default() };
@@ -603,6 +614,31 @@ spec: {selectors: [{cidr: 10.20.2.0/24}]}
         for port in 0..=u16::MAX {
             assert_eq!(allowed(port), ports.contains(&port), "port {port}");
         }
+    }
+
+    #[test]
+    fn wildcard_flags_name_the_groups_that_exist() {
+        let text = format!(
+            "{IDENTITIES}---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: p}}
+spec: {{subject: [web], egress: [{{to: [any], ports: [{{protocol: udp, port: 53}}]}}]}}
+---
+apiVersion: zt/v1
+kind: Policy
+metadata: {{name: q}}
+spec: {{subject: [any], ingress: [{{from: [api]}}], egress: [{{to: [any], action: deny, ports: [{{protocol: tcp, port: 23}}]}}]}}
+"
+        );
+        let compiled = compile(&parse_str(&text, "test.yaml").unwrap()).unwrap();
+        let (web, api) = (compiled.identities.id("web").unwrap(), compiled.identities.id("api").unwrap());
+        let flags = |id| compiled.isolation.iter().find(|(i, _)| *i == id).map_or(0, |(_, flags)| *flags);
+        let both = isolation::INGRESS | isolation::EGRESS;
+        let both = both | both << isolation::STAGED_SHIFT;
+        assert_eq!(flags(web), isolation::EGRESS | isolation::STAGED_EGRESS | isolation::of(isolation::ANY_PEER, Direction::Egress));
+        assert_eq!(flags(api), isolation::of(isolation::PEER_OF_ANY, Direction::Ingress), "a peer only");
+        assert_eq!(flags(ANY), both | isolation::of(isolation::ANY_ANY, Direction::Egress));
     }
 
     #[test]

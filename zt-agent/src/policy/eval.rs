@@ -76,8 +76,8 @@ impl Evaluator {
     pub fn evaluate(&self, flow: &Flow) -> Decision {
         let (src, dst) = (self.identity(flow.src), self.identity(flow.dst));
         let (src_flags, dst_flags) = (self.isolation(src), self.isolation(dst));
-        let egress = self.check(src, dst, Direction::Egress, flow);
-        let ingress = self.check(dst, src, Direction::Ingress, flow);
+        let egress = self.check((src, src_flags), (dst, dst_flags), Direction::Egress, flow);
+        let ingress = self.check((dst, dst_flags), (src, src_flags), Direction::Ingress, flow);
         let view = |shift: u32, pick: fn((Check, Check)) -> Check| {
             let egress = (src_flags & isolation::EGRESS << shift != 0).then(|| pick(egress));
             let ingress = (dst_flags & isolation::INGRESS << shift != 0).then(|| pick(ingress));
@@ -98,12 +98,21 @@ impl Evaluator {
     }
 
     /// In each view, the first deny, else the first allow, of the four groups in order of
-    /// specificity.
-    fn check(&self, subject: u32, peer: u32, direction: Direction, flow: &Flow) -> (Check, Check) {
-        let groups = [(subject, peer), (subject, ANY), (ANY, peer), (ANY, ANY)];
+    /// specificity — of those the ends' wildcard flags say exist.
+    fn check(&self, (subject, subject_flags): (u32, u32), (peer, peer_flags): (u32, u32), direction: Direction, flow: &Flow) -> (Check, Check) {
+        let has = |flags: u32, flag| flags & isolation::of(flag, direction) != 0;
+        let groups = [
+            (subject, peer, true),
+            (subject, ANY, has(subject_flags, isolation::ANY_PEER)),
+            (ANY, peer, has(peer_flags, isolation::PEER_OF_ANY)),
+            (ANY, ANY, has(subject_flags, isolation::ANY_ANY)),
+        ];
         let point = policy_point(flow.protocol, flow.dst_port);
-        let found: Vec<&PortRun> =
-            groups.iter().filter_map(|&(subject, peer)| self.run_of(subject, peer, direction, point)).collect();
+        let found: Vec<&PortRun> = groups
+            .iter()
+            .filter(|(_, _, exists)| *exists)
+            .filter_map(|&(subject, peer, _)| self.run_of(subject, peer, direction, point))
+            .collect();
         let enforced = found.iter().map(|run| (run.action, run.rule_id));
         let staged = found.iter().map(|run| (run.staged_action, run.staged_rule_id));
         (first_deny_else_allow(enforced), first_deny_else_allow(staged))
