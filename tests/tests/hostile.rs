@@ -71,6 +71,11 @@ fn spoof_web(t: &Topology) -> [(IpAddr, IpAddr); 2] {
         let out = ns.exec("ip", ["addr", "add", &format!("{addr}{prefix}"), "dev", "eth0", "nodad"]);
         assert!(out.status.success(), "adding {addr}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    spoof_web_pairs(t)
+}
+
+/// web's and api's addresses, IPv4 and IPv6.
+fn spoof_web_pairs(t: &Topology) -> [(IpAddr, IpAddr); 2] {
     [(t.ipv4("web"), t.ipv4("api")), (t.ipv6("web"), t.ipv6("api"))]
 }
 
@@ -109,6 +114,42 @@ fn a_spoofed_source_is_dropped_in_enforce_mode_and_audited_in_monitor_mode() {
     }
     for (web, _) in pairs {
         wait_for(&agent, &[("reason", json!("spoof")), ("verdict", json!("audit")), ("src.ip", json!(web.to_string()))]);
+    }
+}
+
+/// Established packets skip the source check only on the interface where their flow's source
+/// was checked: a packet that copies an established flow's addresses and ports exactly, sent
+/// from another workload, is checked there and dropped.
+#[test]
+fn a_spoofed_packet_riding_an_established_flow_is_dropped() {
+    let t = topology();
+    let _servers: Vec<_> = [t.ipv4("api"), t.ipv6("api")]
+        .into_iter()
+        .map(|addr| udp_echo_server(t.ns("api"), SocketAddr::new(addr, 5353)).unwrap())
+        .collect();
+    let agent = Agent::start_on(t.node(), policy(), "enforce").unwrap();
+    let sniffer = Sniffer::start(t.ns("api"), "eth0").unwrap();
+    const FLOW_PORT: u16 = 40_123;
+    let from_flow = |p: &zt_tests::Packet, web: IpAddr| p.is_to(zt_tests::sniffer::UDP, 5353) && p.src == web && p.src_port == FLOW_PORT;
+    // web's flow to api, admitted both ways (api echoes).
+    for api in [t.ipv4("api"), t.ipv6("api")] {
+        let web = if api.is_ipv4() { t.ipv4("web") } else { t.ipv6("web") };
+        udp_send_from(t.ns("web"), SocketAddr::new(web, FLOW_PORT), SocketAddr::new(api, 5353), b"genuine").unwrap();
+    }
+    thread::sleep(Duration::from_millis(300));
+    for (web, api) in spoof_web(&t) {
+        assert_eq!(sniffer.count(|p| from_flow(p, web)), 1, "web's own datagram to {api} arrived");
+        for _ in 0..5 {
+            udp_send_from(t.ns("intruder"), SocketAddr::new(web, FLOW_PORT), SocketAddr::new(api, 5353), b"spoofed").unwrap();
+        }
+    }
+    thread::sleep(Duration::from_millis(300));
+    for (web, api) in spoof_web_pairs(&t) {
+        wait_for(
+            &agent,
+            &[("reason", json!("spoof")), ("src.ip", json!(web.to_string())), ("src.port", json!(FLOW_PORT)), ("hook", json!("tc-ingress"))],
+        );
+        assert_eq!(sniffer.count(|p| from_flow(p, web)), 1, "a spoofed datagram on web's flow reached {api}");
     }
 }
 

@@ -626,10 +626,15 @@ pub struct CtValue {
     pub generation: u32,
     /// [`ct::AUDIT`], [`ct::REPLY`].
     pub flags: u32,
+    /// The interface this direction's packets last passed a source check on (an uplink or a
+    /// workload's interface), or 0: a packet of the flow arriving there again, under the same
+    /// generation, skips the check, whose answer depends only on the interface, the source and
+    /// the policy in force.
+    pub ifindex: u32,
     /// The admitted flow's destination port (ICMP: message type), to judge the flow again from
     /// either direction's packet.
     pub port: u16,
-    pub _pad: u16,
+    pub _pad: [u8; 6],
 }
 
 /// One verdict, sent from the kernel on the `ZT_EVENTS` ring buffer.
@@ -738,7 +743,7 @@ assert_layout!(PortRun, 20, 4);
 assert_layout!(PolicyValue, 20 * policy_tree::RUNS + 4, 4);
 assert_layout!(IsolationKey, 8, 4);
 assert_layout!(CtKey, 40, 2);
-assert_layout!(CtValue, 24, 8);
+assert_layout!(CtValue, 32, 8);
 assert_layout!(FlowEvent, 88, 8);
 assert_layout!(EventLimits, 24, 8);
 assert_layout!(EventFlowKey, 38, 2);

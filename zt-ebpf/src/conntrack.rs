@@ -80,10 +80,12 @@ pub fn lookup(key: &CtKey, pkt: &Packet, node_mode: u32, now: u64) -> Option<&'s
 
 /// Records an admitted flow, and the direction its replies take; false if the table refused
 /// either entry. (A full LRU evicts its least recently used entries instead: an evicted flow's
-/// next packet is judged again as new.)
+/// next packet is judged again as new.) `checked_on`: the interface whose source check `pkt`
+/// passed, or 0.
 #[inline(always)]
-pub fn admit(key: &mut CtKey, pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64) -> bool {
-    let mut value = CtValue { last_seen_ns: now, rule_id, generation, flags, port: pkt.dst_port, _pad: 0 };
+pub fn admit(key: &mut CtKey, pkt: &Packet, rule_id: u32, generation: u32, flags: u32, now: u64, checked_on: u32) -> bool {
+    let mut value =
+        CtValue { last_seen_ns: now, rule_id, generation, flags, ifindex: checked_on, port: pkt.dst_port, _pad: [0; 6] };
     forward(key, pkt);
     if ZT_CONNTRACK.insert(&*key, &value, 0).is_err() {
         return false;
@@ -91,6 +93,8 @@ pub fn admit(key: &mut CtKey, pkt: &Packet, rule_id: u32, generation: u32, flags
     if let Some(ports) = reply_ports(pkt) {
         reverse(key, pkt, ports);
         value.flags |= ct::REPLY;
+        // The replies' source is checked where they first arrive.
+        value.ifindex = 0;
         if ZT_CONNTRACK.insert(&*key, &value, 0).is_err() {
             return false;
         }

@@ -74,27 +74,33 @@ fn verdict_of(
 ) -> bool {
     let refused = match parsed {
         Ok(Parsed::ControlPlane) => return true,
-        Ok(Parsed::Ip) if spoof::source_owned(config.slot, pkt, &at) => None,
-        Ok(Parsed::Ip) => Some(Reason::Spoof),
+        Ok(Parsed::Ip) => None,
         // `fragment::track` gave every later fragment its ports or a reason.
         Ok(Parsed::LaterFragment) => Some(Reason::FragmentOrphan),
         Err(reason) => Some(reason),
     };
     if let Some(reason) = refused {
-        report.reason = reason;
-        // Name the ends the addresses parsed so far belong to.
-        if pkt.family != 0 {
-            let ends = policy::identify(config.slot, pkt, at);
-            report.src_identity = ends.src;
-            report.dst_identity = ends.dst;
-            report.flags = ends.flags;
-        }
-        return deny(report);
+        return refuse(pkt, at, config, reason, report);
     }
     let mut key = conntrack::key_of(pkt);
     let mut entry = conntrack::lookup(&key, pkt, config.mode, now);
+    // Where sources are checked (else 0). A flow's packets that passed the check on this
+    // interface under the generation in force pass it again: an established packet skips it.
+    let checked_on = if spoof::checks_source(at.hook) { at.ifindex } else { 0 };
+    if let Some(entry) = entry.as_mut() {
+        if entry.generation == config.generation && (checked_on == 0 || entry.ifindex == checked_on) {
+            entry.last_seen_ns = now;
+            report.reason = Reason::Established;
+            return true;
+        }
+    }
+    if checked_on != 0 && !spoof::source_owned(config.slot, pkt, &at) {
+        return refuse(pkt, at, config, Reason::Spoof, report);
+    }
     if let Some(entry) = entry.as_mut() {
         if entry.generation == config.generation {
+            // The source checked out here: remembered for the flow's next packets.
+            entry.ifindex = checked_on;
             entry.last_seen_ns = now;
             report.reason = Reason::Established;
             return true;
@@ -119,6 +125,8 @@ fn verdict_of(
             entry.generation = config.generation;
             entry.rule_id = decision.rule_id;
             entry.flags &= ct::REPLY;
+            // Checked under this generation here, or not yet.
+            entry.ifindex = checked_on;
             entry.last_seen_ns = now;
             report.reason = Reason::Established;
             return true;
@@ -142,12 +150,27 @@ fn verdict_of(
         // per packet (and judged again once the node enforces).
         (deny(report), ct::AUDIT)
     };
-    if pass && !conntrack::admit(&mut key, pkt, decision.rule_id, config.generation, admitted, now) && admitted == 0 {
+    if pass && !conntrack::admit(&mut key, pkt, decision.rule_id, config.generation, admitted, now, checked_on) && admitted == 0
+    {
         // An allowed flow conntrack cannot hold would lose its replies: refuse it whole.
         report.reason = Reason::TableFull;
         return deny(report);
     }
     pass
+}
+
+/// A packet refused before any policy: named by the ends its addresses belong to, as far as
+/// they parsed.
+#[inline(always)]
+fn refuse(pkt: &Packet, at: At, config: &Config, reason: Reason, report: &mut Report) -> bool {
+    report.reason = reason;
+    if pkt.family != 0 {
+        let ends = policy::identify(config.slot, pkt, at);
+        report.src_identity = ends.src;
+        report.dst_identity = ends.dst;
+        report.flags = ends.flags;
+    }
+    deny(report)
 }
 
 /// A denial; in monitor mode it becomes an audit and the packet passes.

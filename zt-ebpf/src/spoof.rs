@@ -56,6 +56,12 @@ fn is_link_local(pkt: &Packet) -> bool {
     pkt.family == 6 && pkt.src[0] == 0xfe && pkt.src[1] & 0xc0 == 0x80
 }
 
+/// Whether `hook` checks sources at all: where packets enter from a workload or another node.
+#[inline(always)]
+pub fn checks_source(hook: Hook) -> bool {
+    matches!(hook, Hook::TcIngress | Hook::Xdp)
+}
+
 /// Whether `pkt`'s source may be sent from where it was seen. Hooks and interfaces the agent
 /// did not mark are not checked here (local processes are identified by cgroup).
 #[inline(always)]

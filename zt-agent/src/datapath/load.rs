@@ -250,27 +250,62 @@ impl Datapath {
         Ok(())
     }
 
-    /// Copies the old conntrack's flows that the new one lacks (entries of the same layout only).
+    /// Copies the old conntrack's flows that the new one lacks: entries of this layout as they
+    /// are, entries of the layout before it converted (see [`PreviousCtValue`]).
     pub(super) fn copy_flows(&mut self, pins: &PinDir) -> Result<usize> {
         let path = pins.maps().join(maps::CONNTRACK);
         let old = pinned_definition(&path)?;
-        if old.key_size as usize != size_of::<CtKey>() || old.value_size as usize != size_of::<CtValue>() {
-            tracing::warn!("conntrack entries changed layout: established flows are judged again as new");
-            return Ok(0);
-        }
-        let old: HashMap<MapData, CtKey, CtValue> =
-            HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_pin(&path)?))?;
+        let old_map = || -> Result<aya::maps::Map> { Ok(aya::maps::Map::LruHashMap(MapData::from_pin(&path)?)) };
+        let flows: Vec<(CtKey, CtValue)> = match (old.key_size as usize, old.value_size as usize) {
+            (key, value) if key == size_of::<CtKey>() && value == size_of::<CtValue>() => {
+                HashMap::<MapData, CtKey, CtValue>::try_from(old_map()?)?.iter().filter_map(Result::ok).collect()
+            }
+            (key, value) if key == size_of::<CtKey>() && value == size_of::<PreviousCtValue>() => {
+                HashMap::<MapData, CtKey, PreviousCtValue>::try_from(old_map()?)?
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(key, value)| (key, value.upgraded()))
+                    .collect()
+            }
+            _ => {
+                tracing::warn!("conntrack entries changed layout: established flows are judged again as new");
+                return Ok(0);
+            }
+        };
         let mut new: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(
             self.ebpf.map_mut(maps::CONNTRACK).context("eBPF object has no conntrack map")?,
         )?;
         let mut copied = 0;
-        for entry in old.iter() {
-            let Ok((key, value)) = entry else { continue };
+        for (key, value) in flows {
             // BPF_NOEXIST: a flow the new programs already track keeps its newer entry.
             if new.insert(key, value, 1).is_ok() {
                 copied += 1;
             }
         }
         Ok(copied)
+    }
+}
+
+/// A conntrack entry as zt wrote it before entries remembered where their source was checked
+/// (24 bytes): upgraded with no interface, so each flow's next packet is checked once more.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PreviousCtValue {
+    last_seen_ns: u64,
+    rule_id: u32,
+    generation: u32,
+    flags: u32,
+    port: u16,
+    _pad: u16,
+}
+
+// SAFETY: plain integers, no padding (24 bytes, as the kernel's entries).
+unsafe impl aya::Pod for PreviousCtValue {}
+const _: () = assert!(size_of::<PreviousCtValue>() == 24);
+
+impl PreviousCtValue {
+    fn upgraded(self) -> CtValue {
+        let Self { last_seen_ns, rule_id, generation, flags, port, _pad } = self;
+        CtValue { last_seen_ns, rule_id, generation, flags, ifindex: 0, port, _pad: [0; 6] }
     }
 }
