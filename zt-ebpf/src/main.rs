@@ -187,7 +187,7 @@ fn deny(report: &mut Report) -> bool {
 #[inline(always)]
 fn scratch_packet() -> Option<&'static mut Packet> {
     let pkt = unsafe { &mut *ZT_SCRATCH.get_ptr_mut(0)? };
-    *pkt = Packet::default();
+    parse::clear(pkt);
     Some(pkt)
 }
 

@@ -50,7 +50,7 @@ pub fn zt_reference_floor(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn parsed(ctx: &XdpContext) -> Option<(&'static Packet, CtKey)> {
     let pkt = unsafe { &mut *REFERENCE_SCRATCH.get_ptr_mut(0)? };
-    *pkt = Packet::default();
+    parse::clear(pkt);
     let mut frag = Fragment::none();
     let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
     parse::parse_frame(ctx.data(), ctx.data_end(), len, pkt, &mut frag).ok()?;
