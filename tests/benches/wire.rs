@@ -7,6 +7,8 @@
 //!   gives each frame a random source port (1024 flows) and redirects it out of A's veth, so B
 //!   receives frames as from a NIC, with no socket or IP stack of A's in the way. Counted in B
 //!   as what reached UDP (`InDatagrams` + `RcvbufErrors`), a receiver draining with `recvmmsg`.
+//!   Where the kernel refuses live frames (EPERM, even to root, on some builds), a packet socket
+//!   in A sends the same frames instead, and the results say which generator ran.
 //! - **TCP**: one connection A → B, 128 KiB writes, bytes read in B.
 //! - **A denied flood**: the same generator, to a port no rule names, each mechanism at its
 //!   earliest hook counting its own drops: zt's XDP program (its counters map), iptables' raw
@@ -219,9 +221,109 @@ fn load_generator(ifindex: u32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
 
-/// Sends `frame` out of A's veth until dropped. One test run of `u32::MAX` frames, ended by a
-/// signal: each run's start and end cost tens of milliseconds (the kernel sets up and tears down
-/// a page pool), which short runs would spread over the measured interval as idle gaps.
+/// Which generator sends: XDP live frames where the kernel allows them, else a packet socket
+/// (some kernels refuse live frames with EPERM even to root). Said in the results.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GeneratorKind {
+    LiveFrames,
+    PacketSocket,
+}
+
+impl GeneratorKind {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::LiveFrames => "XDP live frames (BPF_PROG_TEST_RUN)",
+            Self::PacketSocket => {
+                "a packet socket (AF_PACKET, qdisc bypassed, `sendmmsg` of 64 frames; this kernel refuses XDP live frames with EPERM), which costs the sending core more per frame"
+            }
+        }
+    }
+}
+
+/// Whether this kernel runs the generator in live-frames mode: one frame, in a namespace of
+/// its own with nothing but loopback (where it is redirected to nothing and freed).
+fn generator_kind() -> GeneratorKind {
+    static KIND: std::sync::OnceLock<GeneratorKind> = std::sync::OnceLock::new();
+    *KIND.get_or_init(|| {
+        let probe = Netns::new("wire-probe").unwrap();
+        let program = load_generator(1);
+        let frame = udp_frame(1024);
+        let allowed = spawn_in(&probe, move || test_run_live(&program, &frame, 1)).join().unwrap();
+        match allowed {
+            Ok(()) => GeneratorKind::LiveFrames,
+            Err(error) if error.raw_os_error() == Some(libc::EPERM) => GeneratorKind::PacketSocket,
+            Err(error) => panic!("the generator's probe run: {error}"),
+        }
+    })
+}
+
+/// One BPF_PROG_TEST_RUN of `frame` in live-frames mode, `repeat` times.
+fn test_run_live(program: &OwnedFd, frame: &[u8], repeat: u32) -> std::io::Result<()> {
+    // union bpf_attr, BPF_PROG_TEST_RUN: prog_fd, data_size_in, data_in, repeat, flags.
+    let mut attr = [0u64; 16];
+    attr[0] = program.as_raw_fd() as u64;
+    attr[1] = frame.len() as u64;
+    attr[2] = frame.as_ptr() as u64;
+    attr[4] = repeat as u64;
+    attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES as u64;
+    if bpf(BPF_PROG_TEST_RUN, &mut attr) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Sends frames out of A's `ifindex` through a packet socket until `stop`: batches of 64, each
+/// frame with its own source port of the 1024 flows, as the XDP generator's random ones.
+fn send_through_packet_socket(ifindex: u32, frame: &[u8], stop: &AtomicBool) -> std::io::Result<()> {
+    const BATCH: usize = 64;
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    address.sll_ifindex = ifindex as i32;
+    let ok = unsafe {
+        libc::setsockopt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, (&one as *const libc::c_int).cast(), 4) == 0
+            && libc::bind(fd, (&address as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut frames: Vec<Vec<u8>> = vec![frame.to_vec(); BATCH];
+    let mut flow = 0u16;
+    while !stop.load(Ordering::Relaxed) {
+        for frame in &mut frames {
+            frame[34..36].copy_from_slice(&(1024 + flow).to_be_bytes());
+            flow = (flow + 1) % 1024;
+        }
+        let mut iovecs: Vec<libc::iovec> =
+            frames.iter_mut().map(|f| libc::iovec { iov_base: f.as_mut_ptr().cast(), iov_len: f.len() }).collect();
+        let mut messages: Vec<libc::mmsghdr> = iovecs
+            .iter_mut()
+            .map(|iov| {
+                let mut message: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                message.msg_hdr.msg_iov = iov;
+                message.msg_hdr.msg_iovlen = 1;
+                message
+            })
+            .collect();
+        let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), messages.as_mut_ptr(), BATCH as u32, 0) };
+        if sent < 0 {
+            let error = std::io::Error::last_os_error();
+            // A full transmit path: try again.
+            if !matches!(error.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR)) {
+                return Err(error);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends `frame` out of A's veth until dropped. Live frames: one test run of `u32::MAX`
+/// frames, ended by a signal: each run's start and end cost tens of milliseconds (the kernel
+/// sets up and tears down a page pool), which short runs would spread over the measured
+/// interval as idle gaps.
 struct Generator {
     stop: Arc<AtomicBool>,
     thread: Option<(JoinHandle<()>, libc::pthread_t)>,
@@ -235,24 +337,23 @@ impl Generator {
         // No SA_RESTART: the signal ends the test run (EINTR) instead of restarting it.
         let action = SigAction::new(SigHandler::Handler(interrupt), SaFlags::empty(), SigSet::empty());
         HANDLER.call_once(|| unsafe { sigaction(Signal::SIGUSR1, &action) }.map(drop).unwrap());
-        let program = load_generator(pair.sender_ifindex());
+        let kind = generator_kind();
+        let ifindex = pair.sender_ifindex();
+        let program = load_generator(ifindex);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         // In A: a live frame's redirect looks its target up in the runner's namespace.
         let thread = spawn_in(&pair.a, move || {
             tx.send(unsafe { libc::pthread_self() }).unwrap();
+            if kind == GeneratorKind::PacketSocket {
+                send_through_packet_socket(ifindex, &frame, &flag).unwrap_or_else(|e| panic!("the packet socket generator: {e}"));
+                return;
+            }
             while !flag.load(Ordering::Relaxed) {
-                // union bpf_attr, BPF_PROG_TEST_RUN: prog_fd, data_size_in, data_in, repeat, flags.
-                let mut attr = [0u64; 16];
-                attr[0] = program.as_raw_fd() as u64;
-                attr[1] = frame.len() as u64;
-                attr[2] = frame.as_ptr() as u64;
-                attr[4] = u32::MAX as u64;
-                attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES as u64;
-                let ret = bpf(BPF_PROG_TEST_RUN, &mut attr);
-                let error = std::io::Error::last_os_error();
-                assert!(ret == 0 || error.raw_os_error() == Some(libc::EINTR), "the generator's test run: {error}");
+                if let Err(error) = test_run_live(&program, &frame, u32::MAX) {
+                    assert!(error.raw_os_error() == Some(libc::EINTR), "the generator's test run: {error}");
+                }
             }
         });
         let id = rx.recv().unwrap();
@@ -809,6 +910,7 @@ fn report(rows: &[Row], drops: &[DropRow], tso: &(String, String)) -> String {
     writeln!(md, "\n## End to end over a veth pair: UDP 64-byte frames, TCP, a denied flood\n").unwrap();
     writeln!(md, "`tests/benches/wire.rs` (its doc comment has the method): namespaces A → B, the bench policy's rules ({IDENTITIES} identities) in each filter, the measured flow allowed by the rule iptables holds last. Every condition of a rule size is set up at once, then measured in {ROUNDS} interleaved rounds ({} ms warm-up, {} ms measured each); a figure is the median over rounds, a ratio the median of the rounds' ratios.", WARMUP.as_millis(), MEASURE.as_millis()).unwrap();
     let reference: Vec<f64> = drops.iter().filter(|d| d.dropper == Dropper::Reference).flat_map(|d| d.per_s.iter().copied()).collect();
+    writeln!(md, "Generator: {}.", generator_kind().describe()).unwrap();
     writeln!(md, "The generator with the cheapest drop on B's veth (the XDP reference below) takes {:.0} ns a frame of every ns/pkt. A's veth TSO: {} without XDP on B's veth, {} with zt's (the veth driver turns its peer's GSO off under any XDP program: see the XDP floor's TCP; a NIC's XDP costs its sender nothing of the kind).\n", 1e9 / median(&reference), tso.0, tso.1).unwrap();
     writeln!(md, "| rules | filter | UDP kpps | ns/pkt | × none | TCP Gbit/s | × none |\n|---:|---|---:|---:|---:|---:|---:|").unwrap();
     for r in rows {
@@ -857,7 +959,8 @@ fn results_json(rows: &[Row], drops: &[DropRow], tso: &(String, String)) -> Valu
         .collect();
     json!({
         "identities": IDENTITIES, "rounds": ROUNDS, "warmup_s": WARMUP.as_secs_f64(), "measure_s": MEASURE.as_secs_f64(),
-        "sender_tso": {"without_xdp": tso.0, "with_zt_xdp": tso.1}, "rows": rows, "drops": drops,
+        "sender_tso": {"without_xdp": tso.0, "with_zt_xdp": tso.1}, "generator": generator_kind().describe(),
+        "rows": rows, "drops": drops,
     })
 }
 

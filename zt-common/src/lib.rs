@@ -111,8 +111,10 @@ pub mod mode {
     pub const MONITOR: u32 = 1;
 }
 
-/// The single entry of `ZT_CONFIG` (key 0), read once per packet. Everything a packet needs to
-/// know about the node's state is in this one value, so one map write switches it whole.
+/// The node's state as every packet reads it, once: `ZT_CONFIG`'s one element, a 64-bit word
+/// ([`Config::word`]) the agent writes with one atomic store through the map's memory mapping,
+/// so a packet reads the old state or the new one whole. A word never written is enforce,
+/// generation 0, slot 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -124,6 +126,18 @@ pub struct Config {
     /// `ZT_ISOLATION`) is in force: every key there carries its slot, so the agent builds the
     /// next generation in the other slot and switches to it with one write of this value.
     pub slot: u32,
+}
+
+impl Config {
+    /// The word `ZT_CONFIG` holds: the generation in the low 32 bits, the slot's bit above it,
+    /// the mode in the byte above that.
+    pub const fn word(self) -> u64 {
+        self.generation as u64 | ((self.slot & 1) as u64) << 32 | ((self.mode & 0xff) as u64) << 40
+    }
+
+    pub const fn from_word(word: u64) -> Self {
+        Self { mode: (word >> 40) as u32 & 0xff, generation: word as u32, slot: (word >> 32) as u32 & 1 }
+    }
 }
 
 /// Isolation flags in `ZT_ISOLATION` (identity → flags). A direction listed by a policy for a

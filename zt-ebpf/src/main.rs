@@ -17,7 +17,7 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_xdp_get_buff_len},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_cgroup_id, bpf_xdp_get_buff_len},
     macros::{cgroup_skb, classifier, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
@@ -38,9 +38,13 @@ const TC_PULL_BYTES: u32 = if option_env!("ZT_DATAPATH_VARIANT").is_some() { 264
 /// Judges one parsed packet and records the verdict; true = let it through.
 #[inline(always)]
 fn judge(pkt: &mut Packet, parsed: Result<Parsed, Reason>, frag: &Fragment, at: At) -> bool {
-    // Read once: mode, generation and slot belong together. Never written, it reads as enforce.
-    let config = unsafe { ZT_CONFIG.get(0) }.copied().unwrap_or(Config { mode: mode::ENFORCE, generation: 0, slot: 0 });
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Read once, in one load: mode, generation and slot belong together. Never written, the
+    // word reads as enforce.
+    let word = ZT_CONFIG.get_ptr(0).map_or(0, |word| unsafe { core::ptr::read_volatile(word) });
+    let config = Config::from_word(word);
+    // The clock of idle timeouts: a tick's resolution is plenty for them, and the coarse clock
+    // is read from memory, where the precise one reads the clock source (dear in a VM).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let parsed = fragment::track(pkt, frag, parsed, now);
     let pkt = &*pkt;
     let mut report = Report {

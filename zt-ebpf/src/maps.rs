@@ -1,7 +1,7 @@
 //! The maps the agent fills and reads. Names and layouts come from `zt_common`.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
+    bindings::{bpf_fib_lookup, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -13,16 +13,15 @@ use zt_common::{
         CGROUPS_CAPACITY, CONNTRACK_CAPACITY, EVENTS_BYTES, EVENT_FLOWS_CAPACITY, FRAGMENTS_CAPACITY,
         HOSTS_CAPACITY, INTERFACES_CAPACITY, IPCACHE_CAPACITY, ISOLATION_CAPACITY, POLICY_CAPACITY, SLOTS,
     },
-    Config, CtKey, CtValue, EventFlowKey, EventFlowState, EventLimits, FragmentKey, FragmentValue, InterfaceInfo, IpKey,
+    CtKey, CtValue, EventFlowKey, EventFlowState, EventLimits, FragmentKey, FragmentValue, InterfaceInfo, IpKey,
     IsolationKey, PolicyKey, PolicyValue, Slotted,
 };
 
-/// Key 0 → the node's mode, generation and slot. A hash map without preallocation rather than
-/// an array: an update then links a new element in place of the old one (freed after an RCU
-/// grace period), so a packet reads the old value or the new one whole, never a torn mix —
-/// an array element would be overwritten in place.
+/// The node's mode, generation and slot as one word (`Config::word`). Memory-mapped: the agent
+/// writes the word with one atomic store (a map update would copy it in place, and a packet
+/// could read a mix), and a packet reads it with one load, no helper call.
 #[map]
-pub static ZT_CONFIG: HashMap<u32, Config> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+pub static ZT_CONFIG: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// (slot, address prefix) → identity, for prefixes shorter than an address.
 #[map]

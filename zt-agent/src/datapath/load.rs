@@ -234,7 +234,9 @@ impl Datapath {
     /// A migrated config starts as the old one was: same mode, generation and slot.
     fn carry_config_over(&mut self, pins: &PinDir, mode: Option<Mode>) -> Result<()> {
         let path = pins.maps().join(maps::CONFIG);
-        if pinned_definition(&path)?.value_size as usize != size_of::<Config>() {
+        let old = pinned_definition(&path)?;
+        // Before the memory-mapped word: a hash holding a `Config` under key 0.
+        if old.map_type != aya::maps::MapType::Hash as u32 || old.value_size as usize != size_of::<Config>() {
             if mode.is_none() {
                 bail!(
                     "the pinned config's layout changed and this zt-agent cannot read the mode in force \
@@ -245,7 +247,7 @@ impl Datapath {
         }
         let old: HashMap<MapData, u32, Config> = HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(&path)?))?;
         if let Ok(config) = old.get(&0, 0) {
-            self.config.insert(0, config, 0)?;
+            self.config.set(config);
         }
         Ok(())
     }

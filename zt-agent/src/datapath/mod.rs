@@ -15,6 +15,7 @@
 
 pub mod attach;
 pub mod capacity;
+pub mod config;
 pub mod counters;
 pub mod load;
 pub mod pins;
@@ -42,6 +43,7 @@ use crate::{
     policy::compile::{ip_key, ipcache_prefix, Compiled},
 };
 use capacity::Capacities;
+use config::ConfigWord;
 use counters::Counters;
 use probe::Probe;
 
@@ -112,7 +114,7 @@ pub struct Attachment {
 
 pub struct Datapath {
     ebpf: Ebpf,
-    config: HashMap<MapData, u32, Config>,
+    config: ConfigWord,
     ipcache: LpmTrie<MapData, Slotted<IpKey>, u32>,
     hosts: HashMap<MapData, Slotted<IpKey>, u32>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
@@ -128,6 +130,15 @@ pub struct Datapath {
     pins: Option<PinDir>,
     start: StartReport,
     capacities: Capacities,
+}
+
+/// The data of an array the object declares, taken from it.
+fn take_map_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(data),
+        Some(_) => bail!("map {name} is not an array"),
+        None => bail!("eBPF object has no map {name}"),
+    }
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -163,7 +174,7 @@ impl Datapath {
             program.load().with_context(|| format!("verifying {name}"))?;
         }
         Ok(Self {
-            config: take_map(&mut ebpf, maps::CONFIG)?,
+            config: ConfigWord::new(take_map_data(&mut ebpf, maps::CONFIG)?)?,
             ipcache: take_map(&mut ebpf, maps::IPCACHE)?,
             hosts: take_map(&mut ebpf, maps::HOSTS)?,
             policy: take_map(&mut ebpf, maps::POLICY)?,
@@ -307,7 +318,7 @@ impl Datapath {
         // Generation 0 means "never installed"; it is skipped when the counter wraps.
         let generation = old.generation.wrapping_add(1).max(1);
         let new = Config { generation, slot: 1 - old.slot, ..old };
-        self.config.insert(0, new, 0).context("writing the config")?;
+        self.config.set(new);
         // The switch is done. What is left in the old slot is invisible to packets, and the
         // next `stage` empties it anyway; it is only removed once no program can be reading it.
         if let Err(err) = self.grace_period.wait().and_then(|()| self.clear_slot(old.slot)) {
@@ -318,10 +329,7 @@ impl Datapath {
 
     /// The config in force; a datapath nothing was written to enforces generation 0 in slot 0.
     pub fn config(&self) -> Result<Config> {
-        match self.config.get(&0, 0) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(Config::default()),
-            other => Ok(other?),
-        }
+        Ok(self.config.get())
     }
 
     fn staging_slot(&self) -> Result<u32> {
@@ -370,7 +378,7 @@ impl Datapath {
     /// Switches monitor/enforce with one map write; nothing is reloaded.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
         let config = Config { mode: mode.raw(), ..self.config()? };
-        self.config.insert(0, config, 0)?;
+        self.config.set(config);
         Ok(())
     }
 

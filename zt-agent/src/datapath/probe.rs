@@ -13,7 +13,10 @@ use aya::{
 };
 use zt_common::{Config, CtKey, CtValue, EventFlowKey, EventFlowState, IpKey, IsolationKey, PolicyKey, PolicyValue, Slotted};
 
-use super::counters::{self, Counters};
+use super::{
+    config::ConfigWord,
+    counters::{self, Counters},
+};
 
 /// Descriptors of the maps a [`Probe`] watches.
 pub struct Fds {
@@ -57,7 +60,7 @@ pub struct MapUsage {
 }
 
 pub struct Probe {
-    config: HashMap<MapData, u32, Config>,
+    config: ConfigWord,
     counters: PerCpuArray<MapData, u64>,
     ipcache: LpmTrie<MapData, Slotted<IpKey>, u32>,
     hosts: HashMap<MapData, Slotted<IpKey>, u32>,
@@ -79,7 +82,7 @@ fn open<T: TryFrom<Map, Error = MapError>>(fd: OwnedFd, wrap: fn(MapData) -> Map
 impl Probe {
     pub fn open(fds: Fds) -> Result<Self> {
         Ok(Self {
-            config: open(fds.config, Map::HashMap)?,
+            config: ConfigWord::new(MapData::from_fd(fds.config).context("opening the config map")?)?,
             counters: open(fds.counters, Map::PerCpuArray)?,
             ipcache: open(fds.ipcache, Map::LpmTrie)?,
             hosts: open(fds.hosts, Map::HashMap)?,
@@ -95,10 +98,7 @@ impl Probe {
 
     /// The config in force (the default if none was written, as the kernel reads it).
     pub fn config(&self) -> Result<Config> {
-        match self.config.get(&0, 0) {
-            Err(MapError::KeyNotFound) => Ok(Config::default()),
-            other => Ok(other?),
-        }
+        Ok(self.config.get())
     }
 
     pub fn counters(&self) -> Result<Counters> {
