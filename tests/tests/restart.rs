@@ -529,6 +529,59 @@ fn kill9_and_restart_twenty_times_under_traffic() {
     assert_eq!(generation(&agent), 21);
 }
 
+/// Pins `config` at `path` as zt did before the config word: a hash (no preallocation) of one
+/// `Config` under key 0. Raw syscalls: no object of today declares that map.
+fn pin_previous_config(path: &Path, config: zt_common::Config) {
+    use nix::libc;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr))
+    };
+    // BPF_MAP_CREATE: map_type (hash), key_size, value_size, max_entries, map_flags (no prealloc).
+    let mut attr = [0u64; 16];
+    attr[0] = 1 | 4 << 32;
+    attr[1] = std::mem::size_of_val(&config) as u64 | 1 << 32;
+    attr[2] = 1;
+    let fd = bpf(0, &mut attr);
+    assert!(fd >= 0, "creating the previous config map: {}", std::io::Error::last_os_error());
+    // BPF_MAP_UPDATE_ELEM: map_fd, key, value, flags.
+    let key = 0u32;
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = &config as *const zt_common::Config as u64;
+    assert_eq!(bpf(2, &mut attr), 0, "writing the previous config: {}", std::io::Error::last_os_error());
+    // BPF_OBJ_PIN: pathname, bpf_fd.
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = fd as u64;
+    assert_eq!(bpf(6, &mut attr), 0, "pinning the previous config: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
+}
+
+/// An agent finding the config an agent before the config word pinned (a hash) migrates it to
+/// the word with its mode and generation: no `--mode` needed, and the node stays in its mode.
+#[test]
+fn a_config_pinned_before_the_config_word_migrates_with_its_mode_and_generation() {
+    let t = topology();
+    let (_policy_dir, policy) = policy_file(&[("client", 1)]);
+    let dir = BpffsDir::new(t.node().ns()).unwrap();
+    // The pin layout (`v1/maps/…`) is the one the previous release wrote too.
+    let maps = dir.path().join("v1/maps");
+    fs::create_dir_all(&maps).unwrap();
+    let previous = zt_common::Config { mode: zt_common::mode::MONITOR, generation: 41, slot: 1 };
+    pin_previous_config(&maps.join(zt_common::maps::CONFIG), previous);
+    let options = AgentOptions { bpffs_dir: Some(dir.clone()), mode: None, ..enforcing_options(&t, &policy) };
+    let agent = Agent::start(t.node().ns(), &options).unwrap();
+    let start = start_info(&agent);
+    assert_eq!(start["kind"], "adopted", "{start:#}");
+    assert_eq!(start["previous_generation"], 41, "{start:#}");
+    assert!(start["migrated_maps"].as_array().unwrap().iter().any(|m| m == zt_common::maps::CONFIG), "{start:#}");
+    let status = agent.status_json();
+    assert_eq!(status["mode"], "monitor", "the pinned mode carried over: {status:#}");
+    assert_eq!(generation(&agent), 42, "the next generation after the pinned one");
+}
+
 #[test]
 fn sigterm_leaves_enforcement_and_detach_removes_everything() {
     let t = topology();
