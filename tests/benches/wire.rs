@@ -269,6 +269,25 @@ fn test_run_live(program: &OwnedFd, frame: &[u8], repeat: u32) -> std::io::Resul
     if bpf(BPF_PROG_TEST_RUN, &mut attr) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// One I/O vector per buffer, for `sendmmsg` and `recvmmsg`.
+fn iovecs_of<'a>(buffers: impl Iterator<Item = &'a mut [u8]>) -> Vec<libc::iovec> {
+    buffers.map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect()
+}
+
+/// One message header per I/O vector. The headers point into `iovecs` (and those into their
+/// buffers), which must outlive them and stay where they are.
+fn message_headers(iovecs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovecs
+        .iter_mut()
+        .map(|iov| {
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
+            header
+        })
+        .collect()
+}
+
 /// Sends frames out of A's `ifindex` through a packet socket until `stop`: batches of 64, each
 /// frame with its own source port of the 1024 flows, as the XDP generator's random ones.
 fn send_through_packet_socket(ifindex: u32, frame: &[u8], stop: &AtomicBool) -> std::io::Result<()> {
@@ -291,23 +310,15 @@ fn send_through_packet_socket(ifindex: u32, frame: &[u8], stop: &AtomicBool) -> 
         return Err(std::io::Error::last_os_error());
     }
     let mut frames: Vec<Vec<u8>> = vec![frame.to_vec(); BATCH];
+    let mut iovecs = iovecs_of(frames.iter_mut().map(|f| f.as_mut_slice()));
+    let mut messages = message_headers(&mut iovecs);
     let mut flow = 0u16;
     while !stop.load(Ordering::Relaxed) {
+        // Through the buffers the headers point at (moving nothing).
         for frame in &mut frames {
             frame[34..36].copy_from_slice(&(1024 + flow).to_be_bytes());
             flow = (flow + 1) % 1024;
         }
-        let mut iovecs: Vec<libc::iovec> =
-            frames.iter_mut().map(|f| libc::iovec { iov_base: f.as_mut_ptr().cast(), iov_len: f.len() }).collect();
-        let mut messages: Vec<libc::mmsghdr> = iovecs
-            .iter_mut()
-            .map(|iov| {
-                let mut message: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                message.msg_hdr.msg_iov = iov;
-                message.msg_hdr.msg_iovlen = 1;
-                message
-            })
-            .collect();
         let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), messages.as_mut_ptr(), BATCH as u32, 0) };
         if sent < 0 {
             let error = std::io::Error::last_os_error();
@@ -411,17 +422,8 @@ impl UdpSink {
         let thread = thread::spawn(move || {
             const BATCH: usize = 64;
             let mut buffers = vec![[0u8; 64]; BATCH];
-            let mut iovecs: Vec<libc::iovec> =
-                buffers.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
-            let mut headers: Vec<libc::mmsghdr> = iovecs
-                .iter_mut()
-                .map(|iov| {
-                    let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    header.msg_hdr.msg_iov = iov;
-                    header.msg_hdr.msg_iovlen = 1;
-                    header
-                })
-                .collect();
+            let mut iovecs = iovecs_of(buffers.iter_mut().map(|b| b.as_mut_slice()));
+            let mut headers = message_headers(&mut iovecs);
             while !flag.load(Ordering::Relaxed) {
                 unsafe { libc::recvmmsg(fd, headers.as_mut_ptr(), BATCH as u32, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
             }

@@ -31,6 +31,11 @@ fn field<'a>(event: &'a Value, path: &str) -> &'a Value {
     path.split('.').fold(event, |v, key| &v[key])
 }
 
+/// UDP echo servers on api's port 5353, IPv4 and IPv6.
+fn api_udp_echo_servers(t: &Topology) -> Vec<zt_tests::Server> {
+    [t.ipv4("api"), t.ipv6("api")].into_iter().map(|addr| udp_echo_server(t.ns("api"), SocketAddr::new(addr, 5353)).unwrap()).collect()
+}
+
 fn wait_for(agent: &Agent, expected: &[(&str, Value)]) -> Value {
     agent
         .wait_for_event(|e| expected.iter().all(|(path, value)| field(e, path) == value), EVENT_WAIT)
@@ -40,10 +45,7 @@ fn wait_for(agent: &Agent, expected: &[(&str, Value)]) -> Value {
 #[test]
 fn an_allowed_fragmented_udp_flow_arrives_whole_over_ipv4_and_ipv6() {
     let t = topology();
-    let mut servers = Vec::new();
-    for addr in [t.ipv4("api"), t.ipv6("api")] {
-        servers.push(udp_echo_server(t.ns("api"), SocketAddr::new(addr, 5353)).unwrap());
-    }
+    let _servers = api_udp_echo_servers(&t);
     let agent = Agent::start_on(t.node(), policy(), "enforce").unwrap();
     // 3000 bytes over a 1500-byte MTU: three fragments each way.
     let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
@@ -82,10 +84,7 @@ fn spoof_web_pairs(t: &Topology) -> [(IpAddr, IpAddr); 2] {
 #[test]
 fn a_spoofed_source_is_dropped_in_enforce_mode_and_audited_in_monitor_mode() {
     let t = topology();
-    let _servers: Vec<_> = [t.ipv4("api"), t.ipv6("api")]
-        .into_iter()
-        .map(|addr| udp_echo_server(t.ns("api"), SocketAddr::new(addr, 5353)).unwrap())
-        .collect();
+    let _servers = api_udp_echo_servers(&t);
     let agent = Agent::start_on(t.node(), policy(), "enforce").unwrap();
     let pairs = spoof_web(&t);
     let sniffer = Sniffer::start(t.ns("api"), "eth0").unwrap();
@@ -123,10 +122,7 @@ fn a_spoofed_source_is_dropped_in_enforce_mode_and_audited_in_monitor_mode() {
 #[test]
 fn a_spoofed_packet_riding_an_established_flow_is_dropped() {
     let t = topology();
-    let _servers: Vec<_> = [t.ipv4("api"), t.ipv6("api")]
-        .into_iter()
-        .map(|addr| udp_echo_server(t.ns("api"), SocketAddr::new(addr, 5353)).unwrap())
-        .collect();
+    let _servers = api_udp_echo_servers(&t);
     let agent = Agent::start_on(t.node(), policy(), "enforce").unwrap();
     let sniffer = Sniffer::start(t.ns("api"), "eth0").unwrap();
     const FLOW_PORT: u16 = 40_123;
