@@ -128,8 +128,7 @@ fn a_spoofed_packet_riding_an_established_flow_is_dropped() {
     const FLOW_PORT: u16 = 40_123;
     let from_flow = |p: &zt_tests::Packet, web: IpAddr| p.is_to(zt_tests::sniffer::UDP, 5353) && p.src == web && p.src_port == FLOW_PORT;
     // web's flow to api, admitted both ways (api echoes).
-    for api in [t.ipv4("api"), t.ipv6("api")] {
-        let web = if api.is_ipv4() { t.ipv4("web") } else { t.ipv6("web") };
+    for (web, api) in spoof_web_pairs(&t) {
         udp_send_from(t.ns("web"), SocketAddr::new(web, FLOW_PORT), SocketAddr::new(api, 5353), b"genuine").unwrap();
     }
     thread::sleep(Duration::from_millis(300));

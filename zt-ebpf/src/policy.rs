@@ -233,13 +233,13 @@ fn check<const STAGED: bool>(
 #[derive(Clone, Copy)]
 #[repr(u8)]
 enum Outcome {
-    EgressDenies,
-    IngressDenies,
-    EgressDefaultDeny,
-    IngressDefaultDeny,
-    IngressAllows,
-    EgressAllows,
-    NotIsolated,
+    EgressDenies = 0,
+    IngressDenies = 1,
+    EgressDefaultDeny = 2,
+    IngressDefaultDeny = 3,
+    IngressAllows = 4,
+    EgressAllows = 5,
+    NotIsolated = 6,
 }
 
 impl Outcome {

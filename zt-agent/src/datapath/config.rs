@@ -19,7 +19,7 @@ pub struct ConfigWord {
     word: NonNull<AtomicU64>,
     len: std::num::NonZeroUsize,
     /// Keeps the map alive as long as the mapping.
-    _map: MapData,
+    map: MapData,
 }
 
 // SAFETY: the mapping is only accessed through the atomic.
@@ -33,12 +33,12 @@ impl ConfigWord {
         // SAFETY: a new shared mapping of the map's memory; nothing else in this process maps it.
         let at = unsafe { mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, map.fd().as_fd(), 0) }
             .context("mapping ZT_CONFIG (a memory-mappable array)")?;
-        Ok(Self { word: at.cast(), len, _map: map })
+        Ok(Self { word: at.cast(), len, map })
     }
 
     /// The map, for another descriptor of it.
     pub fn map(&self) -> &MapData {
-        &self._map
+        &self.map
     }
 
     pub fn get(&self) -> Config {
