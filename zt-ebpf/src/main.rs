@@ -199,7 +199,12 @@ fn scratch_packet() -> Option<&'static mut Packet> {
 fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     let len = ctx.len();
     // Headers may sit in paged data; a failed pull leaves them unreadable and the parser denies.
-    let _ = ctx.pull_data(if len < TC_PULL_BYTES { len } else { TC_PULL_BYTES });
+    // Pulled only when they do: the pull also makes a cloned skb's head private (a copy, for
+    // every TCP segment, which is a clone of the socket's own).
+    let wanted = if len < TC_PULL_BYTES { len } else { TC_PULL_BYTES };
+    if ((ctx.data_end() - ctx.data()) as u32) < wanted {
+        let _ = ctx.pull_data(wanted);
+    }
     let at = At { ctx: ctx.skb.skb as *mut _, hook, ifindex: unsafe { (*ctx.skb.skb).ifindex }, cgroup_id: 0 };
     let Some(pkt) = scratch_packet() else { return TC_ACT_SHOT };
     let mut frag = Fragment::none();
