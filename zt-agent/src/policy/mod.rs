@@ -424,6 +424,13 @@ impl Doc {
         format!("{}:{}:{}", self.file, self.file_line(at), at.col)
     }
 
+    /// The document as `T`, from its value parsed once. Where the value does not read as `T`,
+    /// the text is read again: serde_yaml's verdict from the text is the one that counts, and
+    /// only its errors carry a position.
+    fn read<T: serde::de::DeserializeOwned>(&self, value: &serde_yaml::Value) -> Result<T, PolicyError> {
+        T::deserialize(value).or_else(|_| serde_yaml::from_str(&self.text).map_err(|err| self.serde_error(&err)))
+    }
+
     fn serde_error(&self, err: &serde_yaml::Error) -> PolicyError {
         let at = err.location().map_or(Position::START, |at| Position { line: at.line(), col: at.column() });
         self.error(at, describe_serde_error(&err.to_string()))
@@ -552,9 +559,15 @@ impl Loader {
     }
 
     fn add_document(&mut self, doc: Rc<Doc>) {
-        let header: Header = match serde_yaml::from_str(&doc.text) {
-            Ok(header) => header,
+        // Parsed once, then read twice (the header, then the document of its kind): YAML's
+        // scanner is most of what loading a large policy costs.
+        let value: serde_yaml::Value = match serde_yaml::from_str(&doc.text) {
+            Ok(value) => value,
             Err(err) => return self.errors.push(doc.serde_error(&err)),
+        };
+        let header: Header = match doc.read(&value) {
+            Ok(header) => header,
+            Err(error) => return self.errors.push(error),
         };
         let version_ok = match header.api_version.as_deref() {
             Some(API_VERSION) => true,
@@ -571,8 +584,8 @@ impl Loader {
             }
         };
         match header.kind.as_deref() {
-            Some("Identity") if version_ok => self.add_identity(doc),
-            Some("Policy") if version_ok => self.add_policy(doc),
+            Some("Identity") if version_ok => self.add_identity(doc, &value),
+            Some("Policy") if version_ok => self.add_policy(doc, &value),
             Some("Identity" | "Policy") => {}
             Some(other) => {
                 let path = YamlPath::default().key("kind");
@@ -586,10 +599,10 @@ impl Loader {
         }
     }
 
-    fn add_identity(&mut self, doc: Rc<Doc>) {
-        let parsed: Document<IdentitySpec> = match serde_yaml::from_str(&doc.text) {
+    fn add_identity(&mut self, doc: Rc<Doc>, value: &serde_yaml::Value) {
+        let parsed: Document<IdentitySpec> = match doc.read(value) {
             Ok(parsed) => parsed,
-            Err(err) => return self.errors.push(doc.serde_error(&err)),
+            Err(error) => return self.errors.push(error),
         };
         let name = self.check_name(&doc, parsed.metadata.name, "identity");
         let selectors_path = spec_path().key("selectors");
@@ -642,10 +655,10 @@ impl Loader {
         }
     }
 
-    fn add_policy(&mut self, doc: Rc<Doc>) {
-        let parsed: Document<PolicySpec> = match serde_yaml::from_str(&doc.text) {
+    fn add_policy(&mut self, doc: Rc<Doc>, value: &serde_yaml::Value) {
+        let parsed: Document<PolicySpec> = match doc.read(value) {
             Ok(parsed) => parsed,
-            Err(err) => return self.errors.push(doc.serde_error(&err)),
+            Err(error) => return self.errors.push(error),
         };
         let name = self.check_name(&doc, parsed.metadata.name, "policy");
         let spec = parsed.spec;

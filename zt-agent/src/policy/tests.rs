@@ -185,6 +185,16 @@ fn type_errors_from_serde_keep_their_position() {
     assert_eq!(single_error(&text), "t.yaml:30:3: spec: missing field `subject`; add it");
 }
 
+/// Documents are parsed once and read from the parsed value; what reads only from the text (a
+/// plain scalar that YAML resolves to a number, where a name goes) still loads as it does from
+/// the text.
+#[test]
+fn a_document_reads_as_its_text_does() {
+    let text = "apiVersion: zt/v1\nkind: Identity\nmetadata: {name: 42}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
+    let set = parse_str(text, "t.yaml").expect("a numeric name reads as the name \"42\"");
+    assert_eq!(set.identities()[0].name, "42");
+}
+
 #[test]
 fn api_version_and_kind_are_checked() {
     let text = "apiVersion: zt/v2\nkind: Identity\nmetadata: {name: a}\nspec: {selectors: [{cidr: 10.0.0.0/8}]}\n";
