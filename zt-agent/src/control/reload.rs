@@ -61,10 +61,14 @@ impl Reloader {
     /// Never fails: a reload that cannot be applied is reported and leaves the policy in force.
     pub fn reload(&self, trigger: Trigger) -> Result<()> {
         let started = Instant::now();
+        let mut phases = Phases::default();
         let cluster = self.sources.lock().expect("sources lock poisoned").cluster();
-        let compiled = policy::load_paths(&self.paths)
+        let compiled = phases
+            .time("load", || policy::load_paths(&self.paths))
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())
-            .and_then(|set| policy::compile::compile_for(&set, &cluster).map_err(|err| vec![err.to_string()]));
+            .and_then(|set| {
+                phases.time("compile", || policy::compile::compile_for(&set, &cluster)).map_err(|err| vec![err.to_string()])
+            });
         let in_force = self.shared.policies.lock().expect("policies lock poisoned").current().clone();
         if compiled.as_ref().is_ok_and(|compiled| *compiled == *in_force) {
             // Nothing to switch: editors and config managers rewrite files with the same content.
@@ -74,7 +78,7 @@ impl Reloader {
             return Ok(());
         }
         let outcome = match compiled {
-            Ok(compiled) => self.apply(Arc::new(compiled)),
+            Ok(compiled) => self.apply(Arc::new(compiled), &mut phases),
             Err(errors) => Err(errors),
         };
         match outcome {
@@ -91,9 +95,10 @@ impl Reloader {
                     rules = compiled.rules.len(),
                     entries = compiled.policy.len(),
                     reloads,
+                    phases = %phases,
                     "policy reloaded"
                 );
-                self.write_event(trigger, "applied", generation, &[]);
+                self.write_event_with(trigger, "applied", generation, &[], &phases);
                 for event in identity_events {
                     self.shared.sinks.publish(record::agent_event(&self.node, event));
                 }
@@ -118,7 +123,7 @@ impl Reloader {
     /// Stages `compiled` and the certificate bindings under it, then switches. Returns the new
     /// generation and the identity events, or the errors that left the old policy in force.
     #[allow(clippy::type_complexity)]
-    fn apply(&self, compiled: Arc<Compiled>) -> Result<(u32, Arc<Compiled>, Vec<Value>), Vec<String>> {
+    fn apply(&self, compiled: Arc<Compiled>, phases: &mut Phases) -> Result<(u32, Arc<Compiled>, Vec<Value>), Vec<String>> {
         let mut datapath = self.shared.datapath.lock().expect("datapath lock poisoned");
         let mut sources = self.sources.lock().expect("sources lock poisoned");
         let kernel_error = |err: anyhow::Error| vec![format!("{err:#}")];
@@ -126,10 +131,9 @@ impl Reloader {
         // The enricher must know the new generation's rules before its first event.
         let next = in_force.wrapping_add(1).max(1);
         self.shared.policies.lock().expect("policies lock poisoned").announce(next, compiled.clone());
-        let staged = datapath
-            .stage(&compiled)
-            .and_then(|()| sources.stage(compiled.clone(), &mut datapath))
-            .and_then(|events| Ok((datapath.switch()?, events)));
+        let staged = phases
+            .time("stage", || datapath.stage(&compiled).and_then(|()| sources.stage(compiled.clone(), &mut datapath)))
+            .and_then(|events| Ok((phases.time("switch", || datapath.switch())?, events)));
         let (generation, mut events) = match staged {
             Ok(switched) => switched,
             Err(err) => {
@@ -151,14 +155,44 @@ impl Reloader {
     }
 
     fn write_event(&self, trigger: Trigger, result: &str, generation: u32, errors: &[String]) {
-        let event = json!({
+        self.write_event_with(trigger, result, generation, errors, &Phases::default());
+    }
+
+    fn write_event_with(&self, trigger: Trigger, result: &str, generation: u32, errors: &[String], phases: &Phases) {
+        let mut event = json!({
             "kind": "policy",
             "result": result,
             "trigger": trigger.name(),
             "generation": generation,
             "errors": errors,
         });
+        if !phases.0.is_empty() {
+            event["phases_ms"] = phases.0.iter().map(|(name, took)| (name.to_string(), json!(took.as_secs_f64() * 1e3))).collect();
+        }
         self.shared.sinks.publish(record::agent_event(&self.node, event));
+    }
+}
+
+/// How long each phase of a reload took: reading and parsing the files (`load`), `compile`,
+/// `stage` (writing the slot not in force) and `switch` (the config write, the grace period and
+/// emptying the old slot). In the log and the `applied` event, so an operator sees what a
+/// large policy costs where.
+#[derive(Default)]
+struct Phases(Vec<(&'static str, Duration)>);
+
+impl Phases {
+    fn time<T>(&mut self, name: &'static str, phase: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let result = phase();
+        self.0.push((name, started.elapsed()));
+        result
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(name, took)| format!("{name} {:.0} ms", took.as_secs_f64() * 1e3)).collect();
+        f.write_str(&parts.join(", "))
     }
 }
 

@@ -286,19 +286,18 @@ impl Datapath {
                 .insert(&Key::new(SLOT_BITS + prefix_len, Slotted::new(slot, key)), id, 0)
                 .with_context(|| format!("ipcache full at {net} (capacity {})", self.capacities.per_generation(maps::IPCACHE)))?;
         }
-        for &(net, id) in hosts {
-            self.bind_address_in(slot, net.addr(), id)?;
-        }
-        for (id, flags) in &compiled.isolation {
-            self.isolation
-                .insert(IsolationKey { slot, identity: *id }, flags, 0)
-                .with_context(|| format!("isolation map full (capacity {})", maps::ISOLATION_CAPACITY))?;
-        }
-        for block in &compiled.policy {
-            self.policy
-                .insert(PolicyKey { slot: slot as u8, ..block.key }, block.value(), 0)
-                .with_context(|| format!("policy map full (capacity {})", self.capacities.per_generation(maps::POLICY)))?;
-        }
+        // The hash maps in batches: a large generation is a few dozen calls, not one per entry.
+        let (keys, ids): (Vec<_>, Vec<_>) = hosts.iter().map(|(net, id)| (Slotted::new(slot, ip_key(net.addr())), *id)).unzip();
+        sys::update_batch(self.hosts.map(), &keys, &ids)
+            .with_context(|| full("hosts map", self.capacities.per_generation(maps::HOSTS), "hosts"))?;
+        let (keys, flags): (Vec<_>, Vec<_>) =
+            compiled.isolation.iter().map(|(id, flags)| (IsolationKey { slot, identity: *id }, *flags)).unzip();
+        sys::update_batch(self.isolation.map(), &keys, &flags)
+            .with_context(|| format!("isolation map full (capacity {})", maps::ISOLATION_CAPACITY))?;
+        let (keys, values): (Vec<_>, Vec<_>) =
+            compiled.policy.iter().map(|block| (PolicyKey { slot: slot as u8, ..block.key }, block.value())).unzip();
+        sys::update_batch(self.policy.map(), &keys, &values)
+            .with_context(|| format!("policy map full (capacity {})", self.capacities.per_generation(maps::POLICY)))?;
         Ok(())
     }
 
@@ -348,30 +347,16 @@ impl Datapath {
         for key in ipcache {
             remove_if_present(self.ipcache.remove(&key))?;
         }
-        let hosts: Vec<_> = self
-            .hosts
-            .keys()
-            .filter(|key| key.as_ref().map_or(true, |key| u32::from(key.slot) == slot))
-            .collect::<Result<_, _>>()?;
-        for key in hosts {
-            remove_if_present(self.hosts.remove(&key))?;
-        }
-        let policy: Vec<_> = self
-            .policy
-            .keys()
-            .filter(|key| key.as_ref().map_or(true, |key| u32::from(key.slot) == slot))
-            .collect::<Result<_, _>>()?;
-        for key in policy {
-            remove_if_present(self.policy.remove(&key))?;
-        }
-        let isolation: Vec<_> = self
-            .isolation
-            .keys()
-            .filter(|key| key.as_ref().map_or(true, |key| key.slot == slot))
-            .collect::<Result<_, _>>()?;
-        for key in isolation {
-            remove_if_present(self.isolation.remove(&key))?;
-        }
+        // The hash maps are walked and emptied in batches.
+        let hosts: Vec<Slotted<IpKey>> = sys::keys_batch::<_, u32>(self.hosts.map())?;
+        let hosts: Vec<_> = hosts.into_iter().filter(|key| u32::from(key.slot) == slot).collect();
+        sys::delete_batch(self.hosts.map(), &hosts)?;
+        let policy: Vec<PolicyKey> = sys::keys_batch::<_, PolicyValue>(self.policy.map())?;
+        let policy: Vec<_> = policy.into_iter().filter(|key| u32::from(key.slot) == slot).collect();
+        sys::delete_batch(self.policy.map(), &policy)?;
+        let isolation: Vec<IsolationKey> = sys::keys_batch::<_, u32>(self.isolation.map())?;
+        let isolation: Vec<_> = isolation.into_iter().filter(|key| key.slot == slot).collect();
+        sys::delete_batch(self.isolation.map(), &isolation)?;
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! The few bpf(2) commands aya 0.14 does not expose: opening a pinned link as a plain fd, reading
 //! what a link is attached to, replacing a link's program in place (BPF_LINK_UPDATE: aya has it
-//! for XDP and TCX links but not for cgroup ones, and one path for all three is simpler), and the
-//! map-in-map update whose side effect is an RCU grace period.
+//! for XDP and TCX links but not for cgroup ones, and one path for all three is simpler), the
+//! map-in-map update whose side effect is an RCU grace period, and the batch commands that write
+//! and empty a generation's hash maps in a few calls instead of one per entry.
 
 use std::{
     ffi::CString,
@@ -13,6 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use aya::{maps::MapData, Pod};
 use aya_obj::generated::{bpf_cmd, bpf_link_info, bpf_link_type};
 
 fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> std::io::Result<libc::c_long> {
@@ -152,4 +154,91 @@ impl GracePeriod {
         bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).context("waiting for running BPF programs to finish")?;
         Ok(())
     }
+}
+
+/// `union bpf_attr` for the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Elements per batch call: the kernel stages a lookup batch in buffers of this size.
+const BATCH: usize = 4096;
+
+fn map_fd(map: &MapData) -> u32 {
+    map.fd().as_fd().as_raw_fd() as u32
+}
+
+/// Writes `keys[i] → values[i]` into a hash map (BPF_MAP_UPDATE_BATCH): one call per
+/// [`BATCH`] elements. On an error, the elements before the failing one are written.
+pub fn update_batch<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> std::io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "a value for every key");
+    for (keys, values) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: map_fd(map),
+            ..BatchAttr::default()
+        };
+        bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
+}
+
+/// Every key of a hash map (BPF_MAP_LOOKUP_BATCH, whose values are read and dropped): one call
+/// per [`BATCH`] elements, where walking key by key takes one per key.
+pub fn keys_batch<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<K>> {
+    // SAFETY: Pod types are plain data, for which all zeroes is a valid value.
+    let (mut keys, mut values) = unsafe { (vec![std::mem::zeroed::<K>(); BATCH], vec![std::mem::zeroed::<V>(); BATCH]) };
+    let mut all = Vec::new();
+    // A hash map's batch position is a bucket index; none given starts at the first bucket.
+    let (mut position, mut next) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &position as *const u32 as u64 },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: map_fd(map),
+            ..BatchAttr::default()
+        };
+        let result = bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
+        all.extend_from_slice(&keys[..attr.count as usize]);
+        match result {
+            Ok(_) => {}
+            // The walk is over; `count` says how much its last call still returned.
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(all),
+            Err(err) => return Err(err),
+        }
+        (position, first) = (next, false);
+    }
+}
+
+/// Removes `keys` from a hash map (BPF_MAP_DELETE_BATCH): one call per [`BATCH`] keys. A key
+/// that is not there is skipped.
+pub fn delete_batch<K: Pod>(map: &MapData, keys: &[K]) -> std::io::Result<()> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BATCH)];
+        let mut attr =
+            BatchAttr { keys: chunk.as_ptr() as u64, count: chunk.len() as u32, map_fd: map_fd(map), ..BatchAttr::default() };
+        rest = match bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr) {
+            Ok(_) => &rest[chunk.len()..],
+            // The kernel stops at a missing key, the `count` keys before it deleted.
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => &rest[attr.count as usize + 1..],
+            Err(err) => return Err(err),
+        };
+    }
+    Ok(())
 }
