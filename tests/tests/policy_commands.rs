@@ -335,6 +335,24 @@ fn suggest_prints_rules_and_names_the_lines_it_cannot_use() {
     );
 }
 
+/// `zt-agent policy check … | head` ends quietly when the reader has gone, as command-line
+/// tools do.
+#[test]
+fn a_command_whose_reader_has_gone_ends_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt as _;
+    // A pipe whose reader is closed before the command starts: its first write finds no one.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/demo.yaml");
+    let output = std::process::Command::new(zt_tests::agent_bin().unwrap())
+        .args(["policy", "check", path_str(&demo)])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+    assert_eq!(output.status.signal(), Some(nix::sys::signal::Signal::SIGPIPE as i32), "{}", stderr(&output));
+}
+
 #[test]
 fn policy_check_refuses_devices_fifos_and_oversized_files_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

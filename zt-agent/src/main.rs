@@ -297,7 +297,15 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("ZT_LOG").unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    if !matches!(command, Command::Run { .. }) {
+        // A command's output piped into `head` ends quietly when the reader goes, as other
+        // command-line tools do, not with a panic. (The agent itself keeps Rust's default, which
+        // ignores the signal: a closed stdout is a write error to its sink, never its death.)
+        // SAFETY: setting a signal's disposition to its default, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let result = match command {
         Command::Run {
             policy,
             mode,
