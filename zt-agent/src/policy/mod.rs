@@ -117,7 +117,7 @@ pub enum Subject {
     Any,
     Identity(String),
     /// The pod identities the selector matches when the policy is compiled.
-    Pods(PodSelector),
+    Pods(Box<PodSelector>),
 }
 
 /// The other end of a rule: `from` for ingress, `to` for egress.
@@ -134,7 +134,7 @@ pub enum Peer {
     /// `except` prefixes lie strictly inside `net`.
     Cidr { net: IpNet, except: Vec<IpNet> },
     /// The pod identities the selector matches when the policy is compiled.
-    Pods(PodSelector),
+    Pods(Box<PodSelector>),
 }
 
 impl Peer {
@@ -683,7 +683,7 @@ impl Loader {
                 SubjectItem::Name(name) if name == "any" => Some(Subject::Any),
                 SubjectItem::Name(name) => Some(Subject::Identity(name)),
                 SubjectItem::Pods(spec) => {
-                    self.pod_selector(&doc, &subject_path.index(index).key("pods"), spec).map(Subject::Pods)
+                    self.pod_selector(&doc, &subject_path.index(index).key("pods"), spec).map(|pods| Subject::Pods(Box::new(pods)))
                 }
             })
             .collect();
@@ -758,7 +758,7 @@ impl Loader {
     fn peer_map(&mut self, doc: &Doc, path: &YamlPath, peer: PeerMap) -> Option<Peer> {
         match (peer.cidr, peer.pods) {
             (Some(cidr), None) => self.cidr_peer(doc, path, &cidr, &peer.except.unwrap_or_default()),
-            (None, Some(pods)) if peer.except.is_none() => self.pod_selector(doc, &path.key("pods"), pods).map(Peer::Pods),
+            (None, Some(pods)) if peer.except.is_none() => self.pod_selector(doc, &path.key("pods"), pods).map(|pods| Peer::Pods(Box::new(pods))),
             (None, Some(_)) => {
                 let message = "except goes with cidr, not with pods; to leave pods out, narrow the selector".to_owned();
                 self.errors.push(doc.error_at_key(&path.key("except"), message));

@@ -239,14 +239,14 @@ spec:
             labels: isolation.pods.clone(),
             service_account: None,
         };
-        assert_eq!(zt.subjects, [Subject::Pods(expected_subject)]);
+        assert_eq!(zt.subjects, [Subject::Pods(Box::new(expected_subject))]);
         let rule = &zt.egress.as_ref().unwrap()[0];
         let Some(Peer::Pods { namespaces: Namespaces::Matching(all), pods }) = isolation.egress.as_ref().unwrap()[0].peers.as_ref().map(|p| p[0].clone()) else {
             panic!()
         };
         assert_eq!(
             rule.peers[0],
-            policy::Peer::Pods(PodSelector { namespace: None, namespaces: Some(all), labels: pods, service_account: None })
+            policy::Peer::Pods(Box::new(PodSelector { namespace: None, namespaces: Some(all), labels: pods, service_account: None }))
         );
         let named = policy::NamedPort { protocol: policy::Protocol::Tcp, name: "true".into() };
         assert_eq!(rule.named_ports, [named]);
