@@ -68,7 +68,15 @@ fn ten_thousand_identities_and_a_hundred_thousand_rules_load_and_apply() {
         let stranger = address((i + RULES_PER_POLICY + 1) % IDENTITIES, 2);
         assert!(!xdp_passes(&mut dp, stranger, dst, 1001), "an identity with no rule for w{i}");
     }
-    // A second generation of the same size applies too (the inactive slot holds it).
+    // Written in batches, every entry is in place.
+    let in_force = |dp: &Datapath| dp.slot_entries().unwrap()[dp.config().unwrap().slot as usize];
+    let (addresses, policy, isolation) = in_force(&dp);
+    assert_eq!((addresses, policy, isolation), (compiled.ipcache.len(), compiled.policy.len(), compiled.isolation.len()));
+    // A second generation of the same size applies too (the inactive slot holds it), and the
+    // first one's entries are all removed.
     assert_eq!(dp.install(&compiled).unwrap(), 2);
     assert!(xdp_passes(&mut dp, address(1, 4), address(0, 2), 1001));
+    let other = 1 - dp.config().unwrap().slot as usize;
+    assert_eq!(dp.slot_entries().unwrap()[other], (0, 0, 0), "the first generation's entries are gone");
+    assert_eq!(in_force(&dp), (addresses, policy, isolation));
 }

@@ -287,16 +287,13 @@ impl Datapath {
                 .with_context(|| format!("ipcache full at {net} (capacity {})", self.capacities.per_generation(maps::IPCACHE)))?;
         }
         // The hash maps in batches: a large generation is a few dozen calls, not one per entry.
-        let (keys, ids): (Vec<_>, Vec<_>) = hosts.iter().map(|(net, id)| (Slotted::new(slot, ip_key(net.addr())), *id)).unzip();
-        sys::update_batch(self.hosts.map(), &keys, &ids)
+        sys::update_batch(self.hosts.map(), hosts.iter().map(|(net, id)| (Slotted::new(slot, ip_key(net.addr())), *id)))
             .with_context(|| full("hosts map", self.capacities.per_generation(maps::HOSTS), "hosts"))?;
-        let (keys, flags): (Vec<_>, Vec<_>) =
-            compiled.isolation.iter().map(|(id, flags)| (IsolationKey { slot, identity: *id }, *flags)).unzip();
-        sys::update_batch(self.isolation.map(), &keys, &flags)
+        let isolation = compiled.isolation.iter().map(|(id, flags)| (IsolationKey { slot, identity: *id }, *flags));
+        sys::update_batch(self.isolation.map(), isolation)
             .with_context(|| format!("isolation map full (capacity {})", maps::ISOLATION_CAPACITY))?;
-        let (keys, values): (Vec<_>, Vec<_>) =
-            compiled.policy.iter().map(|block| (PolicyKey { slot: slot as u8, ..block.key }, block.value())).unzip();
-        sys::update_batch(self.policy.map(), &keys, &values)
+        let policy = compiled.policy.iter().map(|block| (PolicyKey { slot: slot as u8, ..block.key }, block.value()));
+        sys::update_batch(self.policy.map(), policy)
             .with_context(|| format!("policy map full (capacity {})", self.capacities.per_generation(maps::POLICY)))?;
         Ok(())
     }

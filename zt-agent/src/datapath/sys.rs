@@ -177,11 +177,20 @@ fn map_fd(map: &MapData) -> u32 {
     map.fd().as_fd().as_raw_fd() as u32
 }
 
-/// Writes `keys[i] → values[i]` into a hash map (BPF_MAP_UPDATE_BATCH): one call per
-/// [`BATCH`] elements. On an error, the elements before the failing one are written.
-pub fn update_batch<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> std::io::Result<()> {
-    assert_eq!(keys.len(), values.len(), "a value for every key");
-    for (keys, values) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+/// Writes `entries` into a hash map (BPF_MAP_UPDATE_BATCH): one call per [`BATCH`] entries,
+/// gathered a batch at a time (a generation's entries at once would add their size to the
+/// agent's peak). On an error, the entries before the failing one are written.
+pub fn update_batch<K: Pod, V: Pod>(map: &MapData, entries: impl IntoIterator<Item = (K, V)>) -> std::io::Result<()> {
+    let mut entries = entries.into_iter();
+    let (mut keys, mut values) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
+    loop {
+        for (key, value) in entries.by_ref().take(BATCH) {
+            keys.push(key);
+            values.push(value);
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
         let mut attr = BatchAttr {
             keys: keys.as_ptr() as u64,
             values: values.as_ptr() as u64,
@@ -190,8 +199,9 @@ pub fn update_batch<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> 
             ..BatchAttr::default()
         };
         bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        keys.clear();
+        values.clear();
     }
-    Ok(())
 }
 
 /// Every key of a hash map (BPF_MAP_LOOKUP_BATCH, whose values are read and dropped): one call
