@@ -27,15 +27,49 @@ const IDENTITIES: usize = 1_000;
 const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
 const BASELINE_RULES: usize = 10;
 
-/// The agent's peak resident memory so far, in MiB.
-fn peak_mib(agent: &Agent) -> f64 {
+/// The agent's resident memory, in MiB: its peak so far (VmHWM), and what is resident now of
+/// its heap and other private memory (RssAnon), of its own binary, and of the BPF maps it has
+/// mapped (the event ring buffer and the config word: kernel memory, counted here because
+/// they are mapped).
+struct Memory {
+    peak: f64,
+    anonymous: f64,
+    binary: f64,
+    bpf_maps: f64,
+}
+
+fn memory(agent: &Agent) -> Memory {
     let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("the agent runs");
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
-    kib / 1024.0
+    let field = |name: &str| -> f64 {
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim_start_matches(':').trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/<pid>/status"));
+        kib / 1024.0
+    };
+    // Resident KiB of the mappings whose name `pick` accepts.
+    let smaps = fs::read_to_string(format!("/proc/{}/smaps", agent.pid())).expect("the agent runs");
+    let resident = |pick: &dyn Fn(&str) -> bool| -> f64 {
+        let (mut total, mut counted) = (0.0, false);
+        for line in smaps.lines() {
+            if let Some(kib) = line.strip_prefix("Rss:") {
+                if counted {
+                    total += kib.trim().trim_end_matches("kB").trim().parse::<f64>().unwrap();
+                }
+            } else if line.split_whitespace().next().is_some_and(|range| range.contains('-') && !range.ends_with(':')) {
+                counted = line.split_whitespace().nth(5).is_some_and(pick);
+            }
+        }
+        total / 1024.0
+    };
+    let binary = fs::read_link(format!("/proc/{}/exe", agent.pid())).expect("the agent runs");
+    Memory {
+        peak: field("VmHWM"),
+        anonymous: field("RssAnon"),
+        binary: resident(&|name| Path::new(name) == binary),
+        bpf_maps: resident(&|name| name == "anon_inode:bpf-map"),
+    }
 }
 
 /// Policy files the set is split into (each file is held to 4 MiB, 100k rules are more).
@@ -69,8 +103,15 @@ fn publish(dir: &Path, version: &str) {
     }
 }
 
-/// (seconds from the policy's change to the reload applied, peak MiB after it) for `rules`.
-fn apply(rules: usize) -> (f64, f64) {
+/// A reload to `rules` rules: seconds from the policy's change to the reload applied, the
+/// phases the agent timed (its `applied` event's `phases_ms`), and its memory after it.
+struct Applied {
+    seconds: f64,
+    phases_ms: Value,
+    memory: Memory,
+}
+
+fn apply(rules: usize) -> Applied {
     let t = Topology::new(TopologySpec::new()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policies");
@@ -94,23 +135,60 @@ fn apply(rules: usize) -> (f64, f64) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    (started.elapsed().as_secs_f64(), peak_mib(&agent))
+    let seconds = started.elapsed().as_secs_f64();
+    let events = agent.events();
+    let event = events.iter().rev().find(|e| e["kind"] == "policy" && e["result"] == "applied").expect("counted above");
+    Applied { seconds, phases_ms: event["phases_ms"].clone(), memory: memory(&agent) }
 }
 
 fn main() {
     let date = String::from_utf8(std::process::Command::new("date").arg("+%F").output().unwrap().stdout).unwrap();
     let date = date.trim();
-    let (base_s, base_mib) = apply(BASELINE_RULES);
+    let base = apply(BASELINE_RULES);
+    let (base_s, base_mib) = (base.seconds, base.memory.peak);
     let mut md = String::new();
     writeln!(md, "\n## The agent: policy apply and peak memory, {IDENTITIES} identities\n").unwrap();
-    writeln!(md, "From the policy's change (the `..data` rename) to the reload applied (the 150 ms debounce included), and the agent's VmHWM after it; × the same for a {BASELINE_RULES}-rule policy in this run ({base_s:.2} s, {base_mib:.0} MiB).\n").unwrap();
-    writeln!(md, "| rules | apply s | × baseline | peak MiB | × baseline |\n|---:|---:|---:|---:|---:|").unwrap();
+    writeln!(md, "From the policy's change (the `..data` rename) to the reload applied (the 150 ms debounce included), and the agent's VmHWM after it; × the same for a {BASELINE_RULES}-rule policy in this run ({base_s:.2} s, {base_mib:.0} MiB).").unwrap();
+    writeln!(md, "The phases are the agent's own timing of the reload (its `applied` event): reading and parsing the files, compiling, staging the new generation's map entries, and the switch (the config write, the grace period, emptying the old generation's entries). After the reload, what is resident of the agent's heap and other private memory, of its binary, and of the BPF maps it has mapped (the event ring buffer).\n").unwrap();
+    writeln!(md, "| rules | apply s | × baseline | load ms | compile ms | stage ms | switch ms | peak MiB | × baseline | heap MiB | binary MiB | mapped BPF maps MiB |").unwrap();
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
     let mut figures = Vec::new();
+    let figures_of = |rules: usize, applied: &Applied| {
+        json!({
+            "rules": rules, "apply_seconds": applied.seconds, "phases_ms": applied.phases_ms,
+            "peak_mib": applied.memory.peak, "anonymous_mib": applied.memory.anonymous,
+            "binary_mib": applied.memory.binary, "bpf_maps_mib": applied.memory.bpf_maps,
+        })
+    };
+    let row = |md: &mut String, rules: usize, applied: &Applied| {
+        let phase = |name: &str| applied.phases_ms[name].as_f64().unwrap_or(f64::NAN);
+        let m = &applied.memory;
+        writeln!(
+            md,
+            "| {rules} | {:.2} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} |",
+            applied.seconds,
+            applied.seconds / base_s,
+            phase("load"),
+            phase("compile"),
+            phase("stage"),
+            phase("switch"),
+            m.peak,
+            m.peak / base_mib,
+            m.anonymous,
+            m.binary,
+            m.bpf_maps
+        )
+        .unwrap();
+    };
+    row(&mut md, BASELINE_RULES, &base);
     for rules in SIZES {
         eprintln!("bench: agent, {rules} rules");
-        let (s, mib) = apply(rules);
-        writeln!(md, "| {rules} | {s:.2} | {:.1} | {mib:.0} | {:.1} |", s / base_s, mib / base_mib).unwrap();
-        figures.push(json!({"rules": rules, "apply_seconds": s, "peak_mib": mib, "apply_vs_baseline": s / base_s, "peak_vs_baseline": mib / base_mib}));
+        let applied = apply(rules);
+        row(&mut md, rules, &applied);
+        let mut figure = figures_of(rules, &applied);
+        figure["apply_vs_baseline"] = json!(applied.seconds / base_s);
+        figure["peak_vs_baseline"] = json!(applied.memory.peak / base_mib);
+        figures.push(figure);
     }
     print!("{md}");
 
@@ -122,7 +200,7 @@ fn main() {
     fs::write(&md_path, text).unwrap();
     let json_path = dir.join(format!("{date}.json"));
     let mut results: Value = fs::read_to_string(&json_path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| json!({}));
-    results["agent"] = json!({"identities": IDENTITIES, "baseline": {"rules": BASELINE_RULES, "apply_seconds": base_s, "peak_mib": base_mib}, "sizes": figures});
+    results["agent"] = json!({"identities": IDENTITIES, "baseline": figures_of(BASELINE_RULES, &base), "sizes": figures});
     fs::write(&json_path, serde_json::to_string_pretty(&results).unwrap() + "\n").unwrap();
     eprintln!("bench: appended to {}", md_path.display());
 }
