@@ -325,7 +325,7 @@ fn main() {
     }
     // What a new flow costs besides its decision: the admit and report references less the
     // lookup reference, which all three include.
-    writeln!(md, "\nA new flow's cost, in parts, × the lookup reference at 1k rules and 1k identities: **admitting** (the admit reference — parse, the flow's two conntrack inserts — less the lookup reference), **reporting** (the report reference — parse, an event window insert, a ring buffer record — less the lookup reference), and the **rest** (the decision, the counters, the event limits).\n").unwrap();
+    writeln!(md, "\nA new flow's cost, in parts, × the lookup reference at 1k rules and 1k identities: **admitting** (the admit reference — parse, the flow's conntrack insert — less the lookup reference), **reporting** (the report reference — parse, an event window insert, a ring buffer record — less the lookup reference), and the **rest** (the decision, the counters, the event limits).\n").unwrap();
     writeln!(md, "| hook | family | new allowed | admitting | reporting | rest | new denied | reporting | rest |").unwrap();
     writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
     for row in rows.iter().filter(|r| (r.rules, r.identities) == (1_000, 1_000)) {

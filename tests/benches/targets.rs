@@ -101,7 +101,7 @@ fn main() {
         measured: ratio(new_flows),
         met: new_flows.1 <= 3.0,
         limit: format!(
-            "XDP IPv4, 1k rules: a new allowed flow is {:.2}×; above the reference's parse and lookup, admitting it (two conntrack inserts) is {admitting:.2}×, reporting it (event window, ring buffer) {reporting:.2}×, the decision and the rest {:.2}×",
+            "XDP IPv4, 1k rules: a new allowed flow is {:.2}×; above the reference's parse and lookup, admitting it (its conntrack insert) is {admitting:.2}×, reporting it (event window, ring buffer) {reporting:.2}×, the decision and the rest {:.2}×",
             number(part, "vs_lookup"),
             number(part, "vs_lookup") - 1.0 - admitting - reporting
         ),
@@ -139,7 +139,7 @@ fn main() {
         target: "≥ 1×",
         measured: format!("UDP {}, TCP through TC {}", ratio(vs_nft), ratio(tcp_vs_nft)),
         met: vs_nft.0 >= 1.0 && tcp_vs_nft.0 >= 1.0,
-        limit: "on XDP, the cost of any XDP program on a veth (above); through TC, a new flow's decision and its two conntrack inserts".into(),
+        limit: "on XDP, the cost of any XDP program on a veth (above); through TC, a new flow's decision and its conntrack insert".into(),
     });
     let vs_iptables = wire(&results, &zt, "udp_vs_iptables", Some(10_000));
     targets.push(Target {

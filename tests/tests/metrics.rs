@@ -198,7 +198,7 @@ fn metrics_follow_real_traffic_and_pass_promtool() {
     assert_eq!(scrape.value("zt_policy_rules", &[]), 3.0);
     assert_eq!(scrape.value("zt_policy_identities", &[]), 3.0);
     assert!(scrape.value("zt_policy_last_apply_duration_seconds", &[]) > 0.0);
-    assert!(scrape.value("zt_map_entries", &[("map", "conntrack")]) >= 6.0, "both directions of 3 connections");
+    assert!(scrape.value("zt_map_entries", &[("map", "conntrack")]) >= 3.0, "an entry for each of 3 connections");
     assert!(scrape.value("zt_map_entries", &[("map", "event_flows")]) >= 4.0);
     assert_eq!(scrape.value("zt_map_max_entries", &[("map", "conntrack")]), 262_144.0);
     assert_eq!(scrape.value("zt_map_entries", &[("map", "policy")]), 3.0, "the generation in force only");

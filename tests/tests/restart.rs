@@ -31,11 +31,13 @@ use aya::{
     },
 };
 use serde_json::Value;
+use zt_agent::policy::compile::ip_key;
 use zt_tests::{
     agent_bin, ensure_root, http_get, run_agent_command_in,
     sniffer::{self, TCP, UDP},
     tcp_connect, tcp_server,
     traffic::tcp_echo_roundtrip,
+    udp_echo_server,
     upgrade_agent_bin, Agent, AgentOptions, BpffsDir, Netns, Server, Sniffer, Topology, TopologySpec,
 };
 
@@ -580,6 +582,94 @@ fn a_config_pinned_before_the_config_word_migrates_with_its_mode_and_generation(
     let status = agent.status_json();
     assert_eq!(status["mode"], "monitor", "the pinned mode carried over: {status:#}");
     assert_eq!(generation(&agent), 42, "the next generation after the pinned one");
+}
+
+/// Pins a conntrack as zt kept it before one entry per flow: an LRU hash of 32-byte entries,
+/// one per direction. Raw syscalls: no object of today declares that map.
+fn pin_previous_conntrack(path: &Path, entries: &[(zt_common::CtKey, [u8; 32])]) {
+    use nix::libc;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr))
+    };
+    // BPF_MAP_CREATE: map_type (LRU hash), key_size, value_size, max_entries.
+    let mut attr = [0u64; 16];
+    attr[0] = 9 | (std::mem::size_of::<zt_common::CtKey>() as u64) << 32;
+    attr[1] = 32 | 1024 << 32;
+    let fd = bpf(0, &mut attr);
+    assert!(fd >= 0, "creating the previous conntrack: {}", std::io::Error::last_os_error());
+    for (key, value) in entries {
+        // BPF_MAP_UPDATE_ELEM: map_fd, key, value, flags.
+        let mut attr = [0u64; 16];
+        attr[0] = fd as u64;
+        attr[1] = key as *const zt_common::CtKey as u64;
+        attr[2] = value.as_ptr() as u64;
+        assert_eq!(bpf(2, &mut attr), 0, "writing a previous flow: {}", std::io::Error::last_os_error());
+    }
+    // BPF_OBJ_PIN: pathname, bpf_fd.
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = fd as u64;
+    assert_eq!(bpf(6, &mut attr), 0, "pinning the previous conntrack: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
+}
+
+/// A flow that an agent of the layout before (an entry per direction) admitted carries on, both
+/// ways, once the new agent has merged its two entries into one: here a UDP flow to the denied
+/// port, which only its migrated entry lets through.
+#[test]
+fn a_flow_pinned_as_an_entry_per_direction_migrates_and_stays_established() {
+    let t = topology();
+    let (client, server) = (t.workload("client"), t.workload("server"));
+    let echo = udp_echo_server(server.ns(), SocketAddr::new(server.ipv4(), DENIED)).unwrap();
+    let (_policy_dir, policy) = policy_file(&[("client", 1)]);
+    let dir = BpffsDir::new(t.node().ns()).unwrap();
+    let maps = dir.path().join("v1/maps");
+    fs::create_dir_all(&maps).unwrap();
+    // client:40000 → server:DENIED/udp and its reply, admitted under generation 1 just now.
+    let key = |src: IpAddr, dst: IpAddr, src_port, dst_port| zt_common::CtKey {
+        src: ip_key(src),
+        dst: ip_key(dst),
+        src_port,
+        dst_port,
+        protocol: 17,
+        _pad: [0; 3],
+    };
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let entry = |flags: u32| {
+        // last_seen_ns, rule_id, generation, flags, ifindex, port, padding.
+        let mut value = [0u8; 32];
+        value[..8].copy_from_slice(&((now.tv_sec() as u64) * 1_000_000_000 + now.tv_nsec() as u64).to_ne_bytes());
+        value[12..16].copy_from_slice(&1u32.to_ne_bytes());
+        value[16..20].copy_from_slice(&flags.to_ne_bytes());
+        value[24..26].copy_from_slice(&DENIED.to_ne_bytes());
+        value
+    };
+    pin_previous_conntrack(
+        &maps.join(zt_common::maps::CONNTRACK),
+        &[
+            (key(client.ipv4(), server.ipv4(), 40_000, DENIED), entry(0)),
+            (key(server.ipv4(), client.ipv4(), DENIED, 40_000), entry(2)),
+        ],
+    );
+    let options = AgentOptions { bpffs_dir: Some(dir.clone()), ..enforcing_options(&t, &policy) };
+    let agent = Agent::start(t.node().ns(), &options).unwrap();
+    let start = start_info(&agent);
+    assert!(start["migrated_maps"].as_array().unwrap().iter().any(|m| m == zt_common::maps::CONNTRACK), "{start:#}");
+    assert_eq!(generation(&agent), 1, "the generation the pinned flow was admitted under");
+    let round_trip = |port: u16| {
+        client.ns().run(|| -> std::io::Result<()> {
+            let socket = UdpSocket::bind(SocketAddr::new(client.ipv4(), port))?;
+            socket.set_read_timeout(Some(BLOCKED))?;
+            socket.send_to(b"migrated", echo.addr())?;
+            let mut buf = [0u8; 16];
+            socket.recv_from(&mut buf).map(drop)
+        })
+    };
+    for round in 0..3 {
+        round_trip(40_000).unwrap_or_else(|e| panic!("round {round}: the migrated flow, both ways: {e}\n{}", agent.stderr()));
+    }
+    assert!(round_trip(40_001).is_err(), "another source port is a new flow, which policy denies");
 }
 
 #[test]

@@ -606,9 +606,10 @@ impl PolicyValue {
 /// `rule_id` meaning "no rule": default deny, or no policy consulted.
 pub const NO_RULE: u32 = 0;
 
-/// Conntrack key: one entry per direction of a flow. Addresses as in [`IpKey`]. For ICMP echo,
-/// `src_port` is the echo identifier and `dst_port` the message type, so the reply entry admits
-/// only the matching echo reply.
+/// Conntrack key: one entry per flow, found from both its directions. Addresses as in
+/// [`IpKey`]; the flow's two ends in the order [`ct::ends`] gives. For ICMP, `src_port` is the
+/// echo identifier and `dst_port` the message type, an echo reply's given as its request's
+/// ([`ct::key_type`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -620,35 +621,128 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
-/// Conntrack entry flags.
-pub mod ct {
-    /// Admitted only because the node was in monitor mode: ignored once the node enforces.
-    pub const AUDIT: u32 = 1;
-    /// The entry admits the replies of a flow (it is keyed in the reply direction).
-    pub const REPLY: u32 = 2;
-    /// Idle timeouts: a stale entry is treated as absent.
-    pub const TCP_TIMEOUT_NS: u64 = 3_600_000_000_000;
-    pub const OTHER_TIMEOUT_NS: u64 = 60_000_000_000;
+impl CtKey {
+    /// The key of a flow's packet whose ends sit as `ends` says ([`ct::ends`]): the same from
+    /// both directions of the flow.
+    #[inline(always)]
+    pub fn of(src: &IpKey, dst: &IpKey, src_port: u16, dst_port: u16, protocol: u8, ends: ct::Ends) -> CtKey {
+        let swapped = ends == ct::Ends::Swapped;
+        let (first, second) = if swapped { (dst, src) } else { (src, dst) };
+        let (first_port, second_port) = if protocol == proto::ICMP || protocol == proto::ICMPV6 {
+            // The identifier is the flow's, not an end's.
+            (src_port, ct::key_type(protocol, dst_port))
+        } else if swapped {
+            (dst_port, src_port)
+        } else {
+            (src_port, dst_port)
+        };
+        CtKey { src: *first, dst: *second, src_port: first_port, dst_port: second_port, protocol, _pad: [0; 3] }
+    }
 }
 
+/// ICMP message types zt's conntrack knows.
+pub mod icmp {
+    pub const ECHO_REPLY: u8 = 0;
+    pub const ECHO_REQUEST: u8 = 8;
+    pub const V6_ECHO_REQUEST: u8 = 128;
+    pub const V6_ECHO_REPLY: u8 = 129;
+}
+
+/// Conntrack: the order of a flow's ends in its key, and the entry flags.
+pub mod ct {
+    use super::{icmp, proto};
+
+    /// Admitted only because the node was in monitor mode: ignored once the node enforces.
+    pub const AUDIT: u32 = 1;
+    /// The packet that started the flow had its ends swapped into the key ([`Ends::Swapped`]):
+    /// a packet whose ends sit the other way than that is a reply.
+    pub const SWAPPED: u32 = 4;
+    /// Idle timeouts, each direction on its own: a stale direction is treated as absent.
+    pub const TCP_TIMEOUT_NS: u64 = 3_600_000_000_000;
+    pub const OTHER_TIMEOUT_NS: u64 = 60_000_000_000;
+
+    /// How a packet's ends sit in its flow's key.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Ends {
+        /// Source first.
+        AsSent,
+        /// Destination first.
+        Swapped,
+        /// ICMP from an address to itself: no order, the message type tells the direction.
+        Same,
+    }
+
+    /// The order of a packet's ends in its flow's key, the same from both directions: the lower
+    /// address first (as two native-endian u64 words: the kernel reads them so from its aligned
+    /// packet record), then, with one address at both ends, the lower port (ICMP's identifier
+    /// is not an end's and orders nothing).
+    #[inline(always)]
+    pub fn ends(src: [u64; 2], dst: [u64; 2], src_port: u16, dst_port: u16, protocol: u8) -> Ends {
+        let by = |first_lower: bool| if first_lower { Ends::AsSent } else { Ends::Swapped };
+        if src[0] != dst[0] {
+            by(src[0] < dst[0])
+        } else if src[1] != dst[1] {
+            by(src[1] < dst[1])
+        } else if protocol == proto::ICMP || protocol == proto::ICMPV6 {
+            Ends::Same
+        } else {
+            by(src_port <= dst_port)
+        }
+    }
+
+    /// An address as [`ends`] compares it.
+    #[inline(always)]
+    pub fn words(addr: &super::IpKey) -> [u64; 2] {
+        let word = |at: usize| u64::from_ne_bytes([
+            addr[at], addr[at + 1], addr[at + 2], addr[at + 3], addr[at + 4], addr[at + 5], addr[at + 6], addr[at + 7],
+        ]);
+        [word(0), word(8)]
+    }
+
+    /// The message type an ICMP flow's key holds for a packet of type `icmp_type`: an echo
+    /// reply's request type, so a ping and its answer share one entry.
+    #[inline(always)]
+    pub fn key_type(protocol: u8, icmp_type: u16) -> u16 {
+        match (protocol, icmp_type as u8) {
+            (proto::ICMP, icmp::ECHO_REPLY) => icmp::ECHO_REQUEST as u16,
+            (proto::ICMPV6, icmp::V6_ECHO_REPLY) => icmp::V6_ECHO_REQUEST as u16,
+            _ => icmp_type,
+        }
+    }
+
+    /// The type of the answer an ICMP message of type `icmp_type` admits: an echo request's
+    /// reply; none for other messages.
+    #[inline(always)]
+    pub fn answer_type(protocol: u8, icmp_type: u16) -> Option<u16> {
+        match (protocol, icmp_type as u8) {
+            (proto::ICMP, icmp::ECHO_REQUEST) => Some(icmp::ECHO_REPLY as u16),
+            (proto::ICMPV6, icmp::V6_ECHO_REQUEST) => Some(icmp::V6_ECHO_REPLY as u16),
+            _ => None,
+        }
+    }
+}
+
+/// A conntrack entry: an admitted flow, both directions. Index 0 of the per-direction fields is
+/// the direction of the packet that started the flow, 1 its replies'.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    pub last_seen_ns: u64,
+    /// Per direction: when a packet of it last passed.
+    pub last_seen_ns: [u64; 2],
     pub rule_id: u32,
     /// The policy generation that admitted (or last re-admitted) the flow.
     pub generation: u32,
-    /// [`ct::AUDIT`], [`ct::REPLY`].
+    /// [`ct::AUDIT`], [`ct::SWAPPED`].
     pub flags: u32,
-    /// The interface this direction's packets last passed a source check on (an uplink or a
-    /// workload's interface), or 0: a packet of the flow arriving there again, under the same
-    /// generation, skips the check, whose answer depends only on the interface, the source and
+    /// Per direction: the interface its packets last passed a source check on (an uplink or a
+    /// workload's interface) under this generation, or 0. A packet of that direction arriving
+    /// there again skips the check, whose answer depends only on the interface, the source and
     /// the policy in force.
-    pub ifindex: u32,
-    /// The admitted flow's destination port (ICMP: message type), to judge the flow again from
-    /// either direction's packet.
+    pub ifindex: [u32; 2],
+    /// The flow's destination port (ICMP: the type of the message that started it), to judge
+    /// the flow again from either direction's packet.
     pub port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// One verdict, sent from the kernel on the `ZT_EVENTS` ring buffer.
@@ -757,7 +851,7 @@ assert_layout!(PortRun, 20, 4);
 assert_layout!(PolicyValue, 20 * policy_tree::RUNS + 4, 4);
 assert_layout!(IsolationKey, 8, 4);
 assert_layout!(CtKey, 40, 2);
-assert_layout!(CtValue, 32, 8);
+assert_layout!(CtValue, 40, 8);
 assert_layout!(FlowEvent, 88, 8);
 assert_layout!(EventLimits, 24, 8);
 assert_layout!(EventFlowKey, 38, 2);

@@ -86,14 +86,15 @@ fn verdict_of(
     if let Some(reason) = refused {
         return refuse(pkt, at, config, reason, report);
     }
-    let mut key = conntrack::key_of(pkt);
-    let mut entry = conntrack::lookup(&key, pkt, config.mode, now);
+    let (key, order) = conntrack::key_of(pkt);
+    let mut flow = conntrack::lookup(&key, order, pkt, config.mode, now);
     // Where sources are checked (else 0). A flow's packets that passed the check on this
     // interface under the generation in force pass it again: an established packet skips it.
     let checked_on = if spoof::checks_source(at.hook) { at.ifindex } else { 0 };
-    if let Some(entry) = entry.as_mut() {
-        if entry.generation == config.generation && (checked_on == 0 || entry.ifindex == checked_on) {
-            entry.last_seen_ns = now;
+    if let Some(flow) = flow.as_mut() {
+        let dir = flow.direction();
+        if flow.entry.generation == config.generation && (checked_on == 0 || flow.entry.ifindex[dir] == checked_on) {
+            flow.entry.last_seen_ns[dir] = now;
             report.reason = Reason::Established;
             return true;
         }
@@ -101,11 +102,12 @@ fn verdict_of(
     if checked_on != 0 && !spoof::source_owned(config.slot, pkt, &at) {
         return refuse(pkt, at, config, Reason::Spoof, report);
     }
-    if let Some(entry) = entry.as_mut() {
-        if entry.generation == config.generation {
-            // The source checked out here: remembered for the flow's next packets.
-            entry.ifindex = checked_on;
-            entry.last_seen_ns = now;
+    if let Some(flow) = flow.as_mut() {
+        if flow.entry.generation == config.generation {
+            // The source checked out here: remembered for this direction's next packets.
+            let dir = flow.direction();
+            flow.entry.ifindex[dir] = checked_on;
+            flow.entry.last_seen_ns[dir] = now;
             report.reason = Reason::Established;
             return true;
         }
@@ -115,29 +117,31 @@ fn verdict_of(
     report.dst_identity = ends.dst;
     report.flags = ends.flags;
     // A flow admitted under another generation is judged again with the policy in force, as
-    // the flow it was made for: the reverse of this packet when the entry admits replies. One
-    // decision serves both cases, so the verifier walks the policy code once.
-    let (src, dst, port) = match entry.as_ref() {
-        Some(entry) if entry.flags & ct::REPLY != 0 => (ends.dst, ends.src, entry.port),
+    // the flow it was made for: the reverse of this packet when it is a reply. One decision
+    // serves both cases, so the verifier walks the policy code once.
+    let (src, dst, port) = match flow.as_ref() {
+        Some(flow) if flow.reply => (ends.dst, ends.src, flow.entry.port),
         _ => (ends.src, ends.dst, pkt.dst_port),
     };
     let decision = policy::decide(config.slot, src, dst, pkt.protocol, port);
-    if let Some(entry) = entry {
+    if let Some(flow) = flow {
         if decision.allow {
             // Still allowed: the flow carries on, admitted by this generation (and no longer
-            // only by monitor mode). The other direction's entry is refreshed on its own hit.
+            // only by monitor mode), in both directions.
+            let (entry, dir) = (flow.entry, flow.reply as usize);
             entry.generation = config.generation;
             entry.rule_id = decision.rule_id;
-            entry.flags &= ct::REPLY;
-            // Checked under this generation here, or not yet.
-            entry.ifindex = checked_on;
-            entry.last_seen_ns = now;
+            entry.flags &= ct::SWAPPED;
+            // Checked under this generation here, or not yet (the other direction).
+            entry.ifindex = [0, 0];
+            entry.ifindex[dir] = checked_on;
+            entry.last_seen_ns[dir] = now;
             report.reason = Reason::Established;
             return true;
         }
-        // Revoked: forget both directions. The packet gets the flow's new verdict — a reply
-        // included, so a cut connection cannot carry on in the other direction.
-        conntrack::forget(&mut key, pkt, entry.flags, entry.port);
+        // Revoked: forget the flow. The packet gets the flow's new verdict — a reply included,
+        // so a cut connection cannot carry on in the other direction.
+        conntrack::forget(&key);
     }
     report.reason = decision.reason;
     report.direction = decision.direction;
@@ -154,8 +158,7 @@ fn verdict_of(
         // per packet (and judged again once the node enforces).
         (deny(report), ct::AUDIT)
     };
-    if pass && !conntrack::admit(&mut key, pkt, decision.rule_id, config.generation, admitted, now, checked_on) && admitted == 0
-    {
+    if pass && !conntrack::admit(&key, order, pkt, decision.rule_id, config.generation, admitted, now, checked_on) && admitted == 0 {
         // An allowed flow conntrack cannot hold would lose its replies: refuse it whole.
         report.reason = Reason::TableFull;
         return deny(report);

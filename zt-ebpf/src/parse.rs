@@ -15,7 +15,7 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use zt_common::{proto, IpKey, Reason};
+use zt_common::{icmp, proto, IpKey, Reason};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
@@ -33,10 +33,6 @@ const IPV6_DEST_OPTS: u8 = 60;
 /// Extension headers walked before giving up. Longer chains are denied (`ExtHeaderLimit`).
 pub const MAX_EXT_HEADERS: usize = 6;
 
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_ECHO_REQUEST: u8 = 8;
-pub const ICMPV6_ECHO_REQUEST: u8 = 128;
-pub const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Router solicitation .. redirect: IPv6 neighbour discovery.
 const NDP_FIRST: u8 = 133;
 const NDP_LAST: u8 = 137;
@@ -404,7 +400,7 @@ fn parse_l4(
             let icmp: *const Icmpv4Hdr = header_at(data, end, l4)?;
             let icmp = unsafe { &*icmp };
             pkt.dst_port = icmp.type_ as u16;
-            if icmp.type_ == ICMP_ECHO_REQUEST || icmp.type_ == ICMP_ECHO_REPLY {
+            if icmp.type_ == icmp::ECHO_REQUEST || icmp.type_ == icmp::ECHO_REPLY {
                 pkt.src_port = u16::from_be_bytes([icmp.data[0], icmp.data[1]]);
             }
             Icmpv4Hdr::LEN
@@ -416,7 +412,7 @@ fn parse_l4(
                 return Ok((Parsed::ControlPlane, l4.offset + Icmpv6Hdr::LEN));
             }
             pkt.dst_port = icmp.type_ as u16;
-            if icmp.type_ == ICMPV6_ECHO_REQUEST || icmp.type_ == ICMPV6_ECHO_REPLY {
+            if icmp.type_ == icmp::V6_ECHO_REQUEST || icmp.type_ == icmp::V6_ECHO_REPLY {
                 pkt.src_port = u16::from_be_bytes([icmp.data[0], icmp.data[1]]);
             }
             Icmpv6Hdr::LEN

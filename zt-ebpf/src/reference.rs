@@ -1,7 +1,7 @@
 //! What `cargo xtask bench` measures zt's programs against, in the same run: the floor (an XDP
 //! program that does nothing) and the least a filter must do (zt's parser, then one hash lookup
 //! of the flow) — and, to say what a new flow's cost is made of, the two things zt does for a
-//! new flow besides deciding it, alone: admitting it (its two conntrack entries) and reporting
+//! new flow besides deciding it, alone: admitting it (its conntrack entry) and reporting
 //! it (the event window's entry and a record on a ring buffer). A separate object: nothing of
 //! it ships in the datapath's.
 #![no_std]
@@ -67,16 +67,11 @@ pub fn zt_reference_lookup(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Parses, then inserts the flow's entry and its reply's, as zt admits a new flow.
+/// Parses, then inserts the flow's entry, as zt admits a new flow.
 #[xdp]
 pub fn zt_reference_admit(ctx: XdpContext) -> u32 {
-    let Some((_, mut key)) = parsed(&ctx) else { return xdp_action::XDP_DROP };
-    let value = CtValue::default();
-    if REFERENCE_ADMITTED.insert(&key, &value, 0).is_err() {
-        return xdp_action::XDP_DROP;
-    }
-    key = CtKey { src: key.dst, dst: key.src, src_port: key.dst_port, dst_port: key.src_port, ..key };
-    match REFERENCE_ADMITTED.insert(&key, &value, 0) {
+    let Some((_, key)) = parsed(&ctx) else { return xdp_action::XDP_DROP };
+    match REFERENCE_ADMITTED.insert(&key, &CtValue::default(), 0) {
         Ok(()) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_DROP,
     }

@@ -27,7 +27,10 @@ use aya::{
     EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
-use zt_common::{maps, Config, CtKey, CtValue};
+use zt_common::{
+    ct::{self, Ends},
+    maps, proto, Config, CtKey, CtValue,
+};
 
 use super::{capacity::Capacities, pins::PinDir, Datapath, Mode};
 
@@ -253,7 +256,8 @@ impl Datapath {
     }
 
     /// Copies the old conntrack's flows that the new one lacks: entries of this layout as they
-    /// are, entries of the layout before it converted (see [`PreviousCtValue`]).
+    /// are, entries of the layouts before it (one per direction) merged per flow (see
+    /// [`DirectionCtValue`]).
     pub(super) fn copy_flows(&mut self, pins: &PinDir) -> Result<usize> {
         let path = pins.maps().join(maps::CONNTRACK);
         let old = pinned_definition(&path)?;
@@ -262,13 +266,15 @@ impl Datapath {
             (key, value) if key == size_of::<CtKey>() && value == size_of::<CtValue>() => {
                 HashMap::<MapData, CtKey, CtValue>::try_from(old_map()?)?.iter().filter_map(Result::ok).collect()
             }
-            (key, value) if key == size_of::<CtKey>() && value == size_of::<PreviousCtValue>() => {
+            (key, value) if key == size_of::<CtKey>() && value == size_of::<DirectionCtValue>() => merged_directions(
+                HashMap::<MapData, CtKey, DirectionCtValue>::try_from(old_map()?)?.iter().filter_map(Result::ok),
+            ),
+            (key, value) if key == size_of::<CtKey>() && value == size_of::<PreviousCtValue>() => merged_directions(
                 HashMap::<MapData, CtKey, PreviousCtValue>::try_from(old_map()?)?
                     .iter()
                     .filter_map(Result::ok)
-                    .map(|(key, value)| (key, value.upgraded()))
-                    .collect()
-            }
+                    .map(|(key, value)| (key, value.upgraded())),
+            ),
             _ => {
                 tracing::warn!("conntrack entries changed layout: established flows are judged again as new");
                 return Ok(0);
@@ -288,8 +294,69 @@ impl Datapath {
     }
 }
 
+/// A conntrack entry as zt wrote it while each direction of a flow had an entry of its own,
+/// keyed as its packets go (32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DirectionCtValue {
+    last_seen_ns: u64,
+    rule_id: u32,
+    generation: u32,
+    /// 1: admitted by monitor mode ([`ct::AUDIT`]); 2: the entry of the replies.
+    flags: u32,
+    /// Where the direction's source passed its check, or 0.
+    ifindex: u32,
+    /// The flow's destination port (ICMP: the message type that started it).
+    port: u16,
+    _pad: [u8; 6],
+}
+
+// SAFETY: plain integers and explicit padding (32 bytes, as the kernel's entries).
+unsafe impl aya::Pod for DirectionCtValue {}
+const _: () = assert!(size_of::<DirectionCtValue>() == 32);
+
+/// [`DirectionCtValue::flags`]: the entry of a flow's replies.
+const DIRECTION_REPLY: u32 = 2;
+
+/// The entries of both directions of each flow, as one entry of this layout. A flow whose two
+/// entries disagree on the generation is judged again on its next packet; a direction with no
+/// entry counts as idle past its timeout (its next packet is judged as new, as it was).
+fn merged_directions(entries: impl Iterator<Item = (CtKey, DirectionCtValue)>) -> Vec<(CtKey, CtValue)> {
+    let mut flows: std::collections::HashMap<CtKey, CtValue> = std::collections::HashMap::new();
+    for (key, value) in entries {
+        let reply = value.flags & DIRECTION_REPLY != 0;
+        let icmp = matches!(key.protocol, proto::ICMP | proto::ICMPV6);
+        // The flow's first packet: the entry's own key, or the reply entry's turned around.
+        let (src, dst, src_port, dst_port) = match (reply, icmp) {
+            (false, _) => (key.src, key.dst, key.src_port, key.dst_port),
+            // An echo reply keeps the identifier; the flow started with the request's type.
+            (true, true) => (key.dst, key.src, key.src_port, value.port),
+            (true, false) => (key.dst, key.src, key.dst_port, key.src_port),
+        };
+        let ends = ct::ends(ct::words(&src), ct::words(&dst), src_port, dst_port, key.protocol);
+        let flow = flows.entry(CtKey::of(&src, &dst, src_port, dst_port, key.protocol, ends)).or_insert(CtValue {
+            last_seen_ns: [0; 2],
+            rule_id: value.rule_id,
+            generation: value.generation,
+            flags: if ends == Ends::Swapped { ct::SWAPPED } else { 0 },
+            ifindex: [0; 2],
+            port: value.port,
+            _pad: [0; 2],
+        });
+        if flow.generation != value.generation {
+            // Generation 0 is never in force.
+            flow.generation = 0;
+        }
+        flow.flags |= value.flags & ct::AUDIT;
+        flow.last_seen_ns[reply as usize] = value.last_seen_ns;
+        flow.ifindex[reply as usize] = value.ifindex;
+    }
+    flows.into_iter().collect()
+}
+
 /// A conntrack entry as zt wrote it before entries remembered where their source was checked
-/// (24 bytes): upgraded with no interface, so each flow's next packet is checked once more.
+/// (24 bytes, one per direction): upgraded with no interface, so each flow's next packet is
+/// checked once more.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct PreviousCtValue {
@@ -306,8 +373,78 @@ unsafe impl aya::Pod for PreviousCtValue {}
 const _: () = assert!(size_of::<PreviousCtValue>() == 24);
 
 impl PreviousCtValue {
-    fn upgraded(self) -> CtValue {
+    fn upgraded(self) -> DirectionCtValue {
         let Self { last_seen_ns, rule_id, generation, flags, port, _pad } = self;
-        CtValue { last_seen_ns, rule_id, generation, flags, ifindex: 0, port, _pad: [0; 6] }
+        DirectionCtValue { last_seen_ns, rule_id, generation, flags, ifindex: 0, port, _pad: [0; 6] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::policy::compile::ip_key;
+
+    fn key_of(src: &str, dst: &str, src_port: u16, dst_port: u16, protocol: u8) -> (CtKey, Ends) {
+        let (src, dst) = (ip_key(src.parse::<IpAddr>().unwrap()), ip_key(dst.parse::<IpAddr>().unwrap()));
+        let ends = ct::ends(ct::words(&src), ct::words(&dst), src_port, dst_port, protocol);
+        (CtKey::of(&src, &dst, src_port, dst_port, protocol, ends), ends)
+    }
+
+    #[test]
+    fn a_packet_and_its_reply_build_one_key() {
+        for (a, b) in [("10.0.0.1", "10.0.0.2"), ("10.0.0.2", "10.0.0.1"), ("fd00::9", "fd00::1:0")] {
+            let (forward, forward_ends) = key_of(a, b, 40_000, 80, proto::TCP);
+            let (reply, reply_ends) = key_of(b, a, 80, 40_000, proto::TCP);
+            assert_eq!(forward, reply, "{a} → {b}");
+            assert_ne!(forward_ends, reply_ends, "{a} → {b}: the two directions sit either way");
+            // Another flow between the same ends is another entry.
+            assert_ne!(forward, key_of(a, b, 40_001, 80, proto::TCP).0);
+            // A ping and its answer (ICMP: the identifier, then the type).
+            let (request, request_ends) = key_of(a, b, 7, 8, proto::ICMP);
+            let (answer, answer_ends) = key_of(b, a, 7, 0, proto::ICMP);
+            assert_eq!((request, request.dst_port), (answer, 8), "{a} → {b}");
+            assert_ne!(request_ends, answer_ends);
+        }
+        // One address at both ends: the ports order them; for ICMP nothing does.
+        let (forward, forward_ends) = key_of("127.0.0.1", "127.0.0.1", 40_000, 80, proto::UDP);
+        let (reply, reply_ends) = key_of("127.0.0.1", "127.0.0.1", 80, 40_000, proto::UDP);
+        assert_eq!((forward, forward_ends, reply_ends), (reply, Ends::Swapped, Ends::AsSent));
+        assert_eq!(key_of("::1", "::1", 7, 128, proto::ICMPV6), (key_of("::1", "::1", 7, 129, proto::ICMPV6).0, Ends::Same));
+    }
+
+    fn direction_entry(last_seen_ns: u64, generation: u32, flags: u32, ifindex: u32, port: u16) -> DirectionCtValue {
+        DirectionCtValue { last_seen_ns, rule_id: 3, generation, flags, ifindex, port, _pad: [0; 6] }
+    }
+
+    /// The entries of the layout before (one per direction) become one entry per flow, which
+    /// the kernel finds from either direction (`restart.rs` sends the packets).
+    #[test]
+    fn entries_of_both_directions_merge_into_one_flow() {
+        let (b, a) = (ip_key("10.0.0.2".parse().unwrap()), ip_key("10.0.0.1".parse().unwrap()));
+        let old = |src, dst, src_port, dst_port, protocol| CtKey { src, dst, src_port, dst_port, protocol, _pad: [0; 3] };
+        let entries = [
+            // b:40000 → a:80, its reply, and a ping from b whose answer's entry alone is left.
+            (old(b, a, 40_000, 80, proto::TCP), direction_entry(100, 5, 0, 7, 80)),
+            (old(a, b, 80, 40_000, proto::TCP), direction_entry(200, 5, DIRECTION_REPLY, 0, 80)),
+            (old(a, b, 9, 0, proto::ICMP), direction_entry(300, 5, DIRECTION_REPLY | ct::AUDIT, 0, 8)),
+            // A flow whose directions were admitted under two generations.
+            (old(a, b, 1, 2, proto::UDP), direction_entry(400, 5, 0, 0, 2)),
+            (old(b, a, 2, 1, proto::UDP), direction_entry(500, 6, DIRECTION_REPLY, 0, 2)),
+        ];
+        let mut merged = merged_directions(entries.into_iter());
+        merged.sort_by_key(|(key, _)| key.protocol);
+        let tcp = CtValue { last_seen_ns: [100, 200], rule_id: 3, generation: 5, flags: ct::SWAPPED, ifindex: [7, 0], port: 80, _pad: [0; 2] };
+        let ping = CtValue { last_seen_ns: [0, 300], flags: ct::SWAPPED | ct::AUDIT, ifindex: [0, 0], port: 8, ..tcp };
+        let udp = CtValue { last_seen_ns: [400, 500], generation: 0, flags: 0, port: 2, ..ping };
+        assert_eq!(
+            merged,
+            [
+                (key_of("10.0.0.2", "10.0.0.1", 9, 8, proto::ICMP).0, ping),
+                (key_of("10.0.0.2", "10.0.0.1", 40_000, 80, proto::TCP).0, tcp),
+                (key_of("10.0.0.1", "10.0.0.2", 1, 2, proto::UDP).0, udp),
+            ]
+        );
     }
 }
