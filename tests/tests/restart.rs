@@ -531,34 +531,49 @@ fn kill9_and_restart_twenty_times_under_traffic() {
     assert_eq!(generation(&agent), 21);
 }
 
-/// Pins `config` at `path` as zt did before the config word: a hash (no preallocation) of one
-/// `Config` under key 0. Raw syscalls: no object of today declares that map.
-fn pin_previous_config(path: &Path, config: zt_common::Config) {
+/// Creates a map (`map_type`, key size, value size, max entries, flags) with raw syscalls, fills
+/// it with `entries` and pins it at `path`: maps of layouts no object of today declares.
+fn pin_raw_map(path: &Path, map_type: u64, (key_size, value_size, max_entries, flags): (u64, u64, u64, u64), entries: &[(&[u8], &[u8])]) {
     use nix::libc;
     let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| unsafe {
         libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr))
     };
-    // BPF_MAP_CREATE: map_type (hash), key_size, value_size, max_entries, map_flags (no prealloc).
+    // BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, map_flags.
     let mut attr = [0u64; 16];
-    attr[0] = 1 | 4 << 32;
-    attr[1] = std::mem::size_of_val(&config) as u64 | 1 << 32;
-    attr[2] = 1;
+    attr[0] = map_type | key_size << 32;
+    attr[1] = value_size | max_entries << 32;
+    attr[2] = flags;
     let fd = bpf(0, &mut attr);
-    assert!(fd >= 0, "creating the previous config map: {}", std::io::Error::last_os_error());
-    // BPF_MAP_UPDATE_ELEM: map_fd, key, value, flags.
-    let key = 0u32;
-    let mut attr = [0u64; 16];
-    attr[0] = fd as u64;
-    attr[1] = &key as *const u32 as u64;
-    attr[2] = &config as *const zt_common::Config as u64;
-    assert_eq!(bpf(2, &mut attr), 0, "writing the previous config: {}", std::io::Error::last_os_error());
+    assert!(fd >= 0, "creating {}: {}", path.display(), std::io::Error::last_os_error());
+    for (key, value) in entries {
+        assert_eq!((key.len() as u64, value.len() as u64), (key_size, value_size));
+        // BPF_MAP_UPDATE_ELEM: map_fd, key, value, flags.
+        let mut attr = [0u64; 16];
+        attr[0] = fd as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.as_ptr() as u64;
+        assert_eq!(bpf(2, &mut attr), 0, "writing into {}: {}", path.display(), std::io::Error::last_os_error());
+    }
     // BPF_OBJ_PIN: pathname, bpf_fd.
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let pin = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
+    attr[0] = pin.as_ptr() as u64;
     attr[1] = fd as u64;
-    assert_eq!(bpf(6, &mut attr), 0, "pinning the previous config: {}", std::io::Error::last_os_error());
+    assert_eq!(bpf(6, &mut attr), 0, "pinning {}: {}", path.display(), std::io::Error::last_os_error());
     unsafe { libc::close(fd as i32) };
+}
+
+/// The bytes of a plain-data value, as the kernel stores it.
+fn bytes_of<T: Copy>(value: &T) -> &[u8] {
+    // SAFETY: `T` is a repr(C) plain-data type here; its bytes are all initialised.
+    unsafe { std::slice::from_raw_parts(value as *const T as *const u8, std::mem::size_of::<T>()) }
+}
+
+/// Pins `config` at `path` as zt did before the config word: a hash (no preallocation) of one
+/// `Config` under key 0.
+fn pin_previous_config(path: &Path, config: zt_common::Config) {
+    let size = std::mem::size_of_val(&config) as u64;
+    pin_raw_map(path, 1, (4, size, 1, 1), &[(&0u32.to_ne_bytes(), bytes_of(&config))]);
 }
 
 /// An agent finding the config an agent before the config word pinned (a hash) migrates it to
@@ -585,33 +600,10 @@ fn a_config_pinned_before_the_config_word_migrates_with_its_mode_and_generation(
 }
 
 /// Pins a conntrack as zt kept it before one entry per flow: an LRU hash of 32-byte entries,
-/// one per direction. Raw syscalls: no object of today declares that map.
+/// one per direction.
 fn pin_previous_conntrack(path: &Path, entries: &[(zt_common::CtKey, [u8; 32])]) {
-    use nix::libc;
-    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr))
-    };
-    // BPF_MAP_CREATE: map_type (LRU hash), key_size, value_size, max_entries.
-    let mut attr = [0u64; 16];
-    attr[0] = 9 | (std::mem::size_of::<zt_common::CtKey>() as u64) << 32;
-    attr[1] = 32 | 1024 << 32;
-    let fd = bpf(0, &mut attr);
-    assert!(fd >= 0, "creating the previous conntrack: {}", std::io::Error::last_os_error());
-    for (key, value) in entries {
-        // BPF_MAP_UPDATE_ELEM: map_fd, key, value, flags.
-        let mut attr = [0u64; 16];
-        attr[0] = fd as u64;
-        attr[1] = key as *const zt_common::CtKey as u64;
-        attr[2] = value.as_ptr() as u64;
-        assert_eq!(bpf(2, &mut attr), 0, "writing a previous flow: {}", std::io::Error::last_os_error());
-    }
-    // BPF_OBJ_PIN: pathname, bpf_fd.
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
-    attr[1] = fd as u64;
-    assert_eq!(bpf(6, &mut attr), 0, "pinning the previous conntrack: {}", std::io::Error::last_os_error());
-    unsafe { libc::close(fd as i32) };
+    let entries: Vec<(&[u8], &[u8])> = entries.iter().map(|(key, value)| (bytes_of(key), &value[..])).collect();
+    pin_raw_map(path, 9, (std::mem::size_of::<zt_common::CtKey>() as u64, 32, 1024, 0), &entries);
 }
 
 /// A flow that an agent of the layout before (an entry per direction) admitted carries on, both
