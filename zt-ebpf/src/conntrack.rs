@@ -4,7 +4,9 @@
 //!
 //! A packet and its reply build the same key: it holds the flow's two ends in an order of their
 //! own (`zt_common::ct::ends`), and the entry remembers how the first packet's ends sat in it,
-//! which tells each later packet's direction.
+//! which tells each later packet's direction. (Two pings between the same hosts, one each way
+//! with one identifier, share a key: each replaces the other's entry, so their packets are
+//! judged again as new flows, never passed on the other's admission.)
 
 use zt_common::{
     ct::{self, Ends},
