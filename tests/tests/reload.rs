@@ -385,6 +385,36 @@ fn a_configmap_update_is_applied_like_any_file_change() {
     assert!(!tcp(&t, 8080, BLOCKED), "and no longer 8080");
 }
 
+/// A policy changed while the agent starts (after it read the files, while it loads its
+/// programs) is applied once it runs: the files are watched before they are read.
+#[test]
+fn a_change_made_while_the_agent_starts_is_applied() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let _serial = serial();
+    let t = topology();
+    let _servers = servers(&t, &[8080, 8081]);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, policy_allowing(&[8080])).unwrap();
+    // The moment the agent closes the file it read, the file is replaced: the agent is then
+    // still loading its programs, long before it is ready.
+    let inotify = Inotify::init(InitFlags::empty()).unwrap();
+    inotify.add_watch(&policy, AddWatchFlags::IN_CLOSE_NOWRITE).unwrap();
+    let changer = thread::spawn({
+        let policy = policy.clone();
+        move || {
+            inotify.read_events().unwrap();
+            replace_file(&policy, &policy_allowing(&[8081]));
+        }
+    });
+    let agent = start(&t, &policy);
+    changer.join().unwrap();
+    let applied = wait_for_policy_event(&agent, "applied", 2);
+    assert_eq!(applied["trigger"], "file-change");
+    assert!(tcp(&t, 8081, WAIT), "the changed policy allows 8081");
+    assert!(!tcp(&t, 8080, BLOCKED), "and no longer 8080");
+}
+
 #[test]
 fn a_reload_cuts_established_connections_it_no_longer_allows_within_a_second() {
     let _serial = serial();

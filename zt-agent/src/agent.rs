@@ -77,7 +77,11 @@ pub struct KubernetesOptions {
 pub async fn run(options: RunOptions) -> Result<()> {
     // Everything that can be wrong with the policy is reported before the kernel is touched.
     let started = Instant::now();
+    // Watched before they are read: a change from here on reloads once the agent runs. (Their
+    // own errors come first: they say better what is wrong with a path.)
+    let triggers = reload::triggers(&options.policy);
     let set = policy::load_paths(&options.policy)?;
+    let triggers = triggers?;
     // Without the Kubernetes source the policy compiles now; with it, once the pods are known
     // (compiling it twice would double a large policy's start).
     let early = match options.kubernetes {
@@ -208,7 +212,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut watcher = tokio::spawn(follow_interfaces(link_watch, options.attach.clone(), identity_sources.clone(), shared.clone()));
     let served = control::Served { shared: shared.clone(), sources: identity_sources.clone(), node: options.node_name.clone() };
     let reloader = Reloader::new(options.policy.clone(), options.node_name.clone(), shared.clone(), identity_sources);
-    let mut reloads = tokio::spawn(reload::run(Arc::new(reloader), cluster_changed));
+    let mut reloads = tokio::spawn(reload::run(Arc::new(reloader), triggers, cluster_changed));
     // The socket appears only once everything is attached: its existence means "ready".
     let listener = control::bind(&options.socket)?;
     let server = tokio::spawn(control::serve(listener, served));

@@ -16,7 +16,7 @@ use inotify::{EventMask, Inotify, WatchMask};
 use serde_json::{json, Value};
 use tokio::{
     io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
 
@@ -196,12 +196,24 @@ impl std::fmt::Display for Phases {
     }
 }
 
+/// What starts a reload, set up before the agent first reads its policy: a change after that
+/// read, or a SIGHUP, is then never missed, however long the agent takes to be ready.
+pub struct Triggers {
+    hangup: Signal,
+    watcher: Watcher,
+}
+
+/// Watches `paths` (the `--policy` files and directories) and SIGHUP.
+pub fn triggers(paths: &[PathBuf]) -> Result<Triggers> {
+    let hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    Ok(Triggers { hangup, watcher: watch(paths)? })
+}
+
 /// Reloads on SIGHUP and, debounced, on changes to the policy files and to the cluster, until
 /// an error.
-pub async fn run(reloader: Arc<Reloader>, cluster_changed: Arc<tokio::sync::Notify>) -> Result<()> {
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+pub async fn run(reloader: Arc<Reloader>, triggers: Triggers, cluster_changed: Arc<tokio::sync::Notify>) -> Result<()> {
+    let Triggers { mut hangup, watcher } = triggers;
     let (changed_tx, mut changed) = mpsc::channel(16);
-    let watcher = watch(&reloader.paths)?;
     let mut watching = tokio::spawn(forward_changes(watcher, changed_tx));
     loop {
         let trigger = tokio::select! {
