@@ -36,9 +36,9 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// The largest spread of one measure over a sweep, over every hook and family: zt's time as a
 /// ratio to the run's lookup reference, the median of every case's (the reference looks up an
 /// empty table, whatever the case: how it moves between cases is the machine's noise).
-fn spread(results: &Value, sweep: impl Fn(&Value) -> bool) -> f64 {
+fn spread(results: &Value, measures: &[&str], sweep: impl Fn(&Value) -> bool) -> f64 {
     let mut worst: f64 = 0.0;
-    for measure in ["established", "new allowed", "new denied"] {
+    for &measure in measures {
         let of_measure = || rows(results, &["rows"]).filter(move |r| r["measure"] == measure);
         let reference = median(of_measure().map(|r| number(r, "lookup_ns")).collect());
         for hook in ["xdp", "tc"] {
@@ -106,14 +106,19 @@ fn main() {
             number(part, "vs_lookup") - 1.0 - admitting - reporting
         ),
     });
-    let by_rules = spread(&results, |r| r["identities"] == 1000);
-    let by_identities = spread(&results, |r| r["rules"] == 1000);
+    const ALL: [&str; 3] = ["established", "new allowed", "new denied"];
+    let by_rules = spread(&results, &ALL, |r| r["identities"] == 1000);
+    let by_identities = spread(&results, &ALL, |r| r["rules"] == 1000);
+    // Established packets look no policy up: how they spread over the same sweeps is the run's noise.
+    let noise = spread(&results, &["established"], |r| r["identities"] == 1000).max(spread(&results, &["established"], |r| r["rules"] == 1000));
     targets.push(Target {
         measure: "spread, 10 → 100k rules and 10 → 50k identities",
         target: "within ±10 %",
         measured: format!("+{by_rules:.0} % over rules, +{by_identities:.0} % over identities (worst hook, family and measure)"),
         met: by_rules.max(by_identities) <= 10.0,
-        limit: "the lookups are exact-match hashes; what moves is the shared machine (two whole runs differed by up to 15 % on one case) and, at 10 identities, 1k rules crowding each group's ports into split blocks (a lookup more per level)".into(),
+        limit: format!(
+            "the lookups are exact-match hashes; established packets, which look no policy up, spread up to {noise:.0} % over the same sweeps in this run: that much is the machine's noise"
+        ),
     });
 
     // End to end.
