@@ -345,15 +345,17 @@ impl Datapath {
             remove_if_present(self.ipcache.remove(&key))?;
         }
         // The hash maps are walked and emptied in batches.
-        let hosts: Vec<Slotted<IpKey>> = sys::keys_batch::<_, u32>(self.hosts.map())?;
+        let emptying = |map: &str| format!("emptying slot {slot} of the {map} map");
+        let hosts: Vec<Slotted<IpKey>> = sys::keys_batch::<_, u32>(self.hosts.map()).with_context(|| emptying("hosts"))?;
         let hosts: Vec<_> = hosts.into_iter().filter(|key| u32::from(key.slot) == slot).collect();
-        sys::delete_batch(self.hosts.map(), &hosts)?;
-        let policy: Vec<PolicyKey> = sys::keys_batch::<_, PolicyValue>(self.policy.map())?;
+        sys::delete_batch(self.hosts.map(), &hosts).with_context(|| emptying("hosts"))?;
+        let policy: Vec<PolicyKey> = sys::keys_batch::<_, PolicyValue>(self.policy.map()).with_context(|| emptying("policy"))?;
         let policy: Vec<_> = policy.into_iter().filter(|key| u32::from(key.slot) == slot).collect();
-        sys::delete_batch(self.policy.map(), &policy)?;
-        let isolation: Vec<IsolationKey> = sys::keys_batch::<_, u32>(self.isolation.map())?;
+        sys::delete_batch(self.policy.map(), &policy).with_context(|| emptying("policy"))?;
+        let isolation: Vec<IsolationKey> =
+            sys::keys_batch::<_, u32>(self.isolation.map()).with_context(|| emptying("isolation"))?;
         let isolation: Vec<_> = isolation.into_iter().filter(|key| key.slot == slot).collect();
-        sys::delete_batch(self.isolation.map(), &isolation)?;
+        sys::delete_batch(self.isolation.map(), &isolation).with_context(|| emptying("isolation"))?;
         Ok(())
     }
 
