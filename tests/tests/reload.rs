@@ -411,6 +411,10 @@ fn a_change_made_while_the_agent_starts_is_applied() {
     changer.join().unwrap();
     let applied = wait_for_policy_event(&agent, "applied", 2);
     assert_eq!(applied["trigger"], "file-change");
+    // The event times the reload's phases, in milliseconds.
+    let phases: Vec<&str> = applied["phases_ms"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(phases, ["load", "compile", "stage", "switch"], "{applied:#}");
+    assert!(applied["phases_ms"]["load"].as_f64().unwrap() > 0.0, "{applied:#}");
     assert!(tcp(&t, 8081, WAIT), "the changed policy allows 8081");
     assert!(!tcp(&t, 8080, BLOCKED), "and no longer 8080");
 }

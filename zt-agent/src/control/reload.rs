@@ -167,7 +167,9 @@ impl Reloader {
             "errors": errors,
         });
         if !phases.0.is_empty() {
-            event["phases_ms"] = phases.0.iter().map(|(name, took)| (name.to_string(), json!(took.as_secs_f64() * 1e3))).collect();
+            // Milliseconds to the microsecond: what a reader compares, without float noise.
+            let ms = |took: &Duration| json!(took.as_micros() as f64 / 1e3);
+            event["phases_ms"] = phases.0.iter().map(|(name, took)| (name.to_string(), ms(took))).collect();
         }
         self.shared.sinks.publish(record::agent_event(&self.node, event));
     }
