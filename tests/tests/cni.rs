@@ -97,8 +97,10 @@ fn add_returns_once_the_pods_interface_is_attached_and_del_forgets_it() {
     // Judged now: web is allowed in, the node is not.
     assert!(tcp_connect(t.ns("web"), service, Duration::from_secs(2)).is_ok(), "web → pod\n{}", agent.stderr());
     assert!(tcp_connect(t.node().ns(), service, Duration::from_millis(700)).is_err(), "host → pod after ADD");
+    // The connection's deny: the pod's own stack may have sent something denied too (an MLD
+    // report from `::` when its interface came up).
     let denied = agent
-        .wait_for_event(|e| e["verdict"] == "deny" && e["interface"] == veth.as_str(), Duration::from_secs(5))
+        .wait_for_event(|e| e["verdict"] == "deny" && e["interface"] == veth.as_str() && e["protocol"] == "tcp", Duration::from_secs(5))
         .unwrap_or_else(|| panic!("no deny on {veth}: {:#?}", agent.events()));
     assert_eq!((denied["hook"].as_str(), denied["dst"]["identity"].as_str()), (Some("tc-egress"), Some("pods")), "{denied:#}");
     assert_eq!(denied["src"]["identity"], "host", "{denied:#}\n{}", agent.stderr());
