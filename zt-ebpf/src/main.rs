@@ -128,7 +128,8 @@ fn verdict_of(
         if decision.allow {
             // Still allowed: the flow carries on, admitted by this generation (and no longer
             // only by monitor mode), in both directions.
-            let (entry, dir) = (flow.entry, flow.reply as usize);
+            let dir = flow.direction();
+            let entry = flow.entry;
             entry.generation = config.generation;
             entry.rule_id = decision.rule_id;
             entry.flags &= ct::SWAPPED;

@@ -345,17 +345,9 @@ impl Datapath {
             remove_if_present(self.ipcache.remove(&key))?;
         }
         // The hash maps are walked and emptied in batches.
-        let emptying = |map: &str| format!("emptying slot {slot} of the {map} map");
-        let hosts: Vec<Slotted<IpKey>> = sys::keys_batch::<_, u32>(self.hosts.map()).with_context(|| emptying("hosts"))?;
-        let hosts: Vec<_> = hosts.into_iter().filter(|key| u32::from(key.slot) == slot).collect();
-        sys::delete_batch(self.hosts.map(), &hosts).with_context(|| emptying("hosts"))?;
-        let policy: Vec<PolicyKey> = sys::keys_batch::<_, PolicyValue>(self.policy.map()).with_context(|| emptying("policy"))?;
-        let policy: Vec<_> = policy.into_iter().filter(|key| u32::from(key.slot) == slot).collect();
-        sys::delete_batch(self.policy.map(), &policy).with_context(|| emptying("policy"))?;
-        let isolation: Vec<IsolationKey> =
-            sys::keys_batch::<_, u32>(self.isolation.map()).with_context(|| emptying("isolation"))?;
-        let isolation: Vec<_> = isolation.into_iter().filter(|key| key.slot == slot).collect();
-        sys::delete_batch(self.isolation.map(), &isolation).with_context(|| emptying("isolation"))?;
+        empty_slot::<_, u32>(self.hosts.map(), "hosts", |key: &Slotted<IpKey>| u32::from(key.slot) == slot)?;
+        empty_slot::<_, PolicyValue>(self.policy.map(), "policy", |key: &PolicyKey| u32::from(key.slot) == slot)?;
+        empty_slot::<_, u32>(self.isolation.map(), "isolation", |key: &IsolationKey| key.slot == slot)?;
         Ok(())
     }
 
@@ -529,6 +521,13 @@ where
 }
 
 /// The error of a map write the kernel refused, most likely for want of room.
+/// Removes the keys of a slotted hash map that `in_slot` picks, `name`d in the error.
+fn empty_slot<K: aya::Pod, V: aya::Pod>(map: &MapData, name: &str, in_slot: impl Fn(&K) -> bool) -> Result<()> {
+    let emptying = || format!("emptying a slot of the {name} map");
+    let keys: Vec<K> = sys::keys_batch::<K, V>(map).with_context(emptying)?.into_iter().filter(|key| in_slot(key)).collect();
+    sys::delete_batch(map, &keys).with_context(emptying)
+}
+
 fn full(map: &str, capacity: u32, option: &str) -> String {
     format!("the {map} refused the entry (it holds {capacity}; if it is full, raise that with --capacity {option}=N at start)")
 }
